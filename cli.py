@@ -1,0 +1,317 @@
+"""The `clipcap` command line: a thin Typer layer over `clipcap_cache`.
+
+Each command parses its options, builds the library's config objects and calls one library
+function. Mistakes in the user's input (`ClipcapError`) are printed as one line and exit non-zero.
+"""
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from click.core import ParameterSource
+
+from clipcap_cache.errors import ClipcapError
+
+app = typer.Typer(
+    help="Image captioning with CLIP prefixes and GPT-2, trained from cached CLIP features.",
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+)
+
+
+def _run(function, *args, **kwargs):
+    """Call a library function, turning user errors and Ctrl-C into a message and an exit code."""
+    from clipcap_cache.logs import setup_logging
+
+    if not kwargs.pop("keep_logging", False):
+        setup_logging()
+    try:
+        return function(*args, **kwargs)
+    except ClipcapError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.secho("interrupted: run the same command again to resume", err=True, fg="yellow")
+        raise typer.Exit(130) from None
+
+
+def _decode_config(beams: int, greedy: bool, sample: bool, num_captions: int, max_tokens: int,
+                   top_p: float, temperature: float, seed: int):
+    from clipcap_cache.generate import DecodeConfig
+
+    if greedy and sample:
+        raise ClipcapError("--greedy and --sample contradict each other: choose one")
+    strategy = "greedy" if greedy else "sample" if sample else "beam"
+    return DecodeConfig(strategy=strategy, beams=beams, num_captions=num_captions,
+                        max_tokens=max_tokens, top_p=top_p, temperature=temperature, seed=seed)
+
+
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | mps")]
+Beams = Annotated[int, typer.Option(help="Beam width.")]
+Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy decoding.")]
+Sample = Annotated[bool, typer.Option("--sample", help="Nucleus sampling.")]
+NumCaptions = Annotated[int, typer.Option(help="Captions per image: top beams or samples.")]
+MaxTokens = Annotated[int, typer.Option(help="New tokens at most.")]
+TopP = Annotated[float, typer.Option(help="Nucleus mass for --sample.")]
+Temperature = Annotated[float, typer.Option(help="Temperature for --sample.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+BertscoreModel = Annotated[str, typer.Option(help="BERTScore model: hub name or directory.")]
+BertscoreLayers = Annotated[int | None, typer.Option(help="BERTScore layer, for unknown models.")]
+
+
+@app.command("extract-features")
+def extract_features(
+    annotations: Annotated[Path, typer.Argument(help="COCO, Karpathy, JSON lines or CSV file.")],
+    images: Annotated[Path, typer.Option(help="Image root; annotation paths are relative to it.")],
+    out: Annotated[Path, typer.Option(help="HDF5 cache to write.")],
+    format: Annotated[str, typer.Option(help="auto | coco | karpathy | jsonl | csv")] = "auto",
+    split: Annotated[str, typer.Option(help="train | val | test | all")] = "all",
+    clip_model: Annotated[str, typer.Option(help="CLIP hub name or directory.")] =
+        "openai/clip-vit-base-patch32",
+    batch_size: Annotated[int, typer.Option(help="Images per encoder batch.")] = 64,
+    num_workers: Annotated[int | None, typer.Option(help="Decoding workers.")] = None,
+    device: Device = "auto",
+    dtype: Annotated[str, typer.Option(help="Storage dtype: float16 | float32")] = "float16",
+    limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad image.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache.")] =
+        False,
+):
+    """Run frozen CLIP over a dataset once and cache the image embeddings in HDF5."""
+    from clipcap_cache.features import FeatureConfig, summary_dict
+    from clipcap_cache.features import extract_features as run
+    from clipcap_cache.images import default_num_workers
+
+    def go():
+        config = FeatureConfig(
+            annotations=str(annotations), images=str(images), out=str(out), format=format,
+            split=split, clip_model=clip_model, batch_size=batch_size,
+            num_workers=default_num_workers() if num_workers is None else num_workers,
+            device=device, dtype=dtype, limit=limit, strict=strict, overwrite=overwrite)
+        return run(config)
+
+    summary = _run(go)
+    if summary.already_complete:
+        typer.echo(f"{out} is already complete ({summary.images_written} images): nothing to do")
+        return
+    info = summary_dict(summary)
+    reasons = ", ".join(f"{n} {r}" for r, n in summary.failure_reasons.items()) or "none"
+    typer.echo(f"wrote {out}: {summary.images_written} images, {summary.images_failed} skipped "
+               f"({reasons}); {summary.seconds:.1f} s, {info['images_per_second']} images/s"
+               + (f" (resumed after {summary.resumed_images})" if summary.resumed_images else ""))
+
+
+@app.command()
+def inspect(
+    features: Annotated[Path, typer.Argument(help="HDF5 feature cache.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Summarise a feature cache: model, dimension, counts per split, failures, completeness."""
+    from clipcap_cache.cache import describe
+
+    info = _run(describe, features)
+    if json_output:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"{info['path']}\n  complete:   {info['complete']}\n  clip model: {info['clip_model']}"
+               f"\n  embeddings: {info['images']} x {info['embedding_dim']} {info['dtype']} "
+               f"(image size {info['image_size']})\n  captions:   {info['captions']}"
+               f"\n  source:     {info['source']}")
+    for split, counts in info["splits"].items():
+        typer.echo(f"  {split:<5} {counts['images']} images, {counts['captions']} captions")
+    reasons = ", ".join(f"{n} {r}" for r, n in info["failed_reasons"].items())
+    typer.echo(f"  failed:     {info['failed']}" + (f" ({reasons})" if reasons else ""))
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    features: Annotated[Path, typer.Argument(help="HDF5 feature cache to train on.")],
+    out: Annotated[Path, typer.Option(help="Run directory.")],
+    config: Annotated[Path | None, typer.Option(help="JSON file of options; flags override it.")]
+        = None,
+    gpt2_model: Annotated[str, typer.Option(help="GPT-2 hub name or directory.")] = "gpt2",
+    projector: Annotated[str, typer.Option(help="mlp | transformer")] = "mlp",
+    prefix_length: Annotated[int, typer.Option(help="Prefix embeddings per image.")] = 10,
+    normalize_prefix: Annotated[bool, typer.Option("--normalize-prefix",
+                                                   help="L2-normalise embeddings.")] = False,
+    freeze_layers: Annotated[int | None, typer.Option(
+        help="Frozen GPT-2 blocks from the bottom (default: half).")] = None,
+    projector_layers: Annotated[int, typer.Option(help="Transformer projector depth.")] = 8,
+    projector_heads: Annotated[int, typer.Option(help="Transformer projector heads.")] = 8,
+    epochs: Annotated[int, typer.Option()] = 10,
+    batch_size: Annotated[int, typer.Option()] = 40,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
+    warmup_steps: Annotated[int, typer.Option()] = 5000,
+    weight_decay: Annotated[float, typer.Option()] = 0.01,
+    max_grad_norm: Annotated[float, typer.Option()] = 1.0,
+    max_caption_tokens: Annotated[int, typer.Option()] = 40,
+    device: Device = "auto",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    seed: Seed = 42,
+    val_features: Annotated[Path | None, typer.Option(help="Validate on this cache.")] = None,
+    validate: Annotated[bool, typer.Option("--val/--no-val", help="Validate each epoch.")] = True,
+    eval_images: Annotated[int, typer.Option(help="Val images captioned for BERTScore.")] = 500,
+    bertscore: Annotated[bool, typer.Option("--bertscore/--no-bertscore")] = True,
+    bertscore_model: BertscoreModel = "roberta-large",
+    bertscore_layers: BertscoreLayers = None,
+    save_every_steps: Annotated[int, typer.Option(help="Steps between resume points.")] = 1000,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run.")] =
+        False,
+):
+    """Train the projector and the unfrozen GPT-2 blocks from a feature cache."""
+    from clipcap_cache.model import ModelConfig
+    from clipcap_cache.train import TrainConfig
+    from clipcap_cache.train import train as run
+
+    def go():
+        values = _resolve_options(ctx, out, config, resume)
+        model_keys = {f.name for f in fields(ModelConfig)} - {"clip_embedding_dim"}
+        train_keys = {f.name for f in fields(TrainConfig)}
+        for key in ("features", "out", "val_features"):
+            values[key] = None if values[key] is None else str(values[key])
+        model_config = ModelConfig(**{k: v for k, v in values.items() if k in model_keys})
+        train_config = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
+        return run(train_config, model_config)
+
+    row = _run(go, keep_logging=True)
+    typer.echo(json.dumps(row))
+
+
+def _resolve_options(ctx: typer.Context, out: Path, config_file: Path | None, resume: bool):
+    """Defaults < the resumed run's config < --config file < flags given on the command line."""
+    values = dict(ctx.params)
+    values.pop("config")
+    explicit = {k for k in values if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    base: dict = {}
+    saved = out / "config.json"
+    if resume and saved.is_file():
+        base.update(_flatten_config(saved))
+    if config_file is not None:
+        base.update(_flatten_config(config_file))
+    unknown = set(base) - set(values) - {"clip_embedding_dim"}
+    if unknown:
+        raise ClipcapError(f"{config_file}: unknown options {sorted(unknown)}")
+    for key, value in base.items():
+        if key in values and key not in explicit and key not in ("resume", "overwrite", "out"):
+            values[key] = value
+    return values
+
+
+def _flatten_config(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ClipcapError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ClipcapError(f"{path}: not valid JSON (line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise ClipcapError(f"{path}: expected a JSON object of options")
+    flat = {}
+    for key, value in data.items():
+        if key in ("train", "model") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key.replace("-", "_")] = value
+    return flat
+
+
+@app.command()
+def caption(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, directories or globs.")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder or run directory.")],
+    recursive: Annotated[bool, typer.Option("--recursive", help="Walk subfolders.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    beams: Beams = 5,
+    greedy: Greedy = False,
+    sample: Sample = False,
+    num_captions: NumCaptions = 1,
+    max_tokens: MaxTokens = 30,
+    top_p: TopP = 0.9,
+    temperature: Temperature = 1.0,
+    seed: Seed = 0,
+    device: Device = "auto",
+    format: Annotated[str, typer.Option(help="text | json | jsonl | csv")] = "text",
+    out: Annotated[Path | None, typer.Option(help="Write to this file.")] = None,
+    num_workers: Annotated[int, typer.Option(help="Decoding workers.")] = 0,
+):
+    """Caption images with a trained checkpoint."""
+    from clipcap_cache.caption import caption_images, expand_inputs, format_results, write_output
+
+    def go():
+        decode = _decode_config(beams, greedy, sample, num_captions, max_tokens, top_p,
+                                temperature, seed)
+        paths = expand_inputs(inputs, recursive)
+        results = caption_images(paths, str(checkpoint), decode, batch_size, device, num_workers)
+        write_output(format_results(results, format), None if out is None else str(out))
+        return results
+
+    results = _run(go)
+    failed = [r for r in results if r.error]
+    for r in failed:
+        typer.secho(f"error: {r.image}: {r.error}", err=True, fg="red")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder or run directory.")],
+    features: Annotated[Path, typer.Option(help="HDF5 cache with the images and references.")],
+    split: Annotated[str, typer.Option(help="train | val | test | all")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Output folder [CHECKPOINT/eval-SPLIT].")] =
+        None,
+    predictions: Annotated[Path | None, typer.Option(help="Score this COCO results file.")] = None,
+    beams: Beams = 5,
+    greedy: Greedy = False,
+    sample: Sample = False,
+    max_tokens: MaxTokens = 30,
+    top_p: TopP = 0.9,
+    temperature: Temperature = 1.0,
+    seed: Seed = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = 64,
+    device: Device = "auto",
+    spice: Annotated[bool, typer.Option("--spice", help="Also compute SPICE.")] = False,
+    bertscore: Annotated[bool, typer.Option("--bertscore/--no-bertscore")] = True,
+    bertscore_model: BertscoreModel = "roberta-large",
+    bertscore_layers: BertscoreLayers = None,
+):
+    """Score a checkpoint with BLEU, METEOR, ROUGE-L, CIDEr (SPICE) and BERTScore."""
+    from clipcap_cache.evaluate import EvalConfig, format_table
+    from clipcap_cache.evaluate import evaluate as run
+
+    def go():
+        decode = _decode_config(beams, greedy, sample, 1, max_tokens, top_p, temperature, seed)
+        return run(EvalConfig(
+            checkpoint=str(checkpoint), features=str(features), split=split,
+            out=None if out is None else str(out),
+            predictions=None if predictions is None else str(predictions), decode=decode,
+            batch_size=batch_size, device=device, spice=spice, bertscore=bertscore,
+            bertscore_model=bertscore_model, bertscore_layers=bertscore_layers))
+
+    result = _run(go)
+    typer.echo(f"{result['images']} images, split {result['split']}")
+    typer.echo(format_table(result["metrics"]))
+    if result["skipped"]:
+        typer.echo(f"skipped: {', '.join(result['skipped'])}")
+    typer.echo(f"wrote {result['out']}/predictions.json and metrics.json")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo builds everything.")] =
+        Path("data/demo"),
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over.")] = False,
+):
+    """Run the whole pipeline offline on synthetic data with tiny models."""
+    from clipcap_cache.demo import run_demo
+
+    _run(run_demo, workdir, fresh, echo=typer.echo)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,153 @@
+"""The HDF5 feature cache: one row per image, written once by extraction and read by training.
+
+Layout (format version 1; documented in the README):
+
+    /embeddings           [N, D]  float16 (or float32) CLIP image_embeds, not L2-normalised
+    /image_ids            [N]     UTF-8
+    /image_paths          [N]     UTF-8, relative to the image root
+    /splits               [N]     UTF-8, train | val | test
+    /captions             [M]     UTF-8
+    /caption_image_index  [M]     int64, the row of /embeddings each caption belongs to
+    /failed_paths         [F]     UTF-8
+    /failed_reasons       [F]     UTF-8
+    attributes: format_version, clip_model, embedding_dim, image_size, source, complete,
+                package_version, plus split, limit, annotation_format and storage_dtype
+
+A cache file only ever appears complete: it is written under a temporary name and renamed.
+"""
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from clipcap_cache.errors import ClipcapError
+
+FORMAT_VERSION = 1
+STRING = h5py.string_dtype("utf-8")
+
+
+@dataclass
+class FeatureCache:
+    """A cache file read into memory."""
+
+    embeddings: np.ndarray  # (N, D)
+    image_ids: list[str]
+    image_paths: list[str]
+    splits: np.ndarray  # (N,) of str
+    captions: list[str]
+    caption_image_index: np.ndarray  # (M,) int64
+    failed_paths: list[str]
+    failed_reasons: list[str]
+    attrs: dict
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def rows_of_split(self, split: str) -> np.ndarray:
+        """Row indices of one split, or of every row for `all`."""
+        if split == "all":
+            return np.arange(len(self.image_ids))
+        return np.flatnonzero(self.splits == split)
+
+    def references(self) -> list[list[str]]:
+        """All captions of each row, in row order."""
+        refs: list[list[str]] = [[] for _ in self.image_ids]
+        for caption, row in zip(self.captions, self.caption_image_index.tolist(), strict=True):
+            refs[row].append(caption)
+        return refs
+
+
+def write_cache(path: str | Path, *, embeddings: np.ndarray, image_ids, image_paths, splits,
+                captions, caption_image_index, failed_paths, failed_reasons, attrs: dict) -> None:
+    """Write a complete cache atomically: to a temporary name first, then renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("embeddings", data=embeddings, chunks=True if len(embeddings) else None)
+        for name, values in (("image_ids", image_ids), ("image_paths", image_paths),
+                             ("splits", splits), ("captions", captions),
+                             ("failed_paths", failed_paths), ("failed_reasons", failed_reasons)):
+            f.create_dataset(name, data=np.array(list(values), dtype=object), dtype=STRING)
+        f.create_dataset("caption_image_index", data=np.asarray(caption_image_index, np.int64))
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["complete"] = True
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_attrs(path: str | Path) -> dict:
+    """The attributes of a cache file, with a clear error if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipcapError(f"feature cache not found: {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+    except OSError:
+        raise ClipcapError(f"{path} is not a readable HDF5 feature cache") from None
+    if "format_version" not in attrs:
+        raise ClipcapError(f"{path} is an HDF5 file but not a clipcap feature cache")
+    return attrs
+
+
+def read_cache(path: str | Path, require_complete: bool = True) -> FeatureCache:
+    """Read a whole cache into memory, checking its format version and completeness."""
+    path = Path(path)
+    attrs = read_attrs(path)
+    if attrs["format_version"] != FORMAT_VERSION:
+        raise ClipcapError(f"{path} has cache format version {attrs['format_version']}; this "
+                           f"version of clipcap-cache reads version {FORMAT_VERSION}")
+    if require_complete and not attrs.get("complete", False):
+        raise ClipcapError(f"{path} is an incomplete cache: rerun extract-features to finish it")
+    with h5py.File(path, "r") as f:
+        strings = {name: list(f[name].asstr()[()]) for name in (
+            "image_ids", "image_paths", "splits", "captions", "failed_paths", "failed_reasons")}
+        return FeatureCache(
+            embeddings=f["embeddings"][()],
+            caption_image_index=f["caption_image_index"][()].astype(np.int64),
+            splits=np.array(strings.pop("splits"), dtype=str),
+            attrs=attrs,
+            **strings,
+        )
+
+
+def describe(path: str | Path) -> dict:
+    """A summary of a cache for `clipcap inspect`: model, dimension, counts and failures."""
+    cache = read_cache(path, require_complete=False)
+    per_split = Counter(cache.splits.tolist())
+    captions_per_split = Counter(cache.splits[cache.caption_image_index].tolist())
+    reasons = Counter(reason.split(" (")[0] for reason in cache.failed_reasons)
+    return {
+        "path": str(path),
+        "format_version": cache.attrs["format_version"],
+        "complete": bool(cache.attrs.get("complete", False)),
+        "clip_model": cache.attrs.get("clip_model"),
+        "embedding_dim": cache.embedding_dim,
+        "image_size": cache.attrs.get("image_size"),
+        "dtype": str(cache.embeddings.dtype),
+        "source": cache.attrs.get("source"),
+        "images": len(cache.image_ids),
+        "captions": len(cache.captions),
+        "splits": {s: {"images": per_split[s], "captions": captions_per_split[s]}
+                   for s in ("train", "val", "test") if per_split[s]},
+        "failed": len(cache.failed_paths),
+        "failed_reasons": dict(reasons),
+        "package_version": cache.attrs.get("package_version"),
+    }
+
+
+def _plain(value):
+    """HDF5 attribute values as plain Python types."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,138 @@
+"""Captioning new images with a trained checkpoint.
+
+    clipcap caption photos/ cat.jpg "shots/*.png" --checkpoint runs/coco
+
+CLIP and GPT-2 are loaded from the names recorded in the checkpoint. Images go through the same
+decoding, preprocessing and encoding code as extraction (`images.ImageDataset`,
+`features.ClipEncoder`), then through `generate.generate_captions`. An unreadable image becomes an
+error entry in the output; the others are still captioned.
+"""
+
+import csv
+import glob
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from clipcap_cache import checkpoint
+from clipcap_cache.devices import resolve_device
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.features import load_clip
+from clipcap_cache.generate import DecodeConfig, generate_captions
+from clipcap_cache.images import IMAGE_EXTENSIONS, ImageDataset, collate_images, find_images
+
+OUTPUT_FORMATS = ("text", "json", "jsonl", "csv")
+
+
+@dataclass
+class CaptionResult:
+    """Captions of one image, or why it has none."""
+
+    image: str
+    captions: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def expand_inputs(inputs: list[str], recursive: bool = False) -> list[Path]:
+    """Files, directories and glob patterns -> image paths, in the order given, without repeats."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = find_images(path, recursive)
+            if not found:
+                raise ClipcapError(f"no images in directory {path}")
+            paths.extend(found)
+        elif path.exists():
+            paths.append(path)
+        elif glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=recursive)
+                             if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+            if not matches:
+                raise ClipcapError(f"no images match {item}")
+            paths.extend(matches)
+        else:
+            paths.append(path)  # reported as a missing file, like any other unreadable image
+    return list(dict.fromkeys(paths))
+
+
+def caption_images(paths: list[Path], checkpoint_path: str, decode: DecodeConfig,
+                   batch_size: int = 16, device: str = "auto", num_workers: int = 0,
+                   progress: bool = True) -> list[CaptionResult]:
+    """Caption image files with a checkpoint; returns one result per path, in order."""
+    if batch_size < 1:
+        raise ClipcapError("--batch-size must be at least 1")
+    torch_device = resolve_device(device)
+    model, tokenizer, config = checkpoint.load_checkpoint(checkpoint_path, torch_device)
+    if not config.get("clip_model"):
+        raise ClipcapError(f"{checkpoint_path}: the checkpoint names no CLIP model")
+    encoder = load_clip(config["clip_model"], torch_device)
+    if encoder.embedding_dim != model.config.clip_embedding_dim:
+        raise ClipcapError(f"CLIP model {config['clip_model']} gives {encoder.embedding_dim}-d "
+                           f"embeddings; the checkpoint expects {model.config.clip_embedding_dim}")
+    autocast = encoder.dtype if torch_device.type != "cpu" else None
+    results = [CaptionResult(image=str(p)) for p in paths]
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(paths, encoder.processor), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=collate_images)
+    with tqdm(total=len(paths), unit="img", desc="caption", disable=not progress) as bar:
+        for positions, pixel_values, failed in loader:
+            for position, reason in failed:
+                results[position].error = reason
+            if pixel_values is not None:
+                embeddings = encoder.encode(pixel_values)  # (B, D)
+                captions = generate_captions(model, tokenizer, embeddings, decode,
+                                             batch_size=len(positions), autocast=autocast)
+                for position, texts in zip(positions, captions, strict=True):
+                    results[position].captions = texts
+            bar.update(len(positions) + len(failed))
+    return results
+
+
+def format_results(results: list[CaptionResult], output_format: str = "text") -> str:
+    """Render results as tab-separated text, JSON, JSON lines or CSV."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ClipcapError(f"unknown output format '{output_format}': choose {OUTPUT_FORMATS}")
+
+    def as_dict(r: CaptionResult) -> dict:
+        return {"image": r.image, "captions": r.captions, **({"error": r.error} if r.error else {})}
+
+    if output_format == "json":
+        return json.dumps([as_dict(r) for r in results], indent=2) + "\n"
+    if output_format == "jsonl":
+        return "".join(json.dumps(as_dict(r)) + "\n" for r in results)
+    if output_format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["image", "rank", "caption", "error"])
+        for r in results:
+            if r.error:
+                writer.writerow([r.image, "", "", r.error])
+            for rank, caption in enumerate(r.captions, start=1):
+                writer.writerow([r.image, rank, caption, ""])
+        return buffer.getvalue()
+    lines = []
+    for r in results:
+        if r.error:
+            lines.append(f"{r.image}\tERROR: {r.error}")
+        lines.extend(f"{r.image}\t{caption}" for caption in r.captions)
+    return "\n".join(lines) + "\n"
+
+
+def write_output(text: str, out: str | None) -> None:
+    """Write to a file atomically, or to stdout."""
+    if out is None:
+        print(text, end="")
+        return
+    path = Path(out)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ClipcapError(f"cannot write {path}: {e.strerror or e}") from None

@@ -1,0 +1,156 @@
+"""Checkpoint folders: self-describing, pickle-free, written atomically.
+
+A checkpoint is a folder:
+
+    model.safetensors   the projector and only the GPT-2 tensors that were trained
+    config.json         format version, model config (naming the GPT-2 base), the CLIP model and
+                        cache fingerprint it was trained on, the training settings, epoch, metrics
+    tokenizer files     the GPT-2 tokenizer, so captioning needs nothing else from training
+    train_state.pt      (last checkpoint only) optimizer, scheduler, RNG states and position,
+                        read back with torch.load(weights_only=True)
+
+The folder is written as `NAME.tmp`, then swapped in with renames, so a crash at any moment
+leaves either the old folder or the new one (see `recover`).
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from clipcap_cache import __version__
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.model import (
+    ClipCaptionModel,
+    ModelConfig,
+    build_model,
+    load_tokenizer,
+    trainable_state_dict,
+)
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TRAIN_STATE = "train_state.pt"
+
+
+def save_checkpoint(directory: str | Path, model: ClipCaptionModel, tokenizer, info: dict,
+                    train_state: dict | None = None) -> None:
+    """Write a checkpoint folder atomically; `info` is merged into config.json."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous()
+               for k, v in trainable_state_dict(model).items()}
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    config = {"format_version": FORMAT_VERSION, "package_version": __version__,
+              "model": asdict(model.config), **info}
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(str(tmp))
+    if train_state is not None:
+        torch.save(train_state, tmp / TRAIN_STATE)
+    for path in tmp.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    _swap_in(tmp, directory)
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(directory: str | Path) -> None:
+    """Finish a swap that a crash interrupted, so `directory` exists if any version of it does."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and old.exists():
+        # `old` exists only once `tmp` was complete, so a leftover `tmp` is the newer version.
+        os.replace(tmp if tmp.exists() else old, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, or a run directory (which resolves to its best checkpoint)."""
+    path = Path(path)
+    for candidate in (path / "checkpoints" / "best", path):
+        recover(candidate)
+        if (candidate / CONFIG).is_file():
+            return candidate
+    if not path.exists():
+        raise ClipcapError(f"checkpoint not found: {path}")
+    raise ClipcapError(f"{path} is not a checkpoint folder or a run directory (no {CONFIG})")
+
+
+def read_config(path: str | Path) -> dict:
+    """The config.json of a checkpoint, checked for its format version."""
+    directory = resolve(path)
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except json.JSONDecodeError:
+        raise ClipcapError(f"{directory / CONFIG} is not valid JSON") from None
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if version != FORMAT_VERSION:
+        raise ClipcapError(f"{directory} has checkpoint format version {version}; this version of "
+                           f"clipcap-cache reads version {FORMAT_VERSION}")
+    if not isinstance(config.get("model"), dict):
+        raise ClipcapError(f"{directory / CONFIG} has no 'model' section")
+    return config
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
+    """Build the model from a checkpoint's config and load its trained tensors.
+
+    Returns `(model, tokenizer, config)`.
+    """
+    directory = resolve(path)
+    config = read_config(directory)
+    try:
+        model_config = ModelConfig(**config["model"])
+    except TypeError as e:
+        raise ClipcapError(f"{directory / CONFIG}: bad model section ({e})") from None
+    model = build_model(model_config)
+    load_weights(model, directory / WEIGHTS)
+    tokenizer = load_tokenizer(str(directory))
+    return model.to(device).eval(), tokenizer, config
+
+
+def load_weights(model: ClipCaptionModel, weights: Path) -> None:
+    """Load trained tensors into a freshly built model, refusing any mismatch."""
+    try:
+        tensors = load_file(str(weights))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise ClipcapError(f"cannot read {weights}: {e}") from None
+    expected = trainable_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ClipcapError(f"{weights} does not match its model config: missing "
+                           f"{missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ClipcapError(f"{weights}: {name} has shape {tuple(tensor.shape)}, the model "
+                               f"expects {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_train_state(directory: str | Path) -> dict:
+    """The resumable training state, read without pickle."""
+    path = Path(directory) / TRAIN_STATE
+    if not path.is_file():
+        raise ClipcapError(f"{path} not found: cannot resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable state is the user's to fix, not a crash
+        raise ClipcapError(f"cannot read {path}: {str(e).splitlines()[0]}") from None

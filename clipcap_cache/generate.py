@@ -1,0 +1,89 @@
+"""Caption decoding from CLIP embeddings, shared by `caption`, `evaluate` and training validation.
+
+Decoding is transformers' `generate()` on `inputs_embeds` (the projector's prefix), which brings
+the KV cache, beam search and nucleus sampling; there is no hand-written decoding loop here.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.model import ClipCaptionModel
+
+STRATEGIES = ("beam", "greedy", "sample")
+
+
+@dataclass
+class DecodeConfig:
+    """How captions are decoded."""
+
+    strategy: str = "beam"  # beam | greedy | sample
+    beams: int = 5  # beam width for `beam`
+    num_captions: int = 1  # top beams, or samples, returned per image
+    max_tokens: int = 30  # new tokens at most
+    top_p: float = 0.9  # nucleus mass for `sample`
+    temperature: float = 1.0  # softmax temperature for `sample`
+    seed: int = 0  # for `sample`
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ClipcapError(f"unknown decoding '{self.strategy}': choose {STRATEGIES}")
+        if self.beams < 1 or self.num_captions < 1 or self.max_tokens < 1:
+            raise ClipcapError("--beams, --num-captions and --max-tokens must be at least 1")
+        if self.strategy == "beam" and self.num_captions > self.beams:
+            raise ClipcapError(f"--num-captions {self.num_captions} is more than --beams "
+                               f"{self.beams}: beam search returns at most one caption per beam")
+        if self.strategy == "greedy" and self.num_captions != 1:
+            raise ClipcapError("greedy decoding gives one caption per image; use --beams or "
+                               "--sample for more")
+        if not 0 < self.top_p <= 1 or self.temperature <= 0:
+            raise ClipcapError("--top-p must be in (0, 1] and --temperature positive")
+
+    def generation_config(self, eos_token_id: int, pad_token_id: int) -> GenerationConfig:
+        common = dict(max_new_tokens=self.max_tokens, eos_token_id=eos_token_id,
+                      pad_token_id=pad_token_id, num_return_sequences=self.num_captions)
+        if self.strategy == "greedy":
+            return GenerationConfig(do_sample=False, num_beams=1, **common)
+        if self.strategy == "beam":
+            return GenerationConfig(do_sample=False, num_beams=self.beams, early_stopping=True,
+                                    **common)
+        return GenerationConfig(do_sample=True, num_beams=1, top_p=self.top_p, top_k=0,
+                                temperature=self.temperature, **common)
+
+
+@torch.inference_mode()
+def generate_captions(model: ClipCaptionModel, tokenizer, clip_embeddings: torch.Tensor,
+                      decode: DecodeConfig, batch_size: int = 64,
+                      autocast: torch.dtype | None = None, progress: bool = False,
+                      ) -> list[list[str]]:
+    """Caption each (D,) embedding of `clip_embeddings` (N, D); returns N lists of captions."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    generation_config = decode.generation_config(eos, pad)
+    if decode.strategy == "sample":
+        torch.manual_seed(decode.seed)
+    captions: list[list[str]] = []
+    amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
+           else contextlib.nullcontext())
+    starts = range(0, len(clip_embeddings), batch_size)
+    for start in tqdm(starts, desc="caption", unit="batch", disable=not progress):
+        batch = clip_embeddings[start : start + batch_size].to(device)
+        with amp:
+            prefix = model.prefix_embeddings(batch)  # (B, K, H)
+            attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
+            tokens = model.gpt2.generate(inputs_embeds=prefix, attention_mask=attention_mask,
+                                         generation_config=generation_config)
+        # With only inputs_embeds given, generate() returns the new tokens alone.
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        n = decode.num_captions
+        captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
+    model.train(was_training)
+    return captions

@@ -1,0 +1,53 @@
+"""Loading pretrained models from the Hugging Face hub or a local directory, with clear errors.
+
+Every base model (CLIP, GPT-2, its tokenizer) is loaded with `from_pretrained(name_or_directory)`.
+When a name cannot be resolved, because there is no network and it is not in the local cache, the
+user gets one line that says so and how to pass a local directory instead.
+"""
+
+import contextlib
+from pathlib import Path
+
+import transformers
+
+from clipcap_cache.errors import ClipcapError
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports and progress bars (unused text-tower keys and the like)."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+
+
+def resolve_name(name_or_dir: str) -> str:
+    """Make a local directory absolute, so that files recording it work from anywhere."""
+    path = Path(name_or_dir).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_dir
+
+
+def load_pretrained(loader, name_or_dir: str, what: str, **kwargs):
+    """Call `loader(name_or_dir, **kwargs)` (a `from_pretrained`), turning failures into one line."""
+    path = Path(name_or_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ClipcapError(f"{what} '{name_or_dir}' is a file; pass a model directory or a hub name")
+    try:
+        with quiet_transformers():
+            return loader(str(path) if path.is_dir() else name_or_dir, **kwargs)
+    except OSError as e:
+        if path.is_dir():
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ClipcapError(f"cannot load {what} from directory {path}: {first_line}") from None
+        raise ClipcapError(
+            f"cannot load {what} '{name_or_dir}': it is not a local directory and could not be "
+            "fetched from the Hugging Face hub (no network, or not in the local cache). Download it "
+            f"where the hub is reachable (`hf download {name_or_dir} --local-dir DIR`) and pass DIR."
+        ) from None
+    except (ValueError, KeyError) as e:
+        raise ClipcapError(f"cannot load {what} '{name_or_dir}': {e}") from None

@@ -1,0 +1,124 @@
+"""Robust image decoding and CLIP preprocessing.
+
+`load_image` opens any file PIL can read the way a careful user would: the first frame of a
+multi-frame file, EXIF orientation applied, any mode converted to RGB. Files that cannot be used
+(missing, empty, truncated, not an image, or a decompression bomb) raise `ImageLoadError` with a
+short reason, so that callers can record the failure and carry on.
+
+`ImageDataset` wraps that with the model's Hugging Face image processor so that decoding and
+preprocessing run in DataLoader workers, away from the encoder.
+"""
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own bomb limit, about 89 megapixels
+
+
+class ImageLoadError(Exception):
+    """An image file that cannot be used; `str(error)` is the reason."""
+
+
+def load_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image as RGB with its EXIF orientation applied; raises `ImageLoadError`."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageLoadError("missing file")
+    if path.is_dir():
+        raise ImageLoadError("is a directory")
+    if path.stat().st_size == 0:
+        raise ImageLoadError("empty file")
+    # Never decode a partial file into a half-grey image: truncation is a failure.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageLoadError(
+                        f"too large ({width}x{height} pixels, limit {max_pixels}): "
+                        "possible decompression bomb"
+                    )
+                image.seek(0)  # first frame of a GIF or multi-page TIFF
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError("not an image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        message = str(e) or type(e).__name__
+        if "truncated" in message.lower() or isinstance(e, EOFError):
+            raise ImageLoadError(f"truncated file ({message})") from None
+        raise ImageLoadError(f"cannot decode ({message})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    16- and 32-bit integer images are rescaled to 8 bits first; PIL's own conversion would clip
+    them to white.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        scaled = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def find_images(directory: Path, recursive: bool = False) -> list[Path]:
+    """All image files in a directory, sorted, optionally walking subfolders."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        p for p in directory.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses images for a CLIP encoder, one item per path.
+
+    Each item is `(position, pixel_values or None, failure reason or None)`, so that a bad image
+    travels through the DataLoader as a recorded failure instead of an exception.
+    """
+
+    def __init__(self, paths: list[str | Path], processor, positions: list[int] | None = None):
+        self.paths = [Path(p) for p in paths]
+        self.processor = processor
+        self.positions = positions if positions is not None else list(range(len(self.paths)))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = load_image(self.paths[i])
+            pixel_values = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+            return self.positions[i], pixel_values, None
+        except ImageLoadError as e:
+            return self.positions[i], None, str(e)
+
+
+def collate_images(items):
+    """Stack the good images of a batch and keep the failures aside, order preserved."""
+    good = [(pos, pixels) for pos, pixels, _ in items if pixels is not None]
+    failed = [(pos, reason) for pos, pixels, reason in items if pixels is None]
+    pixel_values = torch.stack([p for _, p in good]) if good else None
+    return [pos for pos, _ in good], pixel_values, failed
+
+
+def default_num_workers() -> int:
+    """A worker count that keeps decoding off the main process without oversubscribing."""
+    return min(4, os.cpu_count() or 1)

@@ -1,0 +1,206 @@
+"""The caption model: a projector from a CLIP embedding to a GPT-2 prefix, and GPT-2 itself.
+
+A CLIP `image_embeds` vector (D) is mapped to K prefix embeddings of GPT-2's width (H). GPT-2 reads
+`[prefix; caption tokens]` and is trained to predict the caption and its EOS. Two projectors are
+provided, both after ClipCap (Mokady et al., 2021):
+
+- `mlp`: Linear D -> K*H/2, Tanh, Linear -> K*H.
+- `transformer`: a linear map of the embedding to K tokens, K learned constant tokens appended,
+  a small transformer over both, and the output read at the constant positions.
+
+`build_model(config)` makes the model from its config alone (the GPT-2 base weights come from
+`config.gpt2_model`); trained tensors are loaded separately by `checkpoint.py`.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.hub import load_pretrained, resolve_name
+
+log = logging.getLogger(__name__)
+PROJECTORS = ("mlp", "transformer")
+IGNORE_INDEX = -100  # label value that cross-entropy skips: prefix and padding positions
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the caption model; saved in every checkpoint's config.json."""
+
+    gpt2_model: str = "gpt2"  # hub name or local directory of a GPT-2-family model
+    clip_embedding_dim: int = 512  # D, taken from the feature cache
+    prefix_length: int = 10  # K, prefix embeddings per image
+    projector: str = "mlp"  # mlp | transformer
+    normalize_prefix: bool = False  # L2-normalise the CLIP embedding before projecting
+    freeze_layers: int | None = None  # frozen GPT-2 blocks from the bottom; None = half of them
+    projector_layers: int = 8  # transformer projector depth (ClipCap uses 8)
+    projector_heads: int = 8  # transformer projector heads; must divide H
+
+    def __post_init__(self):
+        if self.projector not in PROJECTORS:
+            raise ClipcapError(f"unknown projector '{self.projector}': choose mlp or transformer")
+        if self.prefix_length < 1:
+            raise ClipcapError("--prefix-length must be at least 1")
+        if self.clip_embedding_dim < 1:
+            raise ClipcapError("clip_embedding_dim must be positive")
+        if self.freeze_layers is not None and self.freeze_layers < 0:
+            raise ClipcapError("--freeze-layers must be 0 or more")
+
+
+class MLPProjector(nn.Module):
+    """ClipCap's MLP mapper: (B, D) -> (B, K, H)."""
+
+    def __init__(self, embedding_dim: int, prefix_length: int, hidden_size: int):
+        super().__init__()
+        self.prefix_length, self.hidden_size = prefix_length, hidden_size
+        self.net = nn.Sequential(
+            nn.Linear(embedding_dim, prefix_length * hidden_size // 2),
+            nn.Tanh(),
+            nn.Linear(prefix_length * hidden_size // 2, prefix_length * hidden_size),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(-1, self.prefix_length, self.hidden_size)
+
+
+class TransformerProjector(nn.Module):
+    """ClipCap's mapping network: (B, D) -> (B, K, H) through learned constant prefix tokens."""
+
+    def __init__(self, embedding_dim: int, prefix_length: int, hidden_size: int,
+                 num_layers: int, num_heads: int):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ClipcapError(f"projector heads ({num_heads}) must divide GPT-2 width "
+                               f"({hidden_size})")
+        self.prefix_length, self.hidden_size = prefix_length, hidden_size
+        self.to_tokens = nn.Linear(embedding_dim, prefix_length * hidden_size)
+        self.constant = nn.Parameter(torch.randn(prefix_length, hidden_size))
+        layer = nn.TransformerEncoderLayer(
+            hidden_size, num_heads, dim_feedforward=2 * hidden_size, dropout=0.0,
+            activation="relu", batch_first=True, norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.to_tokens(x).view(-1, self.prefix_length, self.hidden_size)  # (B, K, H)
+        constant = self.constant.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, K, H)
+        out = self.transformer(torch.cat([tokens, constant], dim=1))  # (B, 2K, H)
+        return out[:, self.prefix_length:]
+
+
+class ClipCaptionModel(nn.Module):
+    """Projector plus GPT-2; `forward` returns the caption loss."""
+
+    def __init__(self, config: ModelConfig, gpt2: GPT2LMHeadModel):
+        super().__init__()
+        self.config = config
+        self.gpt2 = gpt2
+        hidden = gpt2.config.n_embd
+        if config.projector == "mlp":
+            self.projector = MLPProjector(config.clip_embedding_dim, config.prefix_length, hidden)
+        else:
+            self.projector = TransformerProjector(
+                config.clip_embedding_dim, config.prefix_length, hidden,
+                config.projector_layers, config.projector_heads,
+            )
+
+    def prefix_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, D) CLIP embeddings -> (B, K, H) GPT-2 input embeddings."""
+        x = clip_embeddings.to(self.projector_dtype)
+        if self.config.normalize_prefix:
+            x = F.normalize(x, dim=-1)
+        return self.projector(x)
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def forward(self, clip_embeddings: torch.Tensor, input_ids: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the caption tokens and EOS.
+
+        `input_ids` (B, T) are right-padded; `labels` (B, T) equal them with IGNORE_INDEX at the
+        padding. Right padding needs no attention mask under causal attention: a real token never
+        attends to a later pad.
+        """
+        prefix = self.prefix_embeddings(clip_embeddings)  # (B, K, H)
+        tokens = self.gpt2.transformer.wte(input_ids)  # (B, T, H)
+        hidden = self.gpt2.transformer(
+            inputs_embeds=torch.cat([prefix, tokens.to(prefix.dtype)], dim=1)
+        ).last_hidden_state  # (B, K+T, H)
+        # Position K-1+t predicts caption token t. Project only the positions that carry a label,
+        # so the vocabulary-sized head never runs over the prefix or padding.
+        predictors = hidden[:, self.config.prefix_length - 1 : -1]  # (B, T, H)
+        keep = labels != IGNORE_INDEX
+        logits = self.gpt2.lm_head(predictors[keep])  # (N, V)
+        return F.cross_entropy(logits.float(), labels[keep])
+
+
+def load_gpt2(name_or_dir: str) -> GPT2LMHeadModel:
+    """Load a GPT-2-family language model by hub name or directory."""
+    model = load_pretrained(AutoModelForCausalLM.from_pretrained, name_or_dir, "GPT-2 model",
+                            dtype=torch.float32)
+    if not isinstance(model, GPT2LMHeadModel):
+        raise ClipcapError(f"'{name_or_dir}' is a {type(model).__name__}, not a GPT-2-family model")
+    return model
+
+
+def load_tokenizer(name_or_dir: str):
+    """Load the GPT-2 tokenizer, making sure it has an EOS token to end captions with."""
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_dir, "GPT-2 tokenizer")
+    if tokenizer.eos_token_id is None:
+        raise ClipcapError(f"the tokenizer of '{name_or_dir}' has no EOS token")
+    return tokenizer
+
+
+def build_model(config: ModelConfig) -> ClipCaptionModel:
+    """Build the caption model from its config: GPT-2 base weights, fresh projector, freezing."""
+    config.gpt2_model = resolve_name(config.gpt2_model)
+    gpt2 = load_gpt2(config.gpt2_model)
+    if config.freeze_layers is None:
+        config.freeze_layers = gpt2.config.n_layer // 2
+    model = ClipCaptionModel(config, gpt2)
+    freeze_gpt2(model.gpt2, config.freeze_layers)
+    return model
+
+
+def freeze_gpt2(gpt2: GPT2LMHeadModel, n_layers: int) -> None:
+    """Freeze GPT-2's embeddings (and so the tied output head) and its first `n_layers` blocks.
+
+    Idempotent: every parameter's `requires_grad` is set, not only flipped. With `n_layers` equal
+    to the number of blocks the whole of GPT-2 is frozen, final layer norm included.
+    """
+    blocks = gpt2.transformer.h
+    if not 0 <= n_layers <= len(blocks):
+        raise ClipcapError(f"--freeze-layers {n_layers} is out of range: this GPT-2 has "
+                           f"{len(blocks)} blocks")
+    gpt2.requires_grad_(True)
+    for module in (gpt2.transformer.wte, gpt2.transformer.wpe, gpt2.lm_head):
+        module.requires_grad_(False)
+    for block in blocks[:n_layers]:
+        block.requires_grad_(False)
+    gpt2.transformer.ln_f.requires_grad_(n_layers < len(blocks))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts, each shared tensor counted once."""
+    seen, trainable, frozen = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return trainable, frozen
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that training changes: the projector and the unfrozen GPT-2 parameters."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,413 @@
+"""Stage 2: train the projector and the unfrozen GPT-2 blocks from a feature cache.
+
+    clipcap train data/coco_vitb32.h5 --out runs/coco
+
+CLIP is never loaded: the cached embeddings are read into memory once and every caption is
+tokenized once, before the first epoch. Each caption of an image is a sample; samples are shuffled
+every epoch and each batch is padded only to its longest caption.
+
+The run directory holds `config.json` (the resolved settings), `train.log`, `metrics.jsonl` (one row
+per epoch), `plots/*.png` and `checkpoints/{best,last}/` (see `checkpoint.py`). The last checkpoint
+also carries `train_state.pt`, written at every epoch end and every `save_every_steps` optimizer
+steps, so `--resume` continues a killed run; on the CPU with the same seed it reaches the same
+weights as a run that was never interrupted.
+"""
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from clipcap_cache import cache as feature_cache
+from clipcap_cache import checkpoint
+from clipcap_cache.devices import autocast_dtype, resolve_device
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.generate import DecodeConfig, generate_captions
+from clipcap_cache.hub import resolve_name
+from clipcap_cache.logs import setup_logging, write_jsonl
+from clipcap_cache.model import (
+    IGNORE_INDEX,
+    ClipCaptionModel,
+    ModelConfig,
+    build_model,
+    count_parameters,
+    load_tokenizer,
+)
+from clipcap_cache.plots import plot_metrics
+
+log = logging.getLogger(__name__)
+RUN_ARTEFACTS = ("checkpoints", "config.json", "train.log", "metrics.jsonl", "plots")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; saved with the model config as the run's `config.json`."""
+
+    features: str  # the HDF5 feature cache to train on
+    out: str  # the run directory
+    val_features: str | None = None  # validate on every image of this cache instead of `val`
+    validate: bool = True  # run validation each epoch
+    epochs: int = 10
+    batch_size: int = 40
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-5
+    warmup_steps: int = 5000  # linear warmup, then linear decay to zero
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_caption_tokens: int = 40  # longer captions are truncated (EOS still appended)
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    seed: int = 42
+    eval_images: int = 500  # val images captioned each epoch for BERTScore
+    bertscore: bool = True
+    bertscore_model: str = "roberta-large"
+    bertscore_layers: int | None = None  # needed for models bert-score does not know
+    save_every_steps: int = 1000  # optimizer steps between mid-epoch resume points; 0 = epoch ends
+    compile: bool = False  # torch.compile the model
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "grad_accum", "max_caption_tokens"):
+            if getattr(self, name) < 1:
+                raise ClipcapError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0:
+            raise ClipcapError("--lr must be positive")
+        if self.warmup_steps < 0 or self.eval_images < 0 or self.save_every_steps < 0:
+            raise ClipcapError("--warmup-steps, --eval-images and save_every_steps must be >= 0")
+        if self.resume and self.overwrite:
+            raise ClipcapError("--resume and --overwrite contradict each other: choose one")
+
+
+@dataclass
+class CaptionData:
+    """Tokenized captions and the embeddings they belong to, all in memory."""
+
+    embeddings: torch.Tensor  # (N, D) as stored (float16 by default)
+    token_ids: np.ndarray  # all captions' tokens, EOS included, concatenated
+    offsets: np.ndarray  # (M+1,) caption m is token_ids[offsets[m]:offsets[m+1]]
+    caption_rows: np.ndarray  # (M,) embedding row of each caption
+    truncated: int  # captions cut to max_caption_tokens
+
+    def __len__(self) -> int:
+        return len(self.caption_rows)
+
+    def batch(self, samples: np.ndarray, pad_id: int):
+        """Embeddings (B, D) and right-padded input_ids, labels (B, T) for caption indices."""
+        lengths = self.offsets[samples + 1] - self.offsets[samples]
+        input_ids = np.full((len(samples), int(lengths.max())), pad_id, dtype=np.int64)
+        labels = np.full_like(input_ids, IGNORE_INDEX)
+        for j, (m, n) in enumerate(zip(samples, lengths, strict=True)):
+            tokens = self.token_ids[self.offsets[m] : self.offsets[m] + n]
+            input_ids[j, :n] = tokens
+            labels[j, :n] = tokens
+        rows = torch.from_numpy(self.caption_rows[samples])
+        return self.embeddings[rows].float(), torch.from_numpy(input_ids), torch.from_numpy(labels)
+
+
+def tokenize_captions(tokenizer, captions: list[str], caption_rows: np.ndarray,
+                      embeddings: np.ndarray, max_tokens: int) -> CaptionData:
+    """Tokenize every caption once, truncate, and append EOS."""
+    encoded = tokenizer(captions, add_special_tokens=False)["input_ids"] if captions else []
+    eos = tokenizer.eos_token_id
+    truncated = sum(len(ids) > max_tokens for ids in encoded)
+    pieces = [np.asarray(ids[:max_tokens] + [eos], dtype=np.int64) for ids in encoded]
+    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+    return CaptionData(
+        embeddings=torch.from_numpy(np.ascontiguousarray(embeddings)),
+        token_ids=np.concatenate(pieces) if pieces else np.zeros(0, np.int64),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        caption_rows=np.asarray(caption_rows, dtype=np.int64),
+        truncated=truncated,
+    )
+
+
+@dataclass
+class ValidationSet:
+    data: CaptionData  # every caption of the validation images
+    embeddings: torch.Tensor  # (E, D) the images captioned for BERTScore
+    references: list[list[str]]
+
+
+def _subset(cache: feature_cache.FeatureCache, rows: np.ndarray):
+    """Captions and embeddings of some rows, with caption rows renumbered."""
+    new_row = np.full(len(cache.image_ids), -1, dtype=np.int64)
+    new_row[rows] = np.arange(len(rows))
+    keep = np.flatnonzero(new_row[cache.caption_image_index] >= 0)
+    captions = [cache.captions[i] for i in keep]
+    return captions, new_row[cache.caption_image_index[keep]], cache.embeddings[rows]
+
+
+def train(config: TrainConfig, model_config: ModelConfig) -> dict:
+    """Train a caption model; returns the last epoch's metrics row."""
+    run_dir = Path(config.out)
+    train_cache = feature_cache.read_cache(config.features)
+    embedding_dim = train_cache.embedding_dim
+    model_config.clip_embedding_dim = embedding_dim
+    train_rows = train_cache.rows_of_split("train")
+    if len(train_rows) == 0:
+        raise ClipcapError(f"{config.features} has no train split to train on")
+    val_cache, val_rows = _validation_source(config, train_cache)
+
+    resume_state = _prepare_run_dir(run_dir, config, model_config, train_cache)
+    setup_logging(run_dir / "train.log")
+    _write_run_config(run_dir, config, model_config)
+    log.info("run directory %s", run_dir)
+
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    amp_dtype = autocast_dtype(config.precision, device)
+    tokenizer = load_tokenizer(model_config.gpt2_model)
+    model = build_model(model_config).to(device)
+    trainable, frozen = count_parameters(model)
+    log.info("parameters: %s trainable, %s frozen (GPT-2 blocks frozen: %d of %d)",
+             f"{trainable:,}", f"{frozen:,}", model_config.freeze_layers, model.gpt2.config.n_layer)
+
+    data = tokenize_captions(tokenizer, *_subset(train_cache, train_rows), config.max_caption_tokens)
+    log.info("train: %d images, %d captions; %d captions truncated to %d tokens",
+             len(train_rows), len(data), data.truncated, config.max_caption_tokens)
+    validation = None
+    if val_cache is not None:
+        captions, rows, embeddings = _subset(val_cache, val_rows)
+        refs = [val_cache.references()[r] for r in val_rows[: config.eval_images]]
+        validation = ValidationSet(
+            tokenize_captions(tokenizer, captions, rows, embeddings, config.max_caption_tokens),
+            torch.from_numpy(embeddings[: config.eval_images]), refs)
+        log.info("val: %d images, %d captions", len(val_rows), len(validation.data))
+    scorer = _make_scorer(config, device) if validation is not None else None
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    batches_per_epoch = math.ceil(len(data) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_then_decay(config.warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    forward = torch.compile(model, dynamic=True) if config.compile else model
+
+    state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "tokens": 0, "captions": 0,
+             "seconds": 0.0, "best": math.inf, "history": []}
+    if resume_state is not None:
+        checkpoint.load_weights(model, run_dir / "checkpoints" / "last" / checkpoint.WEIGHTS)
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+        torch.set_rng_state(resume_state["torch_rng"])
+        if device.type == "cuda" and resume_state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
+        state.update({k: resume_state[k] for k in state})
+        log.info("resumed at epoch %d, batch %d, step %d", state["epoch"] + 1, state["batch"],
+                 state["step"])
+        _write_metrics(run_dir, state["history"])
+
+    info = {"clip_model": train_cache.attrs.get("clip_model"),
+            "cache_source": train_cache.attrs.get("source"), "embedding_dim": embedding_dim,
+            "train": asdict(config)}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def save(directory: str, with_state: bool, metrics: dict | None = None):
+        train_state = None
+        if with_state:
+            train_state = {
+                **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            }
+        checkpoint.save_checkpoint(
+            run_dir / "checkpoints" / directory, model, tokenizer,
+            {**info, "epoch": state["epoch"], "step": state["step"], "metrics": metrics},
+            train_state)
+
+    row = state["history"][-1] if state["history"] else {}
+    for epoch in range(state["epoch"], config.epochs):
+        model.train()
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(
+            config.seed * 1000 + epoch)).numpy()
+        bar = tqdm(total=batches_per_epoch, initial=state["batch"], unit="batch",
+                   desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
+        started = time.perf_counter() - state["seconds"]
+        for b in range(state["batch"], batches_per_epoch):
+            group_start = b - b % config.grad_accum
+            group_size = min(config.grad_accum, batches_per_epoch - group_start)
+            samples = order[b * config.batch_size : (b + 1) * config.batch_size]
+            embeds, input_ids, labels = data.batch(samples, pad_id)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = forward(embeds.to(device), input_ids.to(device), labels.to(device))
+            if not torch.isfinite(loss):
+                raise ClipcapError(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}; stopping. "
+                    f"The last good checkpoint is kept in {run_dir / 'checkpoints'}. Try a lower "
+                    "--lr or --precision fp32")
+            scaler.scale(loss / group_size).backward()
+            tokens = int((labels != IGNORE_INDEX).sum())
+            state["loss_sum"] += loss.item() * tokens
+            state["tokens"] += tokens
+            state["captions"] += len(samples)
+            state["batch"] = b + 1
+            bar.update(1)
+            if b + 1 - group_start < group_size:
+                continue
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{state['loss_sum'] / state['tokens']:.3f}",
+                            cap_s=f"{state['captions'] / max(elapsed, 1e-9):.1f}")
+            if config.save_every_steps and state["step"] % config.save_every_steps == 0 \
+                    and state["batch"] < batches_per_epoch:
+                state["seconds"] = elapsed
+                save("last", with_state=True)
+        bar.close()
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch + 1, "step": state["step"],
+               "train_loss": state["loss_sum"] / max(state["tokens"], 1),
+               "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 3),
+               "captions_per_second": round(state["captions"] / max(seconds, 1e-9), 2)}
+        if validation is not None:
+            row.update(_validate(model, tokenizer, validation, scorer, device, amp_dtype,
+                                 config.batch_size, pad_id))
+        state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, tokens=0, captions=0, seconds=0.0)
+        state["history"] = [*state["history"], row]
+        log.info("epoch %d: %s", epoch + 1,
+                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.items() if k != "epoch"))
+        score = row.get("val_loss", row["train_loss"])
+        if score < state["best"]:
+            state["best"] = score
+            save("best", with_state=False, metrics=row)
+        save("last", with_state=True, metrics=row)
+        _write_metrics(run_dir, state["history"])
+    log.info("done: best checkpoint %s", run_dir / "checkpoints" / "best")
+    return row
+
+
+def _validation_source(config: TrainConfig, train_cache):
+    """The cache and rows to validate on, or (None, None) when validation is off."""
+    if not config.validate:
+        return None, None
+    if config.val_features:
+        val_cache = feature_cache.read_cache(config.val_features)
+        if val_cache.attrs.get("clip_model") != train_cache.attrs.get("clip_model") or \
+                val_cache.embedding_dim != train_cache.embedding_dim:
+            raise ClipcapError(f"{config.val_features} was made with another CLIP model than "
+                               f"{config.features}")
+        return val_cache, val_cache.rows_of_split("all")
+    rows = train_cache.rows_of_split("val")
+    if len(rows) == 0:
+        raise ClipcapError(f"{config.features} has no val split: pass --val-features FILE, or "
+                           "--no-val to train without validation")
+    return train_cache, rows
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig,
+                     train_cache) -> dict | None:
+    """Check the run directory against --resume/--overwrite; returns the state to resume from."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if config.resume:
+        last = run_dir / "checkpoints" / "last"
+        checkpoint.recover(last)
+        if not (last / checkpoint.TRAIN_STATE).is_file():
+            raise ClipcapError(f"nothing to resume in {run_dir}: no checkpoints/last/train_state.pt")
+        saved = checkpoint.read_config(last)
+        saved_model = saved["model"]
+        if saved.get("embedding_dim") != train_cache.embedding_dim:
+            raise ClipcapError(f"{config.features} has {train_cache.embedding_dim}-d embeddings, "
+                               f"but the run being resumed used {saved.get('embedding_dim')}")
+        for field_ in fields(ModelConfig):
+            new, old = getattr(model_config, field_.name), saved_model.get(field_.name)
+            if field_.name == "gpt2_model":
+                new = resolve_name(new)
+            if field_.name in ("freeze_layers", "clip_embedding_dim") and new is None:
+                continue
+            if new != old:
+                raise ClipcapError(f"--resume: the run was trained with {field_.name}={old!r}, "
+                                   f"not {new!r}")
+        if saved.get("cache_source") != train_cache.attrs.get("source"):
+            log.warning("resuming on a cache made from other annotations than the run's")
+        model_config.freeze_layers = saved_model["freeze_layers"]
+        return checkpoint.load_train_state(last)
+    if exists:
+        if not config.overwrite:
+            raise ClipcapError(f"{run_dir} already holds a run: pass --resume to continue it or "
+                               "--overwrite to replace it")
+        for name in RUN_ARTEFACTS:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClipcapError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+    return None
+
+
+def _write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> None:
+    path = run_dir / "config.json"
+    tmp = path.with_name("config.json.tmp")
+    tmp.write_text(json.dumps({"train": asdict(config), "model": asdict(model_config)}, indent=2))
+    tmp.replace(path)
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    write_jsonl(run_dir / "metrics.jsonl", history)
+    if history:
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
+
+
+def _warmup_then_decay(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def _make_scorer(config: TrainConfig, device: torch.device):
+    if not config.bertscore or config.eval_images == 0:
+        return None
+    from clipcap_cache.evaluate import make_bertscorer
+
+    return make_bertscorer(config.bertscore_model, config.bertscore_layers, device)
+
+
+@torch.no_grad()
+def _validate(model: ClipCaptionModel, tokenizer, validation: ValidationSet, scorer,
+              device: torch.device, amp_dtype, batch_size: int, pad_id: int) -> dict:
+    """Mean val loss per token, and BERTScore of greedy captions on the first val images."""
+    model.eval()
+    data = validation.data
+    total, tokens = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        samples = np.arange(start, min(start + batch_size, len(data)))
+        embeds, input_ids, labels = data.batch(samples, pad_id)
+        n = int((labels != IGNORE_INDEX).sum())
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = model(embeds.to(device), input_ids.to(device), labels.to(device))
+        total += loss.item() * n
+        tokens += n
+    row = {"val_loss": total / max(tokens, 1)}
+    if scorer is not None and len(validation.embeddings):
+        from clipcap_cache.evaluate import bertscore
+
+        captions = generate_captions(model, tokenizer, validation.embeddings,
+                                     DecodeConfig(strategy="greedy"), batch_size=batch_size,
+                                     autocast=amp_dtype)
+        row.update(bertscore(scorer, [c[0] for c in captions], validation.references))
+    model.train()
+    return row
