@@ -16,7 +16,9 @@ from clipcap_cache.errors import ClipcapError
 
 app = typer.Typer(
     help="Image captioning with CLIP prefixes and GPT-2, trained from cached CLIP features.",
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
 )
 
 
@@ -36,15 +38,30 @@ def _run(function, *args, **kwargs):
         raise typer.Exit(130) from None
 
 
-def _decode_config(beams: int, greedy: bool, sample: bool, num_captions: int, max_tokens: int,
-                   top_p: float, temperature: float, seed: int):
+def _decode_config(
+    beams: int,
+    greedy: bool,
+    sample: bool,
+    num_captions: int,
+    max_tokens: int,
+    top_p: float,
+    temperature: float,
+    seed: int,
+):
     from clipcap_cache.generate import DecodeConfig
 
     if greedy and sample:
         raise ClipcapError("--greedy and --sample contradict each other: choose one")
     strategy = "greedy" if greedy else "sample" if sample else "beam"
-    return DecodeConfig(strategy=strategy, beams=beams, num_captions=num_captions,
-                        max_tokens=max_tokens, top_p=top_p, temperature=temperature, seed=seed)
+    return DecodeConfig(
+        strategy=strategy,
+        beams=beams,
+        num_captions=num_captions,
+        max_tokens=max_tokens,
+        top_p=top_p,
+        temperature=temperature,
+        seed=seed,
+    )
 
 
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | mps")]
@@ -67,16 +84,18 @@ def extract_features(
     out: Annotated[Path, typer.Option(help="HDF5 cache to write.")],
     format: Annotated[str, typer.Option(help="auto | coco | karpathy | jsonl | csv")] = "auto",
     split: Annotated[str, typer.Option(help="train | val | test | all")] = "all",
-    clip_model: Annotated[str, typer.Option(help="CLIP hub name or directory.")] =
-        "openai/clip-vit-base-patch32",
+    clip_model: Annotated[
+        str, typer.Option(help="CLIP hub name or directory.")
+    ] = "openai/clip-vit-base-patch32",
     batch_size: Annotated[int, typer.Option(help="Images per encoder batch.")] = 64,
     num_workers: Annotated[int | None, typer.Option(help="Decoding workers.")] = None,
     device: Device = "auto",
     dtype: Annotated[str, typer.Option(help="Storage dtype: float16 | float32")] = "float16",
     limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad image.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache.")] =
-        False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing cache.")
+    ] = False,
 ):
     """Run frozen CLIP over a dataset once and cache the image embeddings in HDF5."""
     from clipcap_cache.features import FeatureConfig, summary_dict
@@ -85,10 +104,20 @@ def extract_features(
 
     def go():
         config = FeatureConfig(
-            annotations=str(annotations), images=str(images), out=str(out), format=format,
-            split=split, clip_model=clip_model, batch_size=batch_size,
+            annotations=str(annotations),
+            images=str(images),
+            out=str(out),
+            format=format,
+            split=split,
+            clip_model=clip_model,
+            batch_size=batch_size,
             num_workers=default_num_workers() if num_workers is None else num_workers,
-            device=device, dtype=dtype, limit=limit, strict=strict, overwrite=overwrite)
+            device=device,
+            dtype=dtype,
+            limit=limit,
+            strict=strict,
+            overwrite=overwrite,
+        )
         return run(config)
 
     summary = _run(go)
@@ -97,9 +126,11 @@ def extract_features(
         return
     info = summary_dict(summary)
     reasons = ", ".join(f"{n} {r}" for r, n in summary.failure_reasons.items()) or "none"
-    typer.echo(f"wrote {out}: {summary.images_written} images, {summary.images_failed} skipped "
-               f"({reasons}); {summary.seconds:.1f} s, {info['images_per_second']} images/s"
-               + (f" (resumed after {summary.resumed_images})" if summary.resumed_images else ""))
+    typer.echo(
+        f"wrote {out}: {summary.images_written} images, {summary.images_failed} skipped "
+        f"({reasons}); {summary.seconds:.1f} s, {info['images_per_second']} images/s"
+        + (f" (resumed after {summary.resumed_images})" if summary.resumed_images else "")
+    )
 
 
 @app.command()
@@ -114,10 +145,12 @@ def inspect(
     if json_output:
         typer.echo(json.dumps(info, indent=2))
         return
-    typer.echo(f"{info['path']}\n  complete:   {info['complete']}\n  clip model: {info['clip_model']}"
-               f"\n  embeddings: {info['images']} x {info['embedding_dim']} {info['dtype']} "
-               f"(image size {info['image_size']})\n  captions:   {info['captions']}"
-               f"\n  source:     {info['source']}")
+    typer.echo(
+        f"{info['path']}\n  complete:   {info['complete']}\n  clip model: {info['clip_model']}"
+        f"\n  embeddings: {info['images']} x {info['embedding_dim']} {info['dtype']} "
+        f"(image size {info['image_size']})\n  captions:   {info['captions']}"
+        f"\n  source:     {info['source']}"
+    )
     for split, counts in info["splits"].items():
         typer.echo(f"  {split:<5} {counts['images']} images, {counts['captions']} captions")
     reasons = ", ".join(f"{n} {r}" for r, n in info["failed_reasons"].items())
@@ -129,15 +162,18 @@ def train(
     ctx: typer.Context,
     features: Annotated[Path, typer.Argument(help="HDF5 feature cache to train on.")],
     out: Annotated[Path, typer.Option(help="Run directory.")],
-    config: Annotated[Path | None, typer.Option(help="JSON file of options; flags override it.")]
-        = None,
+    config: Annotated[
+        Path | None, typer.Option(help="JSON file of options; flags override it.")
+    ] = None,
     gpt2_model: Annotated[str, typer.Option(help="GPT-2 hub name or directory.")] = "gpt2",
     projector: Annotated[str, typer.Option(help="mlp | transformer")] = "mlp",
     prefix_length: Annotated[int, typer.Option(help="Prefix embeddings per image.")] = 10,
-    normalize_prefix: Annotated[bool, typer.Option("--normalize-prefix",
-                                                   help="L2-normalise embeddings.")] = False,
-    freeze_layers: Annotated[int | None, typer.Option(
-        help="Frozen GPT-2 blocks from the bottom (default: half).")] = None,
+    normalize_prefix: Annotated[
+        bool, typer.Option("--normalize-prefix", help="L2-normalise embeddings.")
+    ] = False,
+    freeze_layers: Annotated[
+        int | None, typer.Option(help="Frozen GPT-2 blocks from the bottom (default: half).")
+    ] = None,
     projector_layers: Annotated[int, typer.Option(help="Transformer projector depth.")] = 8,
     projector_heads: Annotated[int, typer.Option(help="Transformer projector heads.")] = 8,
     epochs: Annotated[int, typer.Option()] = 10,
@@ -160,8 +196,9 @@ def train(
     save_every_steps: Annotated[int, typer.Option(help="Steps between resume points.")] = 1000,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run.")] =
-        False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run.")
+    ] = False,
 ):
     """Train the projector and the unfrozen GPT-2 blocks from a feature cache."""
     from clipcap_cache.model import ModelConfig
@@ -243,8 +280,9 @@ def caption(
     from clipcap_cache.caption import caption_images, expand_inputs, format_results, write_output
 
     def go():
-        decode = _decode_config(beams, greedy, sample, num_captions, max_tokens, top_p,
-                                temperature, seed)
+        decode = _decode_config(
+            beams, greedy, sample, num_captions, max_tokens, top_p, temperature, seed
+        )
         paths = expand_inputs(inputs, recursive)
         results = caption_images(paths, str(checkpoint), decode, batch_size, device, num_workers)
         write_output(format_results(results, format), None if out is None else str(out))
@@ -263,8 +301,7 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder or run directory.")],
     features: Annotated[Path, typer.Option(help="HDF5 cache with the images and references.")],
     split: Annotated[str, typer.Option(help="train | val | test | all")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Output folder [CHECKPOINT/eval-SPLIT].")] =
-        None,
+    out: Annotated[Path | None, typer.Option(help="Output folder [CHECKPOINT/eval-SPLIT].")] = None,
     predictions: Annotated[Path | None, typer.Option(help="Score this COCO results file.")] = None,
     beams: Beams = 5,
     greedy: Greedy = False,
@@ -286,12 +323,22 @@ def evaluate(
 
     def go():
         decode = _decode_config(beams, greedy, sample, 1, max_tokens, top_p, temperature, seed)
-        return run(EvalConfig(
-            checkpoint=str(checkpoint), features=str(features), split=split,
-            out=None if out is None else str(out),
-            predictions=None if predictions is None else str(predictions), decode=decode,
-            batch_size=batch_size, device=device, spice=spice, bertscore=bertscore,
-            bertscore_model=bertscore_model, bertscore_layers=bertscore_layers))
+        return run(
+            EvalConfig(
+                checkpoint=str(checkpoint),
+                features=str(features),
+                split=split,
+                out=None if out is None else str(out),
+                predictions=None if predictions is None else str(predictions),
+                decode=decode,
+                batch_size=batch_size,
+                device=device,
+                spice=spice,
+                bertscore=bertscore,
+                bertscore_model=bertscore_model,
+                bertscore_layers=bertscore_layers,
+            )
+        )
 
     result = _run(go)
     typer.echo(f"{result['images']} images, split {result['split']}")
@@ -303,8 +350,9 @@ def evaluate(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo builds everything.")] =
-        Path("data/demo"),
+    workdir: Annotated[Path, typer.Option(help="Where the demo builds everything.")] = Path(
+        "data/demo"
+    ),
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over.")] = False,
 ):
     """Run the whole pipeline offline on synthetic data with tiny models."""

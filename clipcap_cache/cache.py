@@ -62,16 +62,32 @@ class FeatureCache:
         return refs
 
 
-def write_cache(path: str | Path, *, embeddings: np.ndarray, image_ids, image_paths, splits,
-                captions, caption_image_index, failed_paths, failed_reasons, attrs: dict) -> None:
+def write_cache(
+    path: str | Path,
+    *,
+    embeddings: np.ndarray,
+    image_ids,
+    image_paths,
+    splits,
+    captions,
+    caption_image_index,
+    failed_paths,
+    failed_reasons,
+    attrs: dict,
+) -> None:
     """Write a complete cache atomically: to a temporary name first, then renamed into place."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         f.create_dataset("embeddings", data=embeddings, chunks=True if len(embeddings) else None)
-        for name, values in (("image_ids", image_ids), ("image_paths", image_paths),
-                             ("splits", splits), ("captions", captions),
-                             ("failed_paths", failed_paths), ("failed_reasons", failed_reasons)):
+        for name, values in (
+            ("image_ids", image_ids),
+            ("image_paths", image_paths),
+            ("splits", splits),
+            ("captions", captions),
+            ("failed_paths", failed_paths),
+            ("failed_reasons", failed_reasons),
+        ):
             f.create_dataset(name, data=np.array(list(values), dtype=object), dtype=STRING)
         f.create_dataset("caption_image_index", data=np.asarray(caption_image_index, np.int64))
         for key, value in attrs.items():
@@ -103,13 +119,24 @@ def read_cache(path: str | Path, require_complete: bool = True) -> FeatureCache:
     path = Path(path)
     attrs = read_attrs(path)
     if attrs["format_version"] != FORMAT_VERSION:
-        raise ClipcapError(f"{path} has cache format version {attrs['format_version']}; this "
-                           f"version of clipcap-cache reads version {FORMAT_VERSION}")
+        raise ClipcapError(
+            f"{path} has cache format version {attrs['format_version']}; this "
+            f"version of clipcap-cache reads version {FORMAT_VERSION}"
+        )
     if require_complete and not attrs.get("complete", False):
         raise ClipcapError(f"{path} is an incomplete cache: rerun extract-features to finish it")
     with h5py.File(path, "r") as f:
-        strings = {name: list(f[name].asstr()[()]) for name in (
-            "image_ids", "image_paths", "splits", "captions", "failed_paths", "failed_reasons")}
+        strings = {
+            name: list(f[name].asstr()[()])
+            for name in (
+                "image_ids",
+                "image_paths",
+                "splits",
+                "captions",
+                "failed_paths",
+                "failed_reasons",
+            )
+        }
         return FeatureCache(
             embeddings=f["embeddings"][()],
             caption_image_index=f["caption_image_index"][()].astype(np.int64),
@@ -136,8 +163,11 @@ def describe(path: str | Path) -> dict:
         "source": cache.attrs.get("source"),
         "images": len(cache.image_ids),
         "captions": len(cache.captions),
-        "splits": {s: {"images": per_split[s], "captions": captions_per_split[s]}
-                   for s in ("train", "val", "test") if per_split[s]},
+        "splits": {
+            s: {"images": per_split[s], "captions": captions_per_split[s]}
+            for s in ("train", "val", "test")
+            if per_split[s]
+        },
         "failed": len(cache.failed_paths),
         "failed_reasons": dict(reasons),
         "package_version": cache.attrs.get("package_version"),

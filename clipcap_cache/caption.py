@@ -51,8 +51,11 @@ def expand_inputs(inputs: list[str], recursive: bool = False) -> list[Path]:
         elif path.exists():
             paths.append(path)
         elif glob.has_magic(item):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=recursive)
-                             if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+            matches = sorted(
+                Path(p)
+                for p in glob.glob(item, recursive=recursive)
+                if Path(p).suffix.lower() in IMAGE_EXTENSIONS
+            )
             if not matches:
                 raise ClipcapError(f"no images match {item}")
             paths.extend(matches)
@@ -61,9 +64,15 @@ def expand_inputs(inputs: list[str], recursive: bool = False) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def caption_images(paths: list[Path], checkpoint_path: str, decode: DecodeConfig,
-                   batch_size: int = 16, device: str = "auto", num_workers: int = 0,
-                   progress: bool = True) -> list[CaptionResult]:
+def caption_images(
+    paths: list[Path],
+    checkpoint_path: str,
+    decode: DecodeConfig,
+    batch_size: int = 16,
+    device: str = "auto",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> list[CaptionResult]:
     """Caption image files with a checkpoint; returns one result per path, in order."""
     if batch_size < 1:
         raise ClipcapError("--batch-size must be at least 1")
@@ -73,21 +82,32 @@ def caption_images(paths: list[Path], checkpoint_path: str, decode: DecodeConfig
         raise ClipcapError(f"{checkpoint_path}: the checkpoint names no CLIP model")
     encoder = load_clip(config["clip_model"], torch_device)
     if encoder.embedding_dim != model.config.clip_embedding_dim:
-        raise ClipcapError(f"CLIP model {config['clip_model']} gives {encoder.embedding_dim}-d "
-                           f"embeddings; the checkpoint expects {model.config.clip_embedding_dim}")
+        raise ClipcapError(
+            f"CLIP model {config['clip_model']} gives {encoder.embedding_dim}-d "
+            f"embeddings; the checkpoint expects {model.config.clip_embedding_dim}"
+        )
     autocast = encoder.dtype if torch_device.type != "cpu" else None
     results = [CaptionResult(image=str(p)) for p in paths]
     loader = torch.utils.data.DataLoader(
-        ImageDataset(paths, encoder.processor), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=collate_images)
+        ImageDataset(paths, encoder.processor),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+    )
     with tqdm(total=len(paths), unit="img", desc="caption", disable=not progress) as bar:
         for positions, pixel_values, failed in loader:
             for position, reason in failed:
                 results[position].error = reason
             if pixel_values is not None:
                 embeddings = encoder.encode(pixel_values)  # (B, D)
-                captions = generate_captions(model, tokenizer, embeddings, decode,
-                                             batch_size=len(positions), autocast=autocast)
+                captions = generate_captions(
+                    model,
+                    tokenizer,
+                    embeddings,
+                    decode,
+                    batch_size=len(positions),
+                    autocast=autocast,
+                )
                 for position, texts in zip(positions, captions, strict=True):
                     results[position].captions = texts
             bar.update(len(positions) + len(failed))

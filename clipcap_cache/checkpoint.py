@@ -39,18 +39,29 @@ CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
 
 
-def save_checkpoint(directory: str | Path, model: ClipCaptionModel, tokenizer, info: dict,
-                    train_state: dict | None = None) -> None:
+def save_checkpoint(
+    directory: str | Path,
+    model: ClipCaptionModel,
+    tokenizer,
+    info: dict,
+    train_state: dict | None = None,
+) -> None:
     """Write a checkpoint folder atomically; `info` is merged into config.json."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous()
-               for k, v in trainable_state_dict(model).items()}
+    tensors = {
+        k: v.detach().to("cpu", copy=True).contiguous()
+        for k, v in trainable_state_dict(model).items()
+    }
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    config = {"format_version": FORMAT_VERSION, "package_version": __version__,
-              "model": asdict(model.config), **info}
+    config = {
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "model": asdict(model.config),
+        **info,
+    }
     (tmp / CONFIG).write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(tmp))
     if train_state is not None:
@@ -102,8 +113,10 @@ def read_config(path: str | Path) -> dict:
         raise ClipcapError(f"{directory / CONFIG} is not valid JSON") from None
     version = config.get("format_version") if isinstance(config, dict) else None
     if version != FORMAT_VERSION:
-        raise ClipcapError(f"{directory} has checkpoint format version {version}; this version of "
-                           f"clipcap-cache reads version {FORMAT_VERSION}")
+        raise ClipcapError(
+            f"{directory} has checkpoint format version {version}; this version of "
+            f"clipcap-cache reads version {FORMAT_VERSION}"
+        )
     if not isinstance(config.get("model"), dict):
         raise ClipcapError(f"{directory / CONFIG} has no 'model' section")
     return config
@@ -136,12 +149,16 @@ def load_weights(model: ClipCaptionModel, weights: Path) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ClipcapError(f"{weights} does not match its model config: missing "
-                           f"{missing[:3]}, unexpected {unexpected[:3]}")
+        raise ClipcapError(
+            f"{weights} does not match its model config: missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
-            raise ClipcapError(f"{weights}: {name} has shape {tuple(tensor.shape)}, the model "
-                               f"expects {tuple(expected[name].shape)}")
+            raise ClipcapError(
+                f"{weights}: {name} has shape {tuple(tensor.shape)}, the model "
+                f"expects {tuple(expected[name].shape)}"
+            )
     model.load_state_dict(tensors, strict=False)
 
 

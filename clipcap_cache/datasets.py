@@ -59,7 +59,12 @@ def read_annotations(path: str | Path, format: str = "auto") -> list[ImageRecord
         raise ClipcapError(f"{path}: not a UTF-8 text file ({e.reason})") from None
     if format == "auto":
         format = detect_format(path, text)
-    readers = {"coco": _read_coco, "karpathy": _read_karpathy, "jsonl": _read_jsonl, "csv": _read_csv}
+    readers = {
+        "coco": _read_coco,
+        "karpathy": _read_karpathy,
+        "jsonl": _read_jsonl,
+        "csv": _read_csv,
+    }
     records = readers[format](path, text)
     if not records:
         raise ClipcapError(f"{path}: no images found in the annotation file")
@@ -155,7 +160,9 @@ def _read_coco(path: Path, text: str) -> list[ImageRecord]:
         image_id = str(_get(annotation, "image_id", where, path))
         caption = _get(annotation, "caption", where, path)
         if image_id not in records:
-            raise ClipcapError(f"{path}: {where} names image_id {image_id}, which is not in 'images'")
+            raise ClipcapError(
+                f"{path}: {where} names image_id {image_id}, which is not in 'images'"
+            )
         records[image_id].captions.append(str(caption).strip())
     return list(records.values())
 
@@ -171,14 +178,18 @@ def _read_karpathy(path: Path, text: str) -> list[ImageRecord]:
         sentences = _get(image, "sentences", where, path)
         if not isinstance(sentences, list):
             raise ClipcapError(f"{path}: {where}.sentences is not a list")
-        captions = [str(_get(s, "raw", f"{where}.sentences[{j}]", path)).strip()
-                    for j, s in enumerate(sentences)]
-        records.append(ImageRecord(
-            image_id=str(image_id),
-            path=f"{folder}/{filename}" if folder else str(filename),
-            split=_normalize_split(_get(image, "split", where, path), where, path),
-            captions=captions,
-        ))
+        captions = [
+            str(_get(s, "raw", f"{where}.sentences[{j}]", path)).strip()
+            for j, s in enumerate(sentences)
+        ]
+        records.append(
+            ImageRecord(
+                image_id=str(image_id),
+                path=f"{folder}/{filename}" if folder else str(filename),
+                split=_normalize_split(_get(image, "split", where, path), where, path),
+                captions=captions,
+            )
+        )
     return records
 
 
@@ -193,8 +204,10 @@ def _records_from_rows(path: Path, rows) -> list[ImageRecord]:
         split = _normalize_split(split_value, where, path)
         record = records.setdefault(image, ImageRecord(image_id=image, path=image, split=split))
         if record.split != split:
-            raise ClipcapError(f"{path}: {where} puts {image} in split '{split}', "
-                               f"but an earlier row put it in '{record.split}'")
+            raise ClipcapError(
+                f"{path}: {where} puts {image} in split '{split}', "
+                f"but an earlier row put it in '{record.split}'"
+            )
         if caption is not None and str(caption).strip():
             record.captions.append(str(caption).strip())
     return list(records.values())

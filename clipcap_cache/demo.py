@@ -21,12 +21,18 @@ from PIL import Image, ImageDraw
 
 from clipcap_cache.hub import quiet_transformers
 
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
-          "yellow": (240, 220, 30)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
-TEMPLATES = ("a {color} {shape} on a {background} background",
-             "a {shape} in {color} on {background}")
+TEMPLATES = (
+    "a {color} {shape} on a {background} background",
+    "a {shape} in {color} on {background}",
+)
 EOS = "<|endoftext|>"
 
 
@@ -37,8 +43,10 @@ class ShapeImage:
     background: str
 
     def captions(self) -> list[str]:
-        return [t.format(color=self.color, shape=self.shape, background=self.background)
-                for t in TEMPLATES]
+        return [
+            t.format(color=self.color, shape=self.shape, background=self.background)
+            for t in TEMPLATES
+        ]
 
 
 def draw_shape(item: ShapeImage, rng: random.Random, size: int = 64) -> Image.Image:
@@ -54,13 +62,15 @@ def draw_shape(item: ShapeImage, rng: random.Random, size: int = 64) -> Image.Im
     elif item.shape == "square":
         draw.rectangle(box, fill=fill)
     else:
-        draw.polygon([(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)],
-                     fill=fill)
+        draw.polygon(
+            [(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=fill
+        )
     return image
 
 
-def make_shapes_dataset(root: str | Path, counts: dict[str, int] | None = None,
-                        seed: int = 0) -> Path:
+def make_shapes_dataset(
+    root: str | Path, counts: dict[str, int] | None = None, seed: int = 0
+) -> Path:
     """Write images and a Karpathy-format `dataset_shapes.json` under `root`; returns its path."""
     counts = counts or {"train": 360, "val": 40, "test": 40}
     root = Path(root)
@@ -69,12 +79,20 @@ def make_shapes_dataset(root: str | Path, counts: dict[str, int] | None = None,
     entries, image_id = [], 0
     for split, count in counts.items():
         for _ in range(count):
-            item = ShapeImage(rng.choice(list(COLORS)), rng.choice(SHAPES),
-                              rng.choice(list(BACKGROUNDS)))
+            item = ShapeImage(
+                rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+            )
             filename = f"{image_id:06d}.png"
             draw_shape(item, rng).save(root / "images" / filename)
-            entries.append({"filepath": "images", "filename": filename, "cocoid": image_id,
-                            "split": split, "sentences": [{"raw": c} for c in item.captions()]})
+            entries.append(
+                {
+                    "filepath": "images",
+                    "filename": filename,
+                    "cocoid": image_id,
+                    "split": split,
+                    "sentences": [{"raw": c} for c in item.captions()],
+                }
+            )
             image_id += 1
     annotations = root / "dataset_shapes.json"
     annotations.write_text(json.dumps({"dataset": "shapes", "images": entries}))
@@ -82,30 +100,51 @@ def make_shapes_dataset(root: str | Path, counts: dict[str, int] | None = None,
 
 
 def all_demo_captions() -> list[str]:
-    return [c for color in COLORS for shape in SHAPES for background in BACKGROUNDS
-            for c in ShapeImage(color, shape, background).captions()]
+    return [
+        c
+        for color in COLORS
+        for shape in SHAPES
+        for background in BACKGROUNDS
+        for c in ShapeImage(color, shape, background).captions()
+    ]
 
 
-def build_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32,
-                    projection_dim: int = 64) -> Path:
+def build_tiny_clip(
+    directory: str | Path, seed: int = 0, image_size: int = 32, projection_dim: int = 64
+) -> Path:
     """Save a tiny random CLIP model and its image processor with `save_pretrained`."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, vocab_size=64, max_position_embeddings=16,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=image_size, patch_size=8,
-                           projection_dim=projection_dim),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=8,
+            projection_dim=projection_dim,
+        ),
         projection_dim=projection_dim,
     )
     with quiet_transformers():
         CLIPModel(config).save_pretrained(directory)
-        CLIPImageProcessor(size={"shortest_edge": image_size},
-                           crop_size={"height": image_size, "width": image_size}
-                           ).save_pretrained(directory)
+        CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+        ).save_pretrained(directory)
     return Path(directory)
 
 
@@ -117,23 +156,39 @@ def build_tiny_tokenizer(captions: list[str], vocab_size: int = 320):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(captions, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS,
-                                   unk_token=EOS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS
+    )
 
 
-def build_tiny_gpt2(directory: str | Path, captions: list[str], seed: int = 0, n_embd: int = 64,
-                    n_layer: int = 2, n_head: int = 2) -> Path:
+def build_tiny_gpt2(
+    directory: str | Path,
+    captions: list[str],
+    seed: int = 0,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 2,
+) -> Path:
     """Save a tiny random GPT-2 and a BPE tokenizer trained on `captions`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = build_tiny_tokenizer(captions)
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=n_embd,
-                        n_layer=n_layer, n_head=n_head, bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     with quiet_transformers():
         GPT2LMHeadModel(config).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
@@ -150,8 +205,9 @@ def offline_bertscore_model() -> str | None:
     return str(folder) if (folder / "config.json").is_file() else None
 
 
-def run_demo(workdir: str | Path = "data/demo", fresh: bool = False, epochs: int = 15,
-             echo=print) -> dict:
+def run_demo(
+    workdir: str | Path = "data/demo", fresh: bool = False, epochs: int = 15, echo=print
+) -> dict:
     """Build the data and models if missing, then extract, train, evaluate and caption."""
     from clipcap_cache.caption import caption_images
     from clipcap_cache.datasets import read_annotations
@@ -180,12 +236,22 @@ def run_demo(workdir: str | Path = "data/demo", fresh: bool = False, epochs: int
 
     features = workdir / "features.h5"
     echo("3/5 extract-features")
-    summary = extract_features(FeatureConfig(
-        annotations=str(annotations), images=str(workdir / "shapes"), out=str(features),
-        clip_model=str(clip_dir), batch_size=64, num_workers=0))
-    echo("    cache already complete, nothing to do" if summary.already_complete else
-         f"    {summary.images_written} images written, {summary.images_failed} skipped, "
-         f"{summary.images_per_second:.0f} images/s")
+    summary = extract_features(
+        FeatureConfig(
+            annotations=str(annotations),
+            images=str(workdir / "shapes"),
+            out=str(features),
+            clip_model=str(clip_dir),
+            batch_size=64,
+            num_workers=0,
+        )
+    )
+    echo(
+        "    cache already complete, nothing to do"
+        if summary.already_complete
+        else f"    {summary.images_written} images written, {summary.images_failed} skipped, "
+        f"{summary.images_per_second:.0f} images/s"
+    )
 
     bertscore_model = offline_bertscore_model()
     run_dir = workdir / "run"
@@ -195,23 +261,49 @@ def run_demo(workdir: str | Path = "data/demo", fresh: bool = False, epochs: int
     if done_epochs >= epochs:
         echo(f"    run already trained for {done_epochs} epochs, reusing it")
     else:
-        train(TrainConfig(features=str(features), out=str(run_dir), epochs=epochs, batch_size=32,
-                          lr=3e-3, warmup_steps=20, eval_images=40, seed=0, device="cpu",
-                          bertscore=bertscore_model is not None,
-                          bertscore_model=bertscore_model or "", bertscore_layers=6,
-                          save_every_steps=0, resume=last.exists()),
-              ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4, freeze_layers=0))
+        train(
+            TrainConfig(
+                features=str(features),
+                out=str(run_dir),
+                epochs=epochs,
+                batch_size=32,
+                lr=3e-3,
+                warmup_steps=20,
+                eval_images=40,
+                seed=0,
+                device="cpu",
+                bertscore=bertscore_model is not None,
+                bertscore_model=bertscore_model or "",
+                bertscore_layers=6,
+                save_every_steps=0,
+                resume=last.exists(),
+            ),
+            ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4, freeze_layers=0),
+        )
 
     echo("5/5 evaluate on the test split, then caption a few test images")
-    result = evaluate(EvalConfig(
-        checkpoint=str(run_dir), features=str(features), split="test",
-        decode=DecodeConfig(strategy="beam", beams=3, max_tokens=16), batch_size=64, device="cpu",
-        bertscore=bertscore_model is not None, bertscore_model=bertscore_model or "",
-        bertscore_layers=6))
+    result = evaluate(
+        EvalConfig(
+            checkpoint=str(run_dir),
+            features=str(features),
+            split="test",
+            decode=DecodeConfig(strategy="beam", beams=3, max_tokens=16),
+            batch_size=64,
+            device="cpu",
+            bertscore=bertscore_model is not None,
+            bertscore_model=bertscore_model or "",
+            bertscore_layers=6,
+        )
+    )
     records = [r for r in read_annotations(annotations) if r.split == "test"][:6]
-    samples = caption_images([workdir / "shapes" / r.path for r in records], str(run_dir),
-                             DecodeConfig(strategy="beam", beams=3, max_tokens=16),
-                             batch_size=6, device="cpu", progress=False)
+    samples = caption_images(
+        [workdir / "shapes" / r.path for r in records],
+        str(run_dir),
+        DecodeConfig(strategy="beam", beams=3, max_tokens=16),
+        batch_size=6,
+        device="cpu",
+        progress=False,
+    )
 
     echo("\nSample captions (test split):")
     width = max(len(s.captions[0]) if s.captions else 5 for s in samples)
@@ -223,12 +315,16 @@ def run_demo(workdir: str | Path = "data/demo", fresh: bool = False, epochs: int
     echo(format_table(result["metrics"]))
     if result["skipped"]:
         echo(f"skipped: {', '.join(result['skipped'])}")
-    echo(f"\nEverything is in {workdir}: features.h5, run/ (checkpoints, metrics.jsonl, plots/, "
-         "train.log) and run/checkpoints/best/eval-test/.")
-    echo("\nNext, on COCO with the real models (see data/README.md):\n"
-         "  clipcap extract-features data/coco/dataset_coco.json --images data/coco "
-         "--out data/coco_vitb32.h5\n"
-         "  clipcap train data/coco_vitb32.h5 --out runs/coco\n"
-         "  clipcap evaluate runs/coco --features data/coco_vitb32.h5 --split test\n"
-         "  clipcap caption my_photo.jpg --checkpoint runs/coco")
+    echo(
+        f"\nEverything is in {workdir}: features.h5, run/ (checkpoints, metrics.jsonl, plots/, "
+        "train.log) and run/checkpoints/best/eval-test/."
+    )
+    echo(
+        "\nNext, on COCO with the real models (see data/README.md):\n"
+        "  clipcap extract-features data/coco/dataset_coco.json --images data/coco "
+        "--out data/coco_vitb32.h5\n"
+        "  clipcap train data/coco_vitb32.h5 --out runs/coco\n"
+        "  clipcap evaluate runs/coco --features data/coco_vitb32.h5 --split test\n"
+        "  clipcap caption my_photo.jpg --checkpoint runs/coco"
+    )
     return result

@@ -31,7 +31,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     `auto` means bf16 on a GPU that supports it, fp16 on other GPUs and fp32 on the CPU.
     """
     if precision not in PRECISIONS:
-        raise ClipcapError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+        raise ClipcapError(
+            f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}"
+        )
     if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
         return None
     if precision == "auto":

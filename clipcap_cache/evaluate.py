@@ -29,8 +29,25 @@ from clipcap_cache.hub import quiet_transformers
 log = logging.getLogger(__name__)
 COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 # The punctuation pycocoevalcap's PTB tokenizer drops, used when Java is missing.
-_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
-                "-", "--", "...", ";"}
+_PUNCTUATION = {
+    "''",
+    "'",
+    "``",
+    "`",
+    "-LRB-",
+    "-RRB-",
+    "-LCB-",
+    "-RCB-",
+    ".",
+    "?",
+    "!",
+    ",",
+    ":",
+    "-",
+    "--",
+    "...",
+    ";",
+}
 
 
 @dataclass
@@ -61,16 +78,21 @@ def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         # PTBTokenizer writes a temporary file next to its own module; run it quietly.
-        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+        return PTBTokenizer().tokenize(
+            {k: [{"caption": c} for c in v] for k, v in captions.items()}
+        )
     tokenized = {}
     for key, texts in captions.items():
-        tokenized[key] = [" ".join(w for w in re.findall(r"[\w']+|[^\w\s]", t.lower())
-                                   if w not in _PUNCTUATION) for t in texts]
+        tokenized[key] = [
+            " ".join(w for w in re.findall(r"[\w']+|[^\w\s]", t.lower()) if w not in _PUNCTUATION)
+            for t in texts
+        ]
     return tokenized
 
 
-def coco_metrics(predictions: dict[str, str], references: dict[str, list[str]],
-                 spice: bool = False) -> tuple[dict[str, float], list[str]]:
+def coco_metrics(
+    predictions: dict[str, str], references: dict[str, list[str]], spice: bool = False
+) -> tuple[dict[str, float], list[str]]:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE) of one caption per image.
 
     Returns the scores and the names of metrics that could not run here.
@@ -84,8 +106,11 @@ def coco_metrics(predictions: dict[str, str], references: dict[str, list[str]],
         _check_spice()
     gts = ptb_tokenize(references)
     res = ptb_tokenize({k: [v] for k, v in predictions.items()})
-    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Rouge(), ["ROUGE_L"]),
-               (Cider(), ["CIDEr"])]
+    scorers = [
+        (Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]),
+        (Rouge(), ["ROUGE_L"]),
+        (Cider(), ["CIDEr"]),
+    ]
     if java_available():
         from pycocoevalcap.meteor.meteor import Meteor
 
@@ -115,9 +140,10 @@ def _check_spice() -> None:
         raise ClipcapError("--spice needs Java 8 on the PATH; install it or drop --spice")
     if not jar.is_file():
         raise ClipcapError(
-            "--spice needs Stanford CoreNLP 3.6.0, a one-time download: run `python -c \"from "
-            "pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()\"` "
-            "where the network is reachable, or drop --spice")
+            '--spice needs Stanford CoreNLP 3.6.0, a one-time download: run `python -c "from '
+            'pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()"` '
+            "where the network is reachable, or drop --spice"
+        )
     version = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
     if '"1.8' not in version:
         log.warning("SPICE is known to work with Java 8; found %s", version.splitlines()[0])
@@ -129,26 +155,36 @@ def make_bertscorer(model: str, layers: int | None, device: torch.device | str):
     from bert_score.utils import model2layers
 
     if layers is None and model not in model2layers:
-        raise ClipcapError(f"bert-score does not know '{model}': pass --bertscore-layers N (the "
-                           "layer whose embeddings to use, e.g. 6 for all-MiniLM-L6-v2)")
+        raise ClipcapError(
+            f"bert-score does not know '{model}': pass --bertscore-layers N (the "
+            "layer whose embeddings to use, e.g. 6 for all-MiniLM-L6-v2)"
+        )
     is_dir = Path(model).expanduser().is_dir()
     try:
         with quiet_transformers():
-            return BERTScorer(model_type=str(Path(model).expanduser()) if is_dir else model,
-                              num_layers=layers, device=str(device), batch_size=64)
+            return BERTScorer(
+                model_type=str(Path(model).expanduser()) if is_dir else model,
+                num_layers=layers,
+                device=str(device),
+                batch_size=64,
+            )
     except OSError:
         raise ClipcapError(
             f"cannot load BERTScore model '{model}': not a local directory and not reachable on "
             "the Hugging Face hub. Pass a local directory with --bertscore-model and "
-            "--bertscore-layers, or --no-bertscore") from None
+            "--bertscore-layers, or --no-bertscore"
+        ) from None
 
 
 def bertscore(scorer, candidates: list[str], references: list[list[str]]) -> dict[str, float]:
     """Mean BERTScore P/R/F1, each candidate against all of its references."""
     with quiet_transformers():
         precision, recall, f1 = scorer.score(candidates, references)
-    return {"bertscore_precision": precision.mean().item(), "bertscore_recall": recall.mean().item(),
-            "bertscore_f1": f1.mean().item()}
+    return {
+        "bertscore_precision": precision.mean().item(),
+        "bertscore_recall": recall.mean().item(),
+        "bertscore_f1": f1.mean().item(),
+    }
 
 
 def evaluate(config: EvalConfig) -> dict:
@@ -157,11 +193,16 @@ def evaluate(config: EvalConfig) -> dict:
     ckpt_config = checkpoint.read_config(directory)
     cache = feature_cache.read_cache(config.features)
     if ckpt_config.get("embedding_dim") != cache.embedding_dim:
-        raise ClipcapError(f"{config.features} holds {cache.embedding_dim}-d embeddings; the "
-                           f"checkpoint expects {ckpt_config.get('embedding_dim')}-d")
+        raise ClipcapError(
+            f"{config.features} holds {cache.embedding_dim}-d embeddings; the "
+            f"checkpoint expects {ckpt_config.get('embedding_dim')}-d"
+        )
     if ckpt_config.get("clip_model") != cache.attrs.get("clip_model"):
-        log.warning("the checkpoint was trained on %s features, this cache holds %s features",
-                    ckpt_config.get("clip_model"), cache.attrs.get("clip_model"))
+        log.warning(
+            "the checkpoint was trained on %s features, this cache holds %s features",
+            ckpt_config.get("clip_model"),
+            cache.attrs.get("clip_model"),
+        )
     rows = cache.rows_of_split(config.split)
     if len(rows) == 0:
         raise ClipcapError(f"{config.features} has no images in split '{config.split}'")
@@ -175,24 +216,40 @@ def evaluate(config: EvalConfig) -> dict:
     else:
         model, tokenizer, _ = checkpoint.load_checkpoint(directory, device)
         autocast = inference_dtype(device) if device.type != "cpu" else None
-        captions = generate_captions(model, tokenizer, torch.from_numpy(cache.embeddings[rows]),
-                                     config.decode, config.batch_size, autocast, progress=True)
+        captions = generate_captions(
+            model,
+            tokenizer,
+            torch.from_numpy(cache.embeddings[rows]),
+            config.decode,
+            config.batch_size,
+            autocast,
+            progress=True,
+        )
         predictions = {image_id: c[0] for image_id, c in zip(image_ids, captions, strict=True)}
     scored_refs = {k: references[k] for k in predictions}
     metrics, skipped = coco_metrics(predictions, scored_refs, config.spice)
     if config.bertscore:
         scorer = make_bertscorer(config.bertscore_model, config.bertscore_layers, device)
         keys = list(predictions)
-        metrics.update(bertscore(scorer, [predictions[k] for k in keys],
-                                 [scored_refs[k] for k in keys]))
+        metrics.update(
+            bertscore(scorer, [predictions[k] for k in keys], [scored_refs[k] for k in keys])
+        )
     else:
         skipped.append("BERTScore")
-    result = {"split": config.split, "images": len(predictions), "checkpoint": str(directory),
-              "features": str(config.features), "metrics": metrics, "skipped": skipped}
+    result = {
+        "split": config.split,
+        "images": len(predictions),
+        "checkpoint": str(directory),
+        "features": str(config.features),
+        "metrics": metrics,
+        "skipped": skipped,
+    }
     out = Path(config.out) if config.out else directory / f"eval-{config.split}"
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "predictions.json",
-                [{"image_id": _coco_id(k), "caption": v} for k, v in predictions.items()])
+    _write_json(
+        out / "predictions.json",
+        [{"image_id": _coco_id(k), "caption": v} for k, v in predictions.items()],
+    )
     _write_json(out / "metrics.json", result)
     result["out"] = str(out)
     return result
@@ -208,7 +265,7 @@ def read_predictions(path: str | Path, known_ids: set[str]) -> dict[str, str]:
     except json.JSONDecodeError as e:
         raise ClipcapError(f"{path}: not valid JSON (line {e.lineno})") from None
     if not isinstance(rows, list):
-        raise ClipcapError(f"{path}: expected a list of {{\"image_id\", \"caption\"}} objects")
+        raise ClipcapError(f'{path}: expected a list of {{"image_id", "caption"}} objects')
     predictions = {}
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "image_id" not in row or "caption" not in row:

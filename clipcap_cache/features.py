@@ -130,10 +130,16 @@ def load_clip(name_or_dir: str, device: str | torch.device = "auto") -> ClipEnco
     else:
         raise ClipcapError(f"'{name_or_dir}' is a '{config.model_type}' model, not a CLIP model")
     dtype = inference_dtype(device)
-    model = load_pretrained(CLIPVisionModelWithProjection.from_pretrained, name_or_dir,
-                            "CLIP model", config=vision_config, dtype=dtype)
-    processor = load_pretrained(AutoImageProcessor.from_pretrained, name_or_dir,
-                                "CLIP image processor")
+    model = load_pretrained(
+        CLIPVisionModelWithProjection.from_pretrained,
+        name_or_dir,
+        "CLIP model",
+        config=vision_config,
+        dtype=dtype,
+    )
+    processor = load_pretrained(
+        AutoImageProcessor.from_pretrained, name_or_dir, "CLIP image processor"
+    )
     model.to(device).eval().requires_grad_(False)
     return ClipEncoder(resolve_name(name_or_dir), model, processor, device, dtype)
 
@@ -173,11 +179,14 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
     manifest = _open_parts(parts, identity, config, len(records))
 
     shard_size = manifest["shard_size"]
-    shards = [(start, min(start + shard_size, len(records)))
-              for start in range(0, len(records), shard_size)]
+    shards = [
+        (start, min(start + shard_size, len(records)))
+        for start in range(0, len(records), shard_size)
+    ]
     pending = [i for i in range(len(shards)) if not _shard_path(parts, i).exists()]
-    summary.resumed_images = sum(shards[i][1] - shards[i][0]
-                                 for i in range(len(shards)) if i not in pending)
+    summary.resumed_images = sum(
+        shards[i][1] - shards[i][0] for i in range(len(shards)) if i not in pending
+    )
     if summary.resumed_images:
         log.info("resuming: %d of %d images already done", summary.resumed_images, len(records))
 
@@ -212,13 +221,20 @@ def _open_parts(parts: Path, identity: dict, config: FeatureConfig, num_images: 
         try:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError:
-            raise ClipcapError(f"{manifest_path} is corrupt; pass --overwrite to start over") from None
+            raise ClipcapError(
+                f"{manifest_path} is corrupt; pass --overwrite to start over"
+            ) from None
         _check_same_inputs(identity, manifest, parts)
         return manifest
     try:
         parts.mkdir(parents=True, exist_ok=True)
-        manifest = {**identity, "shard_size": config.shard_size, "num_images": num_images,
-                    "format": config.format, "annotations": Path(config.annotations).name}
+        manifest = {
+            **identity,
+            "shard_size": config.shard_size,
+            "num_images": num_images,
+            "format": config.format,
+            "annotations": Path(config.annotations).name,
+        }
         _write_json(manifest_path, manifest)
     except OSError as e:
         raise ClipcapError(f"cannot write next to {config.out}: {e.strerror or e}") from None
@@ -229,9 +245,16 @@ def _shard_path(parts: Path, shard: int) -> Path:
     return parts / f"shard-{shard:06d}.safetensors"
 
 
-def _encode_shards(encoder: ClipEncoder, records: list[ImageRecord], image_root: Path, shards,
-                   pending: list[int], parts: Path, config: FeatureConfig,
-                   summary: ExtractSummary) -> None:
+def _encode_shards(
+    encoder: ClipEncoder,
+    records: list[ImageRecord],
+    image_root: Path,
+    shards,
+    pending: list[int],
+    parts: Path,
+    config: FeatureConfig,
+    summary: ExtractSummary,
+) -> None:
     """Encode the pending shards, writing each one as soon as its last batch is done."""
     batches, batch_shard = [], []
     for shard in pending:
@@ -241,8 +264,11 @@ def _encode_shards(encoder: ClipEncoder, records: list[ImageRecord], image_root:
             batch_shard.append(shard)
     dataset = ImageDataset([image_root / r.path for r in records], encoder.processor)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=config.num_workers,
-        collate_fn=collate_images, pin_memory=encoder.device.type == "cuda",
+        dataset,
+        batch_sampler=batches,
+        num_workers=config.num_workers,
+        collate_fn=collate_images,
+        pin_memory=encoder.device.type == "cuda",
     )
     total = sum(shards[s][1] - shards[s][0] for s in pending)
     rows: dict[int, list] = {}
@@ -251,8 +277,10 @@ def _encode_shards(encoder: ClipEncoder, records: list[ImageRecord], image_root:
         for shard, (positions, pixel_values, failed) in zip(batch_shard, loader, strict=True):
             if failed and config.strict:
                 position, reason = failed[0]
-                raise ClipcapError(f"{records[position].path}: {reason} (--strict stops at the "
-                                   "first unreadable image)")
+                raise ClipcapError(
+                    f"{records[position].path}: {reason} (--strict stops at the "
+                    "first unreadable image)"
+                )
             if pixel_values is not None:
                 embeds = encoder.encode(pixel_values)  # (B, D)
                 rows.setdefault(shard, []).extend(zip(positions, embeds.numpy(), strict=True))
@@ -261,8 +289,14 @@ def _encode_shards(encoder: ClipEncoder, records: list[ImageRecord], image_root:
             bar.update(len(positions) + len(failed))
             start, stop = shards[shard]
             if len(rows.get(shard, [])) + len(failures.get(shard, [])) == stop - start:
-                _write_shard(parts, shard, rows.pop(shard, []), failures.pop(shard, []),
-                             encoder.embedding_dim, config.dtype)
+                _write_shard(
+                    parts,
+                    shard,
+                    rows.pop(shard, []),
+                    failures.pop(shard, []),
+                    encoder.embedding_dim,
+                    config.dtype,
+                )
 
 
 def _write_shard(parts: Path, shard: int, rows, failures, dim: int, dtype: str) -> None:
@@ -277,8 +311,14 @@ def _write_shard(parts: Path, shard: int, rows, failures, dim: int, dtype: str) 
     os.replace(tmp, path)
 
 
-def _gather(parts: Path, out: Path, records: list[ImageRecord], shards, manifest: dict,
-            summary: ExtractSummary) -> None:
+def _gather(
+    parts: Path,
+    out: Path,
+    records: list[ImageRecord],
+    shards,
+    manifest: dict,
+    summary: ExtractSummary,
+) -> None:
     """Gather the finished shards into the final HDF5 cache."""
     embeddings, positions, failed = [], [], []
     for shard in range(len(shards)):

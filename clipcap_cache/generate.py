@@ -35,31 +35,50 @@ class DecodeConfig:
         if self.beams < 1 or self.num_captions < 1 or self.max_tokens < 1:
             raise ClipcapError("--beams, --num-captions and --max-tokens must be at least 1")
         if self.strategy == "beam" and self.num_captions > self.beams:
-            raise ClipcapError(f"--num-captions {self.num_captions} is more than --beams "
-                               f"{self.beams}: beam search returns at most one caption per beam")
+            raise ClipcapError(
+                f"--num-captions {self.num_captions} is more than --beams "
+                f"{self.beams}: beam search returns at most one caption per beam"
+            )
         if self.strategy == "greedy" and self.num_captions != 1:
-            raise ClipcapError("greedy decoding gives one caption per image; use --beams or "
-                               "--sample for more")
+            raise ClipcapError(
+                "greedy decoding gives one caption per image; use --beams or --sample for more"
+            )
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise ClipcapError("--top-p must be in (0, 1] and --temperature positive")
 
     def generation_config(self, eos_token_id: int, pad_token_id: int) -> GenerationConfig:
-        common = dict(max_new_tokens=self.max_tokens, eos_token_id=eos_token_id,
-                      pad_token_id=pad_token_id, num_return_sequences=self.num_captions)
+        common = dict(
+            max_new_tokens=self.max_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            num_return_sequences=self.num_captions,
+        )
         if self.strategy == "greedy":
             return GenerationConfig(do_sample=False, num_beams=1, **common)
         if self.strategy == "beam":
-            return GenerationConfig(do_sample=False, num_beams=self.beams, early_stopping=True,
-                                    **common)
-        return GenerationConfig(do_sample=True, num_beams=1, top_p=self.top_p, top_k=0,
-                                temperature=self.temperature, **common)
+            return GenerationConfig(
+                do_sample=False, num_beams=self.beams, early_stopping=True, **common
+            )
+        return GenerationConfig(
+            do_sample=True,
+            num_beams=1,
+            top_p=self.top_p,
+            top_k=0,
+            temperature=self.temperature,
+            **common,
+        )
 
 
 @torch.inference_mode()
-def generate_captions(model: ClipCaptionModel, tokenizer, clip_embeddings: torch.Tensor,
-                      decode: DecodeConfig, batch_size: int = 64,
-                      autocast: torch.dtype | None = None, progress: bool = False,
-                      ) -> list[list[str]]:
+def generate_captions(
+    model: ClipCaptionModel,
+    tokenizer,
+    clip_embeddings: torch.Tensor,
+    decode: DecodeConfig,
+    batch_size: int = 64,
+    autocast: torch.dtype | None = None,
+    progress: bool = False,
+) -> list[list[str]]:
     """Caption each (D,) embedding of `clip_embeddings` (N, D); returns N lists of captions."""
     was_training = model.training
     model.eval()
@@ -70,16 +89,22 @@ def generate_captions(model: ClipCaptionModel, tokenizer, clip_embeddings: torch
     if decode.strategy == "sample":
         torch.manual_seed(decode.seed)
     captions: list[list[str]] = []
-    amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
-           else contextlib.nullcontext())
+    amp = (
+        torch.autocast(device.type, dtype=autocast)
+        if autocast is not None
+        else contextlib.nullcontext()
+    )
     starts = range(0, len(clip_embeddings), batch_size)
     for start in tqdm(starts, desc="caption", unit="batch", disable=not progress):
         batch = clip_embeddings[start : start + batch_size].to(device)
         with amp:
             prefix = model.prefix_embeddings(batch)  # (B, K, H)
             attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
-            tokens = model.gpt2.generate(inputs_embeds=prefix, attention_mask=attention_mask,
-                                         generation_config=generation_config)
+            tokens = model.gpt2.generate(
+                inputs_embeds=prefix,
+                attention_mask=attention_mask,
+                generation_config=generation_config,
+            )
         # With only inputs_embeds given, generate() returns the new tokens alone.
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         texts = [t.strip() for t in texts]

@@ -36,7 +36,9 @@ def load_pretrained(loader, name_or_dir: str, what: str, **kwargs):
     """Call `loader(name_or_dir, **kwargs)` (a `from_pretrained`), turning failures into one line."""
     path = Path(name_or_dir).expanduser()
     if path.exists() and not path.is_dir():
-        raise ClipcapError(f"{what} '{name_or_dir}' is a file; pass a model directory or a hub name")
+        raise ClipcapError(
+            f"{what} '{name_or_dir}' is a file; pass a model directory or a hub name"
+        )
     try:
         with quiet_transformers():
             return loader(str(path) if path.is_dir() else name_or_dir, **kwargs)

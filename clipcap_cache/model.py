@@ -71,18 +71,30 @@ class MLPProjector(nn.Module):
 class TransformerProjector(nn.Module):
     """ClipCap's mapping network: (B, D) -> (B, K, H) through learned constant prefix tokens."""
 
-    def __init__(self, embedding_dim: int, prefix_length: int, hidden_size: int,
-                 num_layers: int, num_heads: int):
+    def __init__(
+        self,
+        embedding_dim: int,
+        prefix_length: int,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+    ):
         super().__init__()
         if hidden_size % num_heads:
-            raise ClipcapError(f"projector heads ({num_heads}) must divide GPT-2 width "
-                               f"({hidden_size})")
+            raise ClipcapError(
+                f"projector heads ({num_heads}) must divide GPT-2 width ({hidden_size})"
+            )
         self.prefix_length, self.hidden_size = prefix_length, hidden_size
         self.to_tokens = nn.Linear(embedding_dim, prefix_length * hidden_size)
         self.constant = nn.Parameter(torch.randn(prefix_length, hidden_size))
         layer = nn.TransformerEncoderLayer(
-            hidden_size, num_heads, dim_feedforward=2 * hidden_size, dropout=0.0,
-            activation="relu", batch_first=True, norm_first=True,
+            hidden_size,
+            num_heads,
+            dim_feedforward=2 * hidden_size,
+            dropout=0.0,
+            activation="relu",
+            batch_first=True,
+            norm_first=True,
         )
         self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
 
@@ -90,7 +102,7 @@ class TransformerProjector(nn.Module):
         tokens = self.to_tokens(x).view(-1, self.prefix_length, self.hidden_size)  # (B, K, H)
         constant = self.constant.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, K, H)
         out = self.transformer(torch.cat([tokens, constant], dim=1))  # (B, 2K, H)
-        return out[:, self.prefix_length:]
+        return out[:, self.prefix_length :]
 
 
 class ClipCaptionModel(nn.Module):
@@ -105,8 +117,11 @@ class ClipCaptionModel(nn.Module):
             self.projector = MLPProjector(config.clip_embedding_dim, config.prefix_length, hidden)
         else:
             self.projector = TransformerProjector(
-                config.clip_embedding_dim, config.prefix_length, hidden,
-                config.projector_layers, config.projector_heads,
+                config.clip_embedding_dim,
+                config.prefix_length,
+                hidden,
+                config.projector_layers,
+                config.projector_heads,
             )
 
     def prefix_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
@@ -120,8 +135,9 @@ class ClipCaptionModel(nn.Module):
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
 
-    def forward(self, clip_embeddings: torch.Tensor, input_ids: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, clip_embeddings: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         """Mean cross-entropy over the caption tokens and EOS.
 
         `input_ids` (B, T) are right-padded; `labels` (B, T) equal them with IGNORE_INDEX at the
@@ -143,8 +159,9 @@ class ClipCaptionModel(nn.Module):
 
 def load_gpt2(name_or_dir: str) -> GPT2LMHeadModel:
     """Load a GPT-2-family language model by hub name or directory."""
-    model = load_pretrained(AutoModelForCausalLM.from_pretrained, name_or_dir, "GPT-2 model",
-                            dtype=torch.float32)
+    model = load_pretrained(
+        AutoModelForCausalLM.from_pretrained, name_or_dir, "GPT-2 model", dtype=torch.float32
+    )
     if not isinstance(model, GPT2LMHeadModel):
         raise ClipcapError(f"'{name_or_dir}' is a {type(model).__name__}, not a GPT-2-family model")
     return model
@@ -177,8 +194,9 @@ def freeze_gpt2(gpt2: GPT2LMHeadModel, n_layers: int) -> None:
     """
     blocks = gpt2.transformer.h
     if not 0 <= n_layers <= len(blocks):
-        raise ClipcapError(f"--freeze-layers {n_layers} is out of range: this GPT-2 has "
-                           f"{len(blocks)} blocks")
+        raise ClipcapError(
+            f"--freeze-layers {n_layers} is out of range: this GPT-2 has {len(blocks)} blocks"
+        )
     gpt2.requires_grad_(True)
     for module in (gpt2.transformer.wte, gpt2.transformer.wpe, gpt2.lm_head):
         module.requires_grad_(False)

@@ -20,19 +20,28 @@ def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
     written = []
     panels = {
         "loss.png": ("Loss", [("train_loss", "train"), ("val_loss", "val")]),
-        "bertscore.png": ("BERTScore", [("bertscore_precision", "precision"),
-                                        ("bertscore_recall", "recall"),
-                                        ("bertscore_f1", "F1")]),
+        "bertscore.png": (
+            "BERTScore",
+            [
+                ("bertscore_precision", "precision"),
+                ("bertscore_recall", "recall"),
+                ("bertscore_f1", "F1"),
+            ],
+        ),
     }
     for filename, (title, series) in panels.items():
-        present = [(key, label) for key, label in series
-                   if any(row.get(key) is not None for row in rows)]
+        present = [
+            (key, label) for key, label in series if any(row.get(key) is not None for row in rows)
+        ]
         if not present:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for key, label in present:
-            points = [(e, row[key]) for e, row in zip(epochs, rows, strict=True)
-                      if row.get(key) is not None]
+            points = [
+                (e, row[key])
+                for e, row in zip(epochs, rows, strict=True)
+                if row.get(key) is not None
+            ]
             ax.plot(*zip(*points, strict=True), marker="o", label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel(title)

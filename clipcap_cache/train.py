@@ -112,8 +112,13 @@ class CaptionData:
         return self.embeddings[rows].float(), torch.from_numpy(input_ids), torch.from_numpy(labels)
 
 
-def tokenize_captions(tokenizer, captions: list[str], caption_rows: np.ndarray,
-                      embeddings: np.ndarray, max_tokens: int) -> CaptionData:
+def tokenize_captions(
+    tokenizer,
+    captions: list[str],
+    caption_rows: np.ndarray,
+    embeddings: np.ndarray,
+    max_tokens: int,
+) -> CaptionData:
     """Tokenize every caption once, truncate, and append EOS."""
     encoded = tokenizer(captions, add_special_tokens=False)["input_ids"] if captions else []
     eos = tokenizer.eos_token_id
@@ -167,35 +172,60 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     tokenizer = load_tokenizer(model_config.gpt2_model)
     model = build_model(model_config).to(device)
     trainable, frozen = count_parameters(model)
-    log.info("parameters: %s trainable, %s frozen (GPT-2 blocks frozen: %d of %d)",
-             f"{trainable:,}", f"{frozen:,}", model_config.freeze_layers, model.gpt2.config.n_layer)
+    log.info(
+        "parameters: %s trainable, %s frozen (GPT-2 blocks frozen: %d of %d)",
+        f"{trainable:,}",
+        f"{frozen:,}",
+        model_config.freeze_layers,
+        model.gpt2.config.n_layer,
+    )
 
-    data = tokenize_captions(tokenizer, *_subset(train_cache, train_rows), config.max_caption_tokens)
-    log.info("train: %d images, %d captions; %d captions truncated to %d tokens",
-             len(train_rows), len(data), data.truncated, config.max_caption_tokens)
+    data = tokenize_captions(
+        tokenizer, *_subset(train_cache, train_rows), config.max_caption_tokens
+    )
+    log.info(
+        "train: %d images, %d captions; %d captions truncated to %d tokens",
+        len(train_rows),
+        len(data),
+        data.truncated,
+        config.max_caption_tokens,
+    )
     validation = None
     if val_cache is not None:
         captions, rows, embeddings = _subset(val_cache, val_rows)
         refs = [val_cache.references()[r] for r in val_rows[: config.eval_images]]
         validation = ValidationSet(
             tokenize_captions(tokenizer, captions, rows, embeddings, config.max_caption_tokens),
-            torch.from_numpy(embeddings[: config.eval_images]), refs)
+            torch.from_numpy(embeddings[: config.eval_images]),
+            refs,
+        )
         log.info("val: %d images, %d captions", len(val_rows), len(validation.data))
     scorer = _make_scorer(config, device) if validation is not None else None
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
+    )
     batches_per_epoch = math.ceil(len(data) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_then_decay(config.warmup_steps, total_steps))
+        optimizer, _warmup_then_decay(config.warmup_steps, total_steps)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     forward = torch.compile(model, dynamic=True) if config.compile else model
 
-    state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "tokens": 0, "captions": 0,
-             "seconds": 0.0, "best": math.inf, "history": []}
+    state = {
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "loss_sum": 0.0,
+        "tokens": 0,
+        "captions": 0,
+        "seconds": 0.0,
+        "best": math.inf,
+        "history": [],
+    }
     if resume_state is not None:
         checkpoint.load_weights(model, run_dir / "checkpoints" / "last" / checkpoint.WEIGHTS)
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -205,35 +235,56 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
         if device.type == "cuda" and resume_state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
         state.update({k: resume_state[k] for k in state})
-        log.info("resumed at epoch %d, batch %d, step %d", state["epoch"] + 1, state["batch"],
-                 state["step"])
+        log.info(
+            "resumed at epoch %d, batch %d, step %d",
+            state["epoch"] + 1,
+            state["batch"],
+            state["step"],
+        )
         _write_metrics(run_dir, state["history"])
 
-    info = {"clip_model": train_cache.attrs.get("clip_model"),
-            "cache_source": train_cache.attrs.get("source"), "embedding_dim": embedding_dim,
-            "train": asdict(config)}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    info = {
+        "clip_model": train_cache.attrs.get("clip_model"),
+        "cache_source": train_cache.attrs.get("source"),
+        "embedding_dim": embedding_dim,
+        "train": asdict(config),
+    }
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
 
     def save(directory: str, with_state: bool, metrics: dict | None = None):
         train_state = None
         if with_state:
             train_state = {
-                **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                **state,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             }
         checkpoint.save_checkpoint(
-            run_dir / "checkpoints" / directory, model, tokenizer,
+            run_dir / "checkpoints" / directory,
+            model,
+            tokenizer,
             {**info, "epoch": state["epoch"], "step": state["step"], "metrics": metrics},
-            train_state)
+            train_state,
+        )
 
     row = state["history"][-1] if state["history"] else {}
     for epoch in range(state["epoch"], config.epochs):
         model.train()
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(
-            config.seed * 1000 + epoch)).numpy()
-        bar = tqdm(total=batches_per_epoch, initial=state["batch"], unit="batch",
-                   desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
+        order = torch.randperm(
+            len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        ).numpy()
+        bar = tqdm(
+            total=batches_per_epoch,
+            initial=state["batch"],
+            unit="batch",
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            dynamic_ncols=True,
+        )
         started = time.perf_counter() - state["seconds"]
         for b in range(state["batch"], batches_per_epoch):
             group_start = b - b % config.grad_accum
@@ -246,7 +297,8 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
                 raise ClipcapError(
                     f"the loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}; stopping. "
                     f"The last good checkpoint is kept in {run_dir / 'checkpoints'}. Try a lower "
-                    "--lr or --precision fp32")
+                    "--lr or --precision fp32"
+                )
             scaler.scale(loss / group_size).backward()
             tokens = int((labels != IGNORE_INDEX).sum())
             state["loss_sum"] += loss.item() * tokens
@@ -264,26 +316,51 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
             scheduler.step()
             state["step"] += 1
             elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{state['loss_sum'] / state['tokens']:.3f}",
-                            cap_s=f"{state['captions'] / max(elapsed, 1e-9):.1f}")
-            if config.save_every_steps and state["step"] % config.save_every_steps == 0 \
-                    and state["batch"] < batches_per_epoch:
+            bar.set_postfix(
+                loss=f"{state['loss_sum'] / state['tokens']:.3f}",
+                cap_s=f"{state['captions'] / max(elapsed, 1e-9):.1f}",
+            )
+            if (
+                config.save_every_steps
+                and state["step"] % config.save_every_steps == 0
+                and state["batch"] < batches_per_epoch
+            ):
                 state["seconds"] = elapsed
                 save("last", with_state=True)
         bar.close()
         seconds = time.perf_counter() - started
-        row = {"epoch": epoch + 1, "step": state["step"],
-               "train_loss": state["loss_sum"] / max(state["tokens"], 1),
-               "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 3),
-               "captions_per_second": round(state["captions"] / max(seconds, 1e-9), 2)}
+        row = {
+            "epoch": epoch + 1,
+            "step": state["step"],
+            "train_loss": state["loss_sum"] / max(state["tokens"], 1),
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": round(seconds, 3),
+            "captions_per_second": round(state["captions"] / max(seconds, 1e-9), 2),
+        }
         if validation is not None:
-            row.update(_validate(model, tokenizer, validation, scorer, device, amp_dtype,
-                                 config.batch_size, pad_id))
+            row.update(
+                _validate(
+                    model,
+                    tokenizer,
+                    validation,
+                    scorer,
+                    device,
+                    amp_dtype,
+                    config.batch_size,
+                    pad_id,
+                )
+            )
         state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, tokens=0, captions=0, seconds=0.0)
         state["history"] = [*state["history"], row]
-        log.info("epoch %d: %s", epoch + 1,
-                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in row.items() if k != "epoch"))
+        log.info(
+            "epoch %d: %s",
+            epoch + 1,
+            ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in row.items()
+                if k != "epoch"
+            ),
+        )
         score = row.get("val_loss", row["train_loss"])
         if score < state["best"]:
             state["best"] = score
@@ -300,32 +377,42 @@ def _validation_source(config: TrainConfig, train_cache):
         return None, None
     if config.val_features:
         val_cache = feature_cache.read_cache(config.val_features)
-        if val_cache.attrs.get("clip_model") != train_cache.attrs.get("clip_model") or \
-                val_cache.embedding_dim != train_cache.embedding_dim:
-            raise ClipcapError(f"{config.val_features} was made with another CLIP model than "
-                               f"{config.features}")
+        if (
+            val_cache.attrs.get("clip_model") != train_cache.attrs.get("clip_model")
+            or val_cache.embedding_dim != train_cache.embedding_dim
+        ):
+            raise ClipcapError(
+                f"{config.val_features} was made with another CLIP model than {config.features}"
+            )
         return val_cache, val_cache.rows_of_split("all")
     rows = train_cache.rows_of_split("val")
     if len(rows) == 0:
-        raise ClipcapError(f"{config.features} has no val split: pass --val-features FILE, or "
-                           "--no-val to train without validation")
+        raise ClipcapError(
+            f"{config.features} has no val split: pass --val-features FILE, or "
+            "--no-val to train without validation"
+        )
     return train_cache, rows
 
 
-def _prepare_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig,
-                     train_cache) -> dict | None:
+def _prepare_run_dir(
+    run_dir: Path, config: TrainConfig, model_config: ModelConfig, train_cache
+) -> dict | None:
     """Check the run directory against --resume/--overwrite; returns the state to resume from."""
     exists = run_dir.exists() and any(run_dir.iterdir())
     if config.resume:
         last = run_dir / "checkpoints" / "last"
         checkpoint.recover(last)
         if not (last / checkpoint.TRAIN_STATE).is_file():
-            raise ClipcapError(f"nothing to resume in {run_dir}: no checkpoints/last/train_state.pt")
+            raise ClipcapError(
+                f"nothing to resume in {run_dir}: no checkpoints/last/train_state.pt"
+            )
         saved = checkpoint.read_config(last)
         saved_model = saved["model"]
         if saved.get("embedding_dim") != train_cache.embedding_dim:
-            raise ClipcapError(f"{config.features} has {train_cache.embedding_dim}-d embeddings, "
-                               f"but the run being resumed used {saved.get('embedding_dim')}")
+            raise ClipcapError(
+                f"{config.features} has {train_cache.embedding_dim}-d embeddings, "
+                f"but the run being resumed used {saved.get('embedding_dim')}"
+            )
         for field_ in fields(ModelConfig):
             new, old = getattr(model_config, field_.name), saved_model.get(field_.name)
             if field_.name == "gpt2_model":
@@ -333,16 +420,19 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConf
             if field_.name in ("freeze_layers", "clip_embedding_dim") and new is None:
                 continue
             if new != old:
-                raise ClipcapError(f"--resume: the run was trained with {field_.name}={old!r}, "
-                                   f"not {new!r}")
+                raise ClipcapError(
+                    f"--resume: the run was trained with {field_.name}={old!r}, not {new!r}"
+                )
         if saved.get("cache_source") != train_cache.attrs.get("source"):
             log.warning("resuming on a cache made from other annotations than the run's")
         model_config.freeze_layers = saved_model["freeze_layers"]
         return checkpoint.load_train_state(last)
     if exists:
         if not config.overwrite:
-            raise ClipcapError(f"{run_dir} already holds a run: pass --resume to continue it or "
-                               "--overwrite to replace it")
+            raise ClipcapError(
+                f"{run_dir} already holds a run: pass --resume to continue it or "
+                "--overwrite to replace it"
+            )
         for name in RUN_ARTEFACTS:
             target = run_dir / name
             if target.is_dir():
@@ -387,8 +477,16 @@ def _make_scorer(config: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def _validate(model: ClipCaptionModel, tokenizer, validation: ValidationSet, scorer,
-              device: torch.device, amp_dtype, batch_size: int, pad_id: int) -> dict:
+def _validate(
+    model: ClipCaptionModel,
+    tokenizer,
+    validation: ValidationSet,
+    scorer,
+    device: torch.device,
+    amp_dtype,
+    batch_size: int,
+    pad_id: int,
+) -> dict:
     """Mean val loss per token, and BERTScore of greedy captions on the first val images."""
     model.eval()
     data = validation.data
@@ -405,9 +503,14 @@ def _validate(model: ClipCaptionModel, tokenizer, validation: ValidationSet, sco
     if scorer is not None and len(validation.embeddings):
         from clipcap_cache.evaluate import bertscore
 
-        captions = generate_captions(model, tokenizer, validation.embeddings,
-                                     DecodeConfig(strategy="greedy"), batch_size=batch_size,
-                                     autocast=amp_dtype)
+        captions = generate_captions(
+            model,
+            tokenizer,
+            validation.embeddings,
+            DecodeConfig(strategy="greedy"),
+            batch_size=batch_size,
+            autocast=amp_dtype,
+        )
         row.update(bertscore(scorer, [c[0] for c in captions], validation.references))
     model.train()
     return row
