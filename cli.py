@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from click.core import ParameterSource
 
 from clipcap_cache.errors import ClipcapError
 
@@ -225,7 +224,8 @@ def _resolve_options(ctx: typer.Context, out: Path, config_file: Path | None, re
     """Defaults < the resumed run's config < --config file < flags given on the command line."""
     values = dict(ctx.params)
     values.pop("config")
-    explicit = {k for k in values if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    # Compared by name: typer may ship its own copy of click's ParameterSource enum.
+    explicit = {k for k in values if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
     base: dict = {}
     saved = out / "config.json"
     if resume and saved.is_file():

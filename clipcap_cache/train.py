@@ -284,6 +284,7 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
             unit="batch",
             desc=f"epoch {epoch + 1}/{config.epochs}",
             dynamic_ncols=True,
+            leave=False,
         )
         started = time.perf_counter() - state["seconds"]
         for b in range(state["batch"], batches_per_epoch):
@@ -294,6 +295,7 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = forward(embeds.to(device), input_ids.to(device), labels.to(device))
             if not torch.isfinite(loss):
+                bar.close()
                 raise ClipcapError(
                     f"the loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}; stopping. "
                     f"The last good checkpoint is kept in {run_dir / 'checkpoints'}. Try a lower "

@@ -97,7 +97,7 @@ def trained_run(tmp_path_factory, shapes_cache, gpt2_dir):
     run_dir = tmp_path_factory.mktemp("runs") / "shapes"
     train(
         TrainConfig(
-            features=str(shapes_cache), out=str(run_dir), epochs=12, batch_size=32, lr=3e-3,
+            features=str(shapes_cache), out=str(run_dir), epochs=30, batch_size=32, lr=3e-3,
             warmup_steps=10, seed=0, device="cpu", bertscore=False, save_every_steps=0,
         ),
         ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4, freeze_layers=0),
