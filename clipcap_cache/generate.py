@@ -5,6 +5,7 @@ the KV cache, beam search and nucleus sampling; there is no hand-written decodin
 """
 
 import contextlib
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,12 @@ class DecodeConfig:
         )
 
 
+def clean_caption(text: str) -> str:
+    """One line of text: control characters dropped, whitespace runs collapsed to one space."""
+    text = "".join(" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch) != "Cc")
+    return " ".join(text.split())
+
+
 @torch.inference_mode()
 def generate_captions(
     model: ClipCaptionModel,
@@ -107,7 +114,7 @@ def generate_captions(
             )
         # With only inputs_embeds given, generate() returns the new tokens alone.
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        texts = [t.strip() for t in texts]
+        texts = [clean_caption(t) for t in texts]
         n = decode.num_captions
         captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
     model.train(was_training)

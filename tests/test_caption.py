@@ -1,0 +1,81 @@
+import csv
+import io
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from conftest import assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, shapes):
+    _, root = shapes
+    folder = tmp_path_factory.mktemp("photos")
+    for i, name in enumerate(sorted((root / "images").iterdir())[:3]):
+        shutil.copy(name, folder / f"p{i}.png")
+    (folder / "sub").mkdir()
+    shutil.copy(folder / "p0.png", folder / "sub" / "deep.png")
+    return folder
+
+
+def caption(run, *args):
+    return run_cli("caption", *args, "--checkpoint", run, "--device", "cpu", "--batch-size", "2")
+
+
+def test_text_output_is_one_line_per_image(trained_run, photos):
+    result = caption(trained_run, photos)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(photos / f"p{i}.png") for i in range(3)]
+    assert all(line.split("\t")[1] for line in lines)
+    recursive = caption(trained_run, photos, "--recursive")
+    assert len(recursive.stdout.strip().splitlines()) == 4
+
+
+def test_structured_formats_parse(trained_run, photos, tmp_path):
+    glob = str(photos / "p*.png")
+    out = tmp_path / "c.json"
+    assert caption(trained_run, glob, "--format", "json", "--out", out, "--num-captions", "2", "--beams", "3").returncode == 0
+    data = json.loads(out.read_text())
+    assert [d["image"] for d in data] == [str(photos / f"p{i}.png") for i in range(3)]
+    assert all(len(d["captions"]) == 2 for d in data)
+    lines = caption(trained_run, glob, "--format", "jsonl", "--greedy").stdout.strip().splitlines()
+    assert [len(json.loads(line)["captions"]) for line in lines] == [1, 1, 1]
+    rows = list(csv.DictReader(io.StringIO(caption(trained_run, glob, "--format", "csv", "--sample",
+                                                   "--num-captions", "2").stdout)))
+    assert len(rows) == 6 and {r["rank"] for r in rows} == {"1", "2"}
+
+
+def test_bad_images_are_reported_and_the_rest_captioned(trained_run, photos, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 nope")
+    result = caption(trained_run, photos / "p0.png", broken, tmp_path / "missing.png", photos / "p1.png",
+                     "--format", "json")
+    assert result.returncode == 1
+    data = json.loads(result.stdout)
+    assert [bool(d["captions"]) for d in data] == [True, False, False, True]
+    assert data[1]["error"] == "not an image" and data[2]["error"] == "missing file"
+    assert "missing.png" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_checkpoints_get_one_line_errors(trained_run, photos, tmp_path):
+    assert "not found" in assert_one_line_error(caption(tmp_path / "nothing", photos))
+    bad_version = tmp_path / "v"
+    shutil.copytree(trained_run / "checkpoints" / "best", bad_version)
+    config = json.loads((bad_version / "config.json").read_text())
+    (bad_version / "config.json").write_text(json.dumps({**config, "format_version": 7}))
+    assert "format version 7" in assert_one_line_error(caption(bad_version, photos))
+    wrong_base = tmp_path / "w"
+    shutil.copytree(trained_run / "checkpoints" / "best", wrong_base)
+    config["model"]["gpt2_model"] = "no-such-org/no-such-gpt2"
+    (wrong_base / "config.json").write_text(json.dumps(config))
+    assert "not a local directory" in assert_one_line_error(caption(wrong_base, photos))
+    wrong_shape = tmp_path / "s"
+    shutil.copytree(trained_run / "checkpoints" / "best", wrong_shape)
+    config = json.loads((trained_run / "checkpoints" / "best" / "config.json").read_text())
+    config["model"]["prefix_length"] = 7
+    (wrong_shape / "config.json").write_text(json.dumps(config))
+    assert "shape" in assert_one_line_error(caption(wrong_shape, photos))
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
