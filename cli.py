@@ -225,7 +225,9 @@ def _resolve_options(ctx: typer.Context, out: Path, config_file: Path | None, re
     values = dict(ctx.params)
     values.pop("config")
     # Compared by name: typer may ship its own copy of click's ParameterSource enum.
-    explicit = {k for k in values if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+    explicit = {
+        k for k in values if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"
+    }
     base: dict = {}
     saved = out / "config.json"
     if resume and saved.is_file():

@@ -193,6 +193,7 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
     started = time.perf_counter()
     if pending:
         encoder = load_clip(config.clip_model, config.device)
+        started = time.perf_counter()  # throughput counts encoding, not model loading
         if encoder.name != identity["clip_model"]:
             raise ClipcapError("internal error: CLIP model name changed while loading")
         manifest.update(embedding_dim=encoder.embedding_dim, image_size=encoder.image_size)

@@ -72,7 +72,11 @@ class DecodeConfig:
 
 def clean_caption(text: str) -> str:
     """One line of text: control characters dropped, whitespace runs collapsed to one space."""
-    text = "".join(" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch) != "Cc")
+    text = "".join(
+        " " if ch.isspace() else ch
+        for ch in text
+        if ch.isspace() or unicodedata.category(ch) != "Cc"
+    )
     return " ".join(text.split())
 
 

@@ -82,7 +82,11 @@ def shapes_cache(tmp_path_factory, shapes, clip_dir):
     out = tmp_path_factory.mktemp("cache") / "shapes.h5"
     extract_features(
         FeatureConfig(
-            annotations=str(annotations), images=str(root), out=str(out), clip_model=str(clip_dir), num_workers=0
+            annotations=str(annotations),
+            images=str(root),
+            out=str(out),
+            clip_model=str(clip_dir),
+            num_workers=0,
         )
     )
     return out
@@ -97,8 +101,16 @@ def trained_run(tmp_path_factory, shapes_cache, gpt2_dir):
     run_dir = tmp_path_factory.mktemp("runs") / "shapes"
     train(
         TrainConfig(
-            features=str(shapes_cache), out=str(run_dir), epochs=30, batch_size=32, lr=3e-3,
-            warmup_steps=10, seed=0, device="cpu", bertscore=False, save_every_steps=0,
+            features=str(shapes_cache),
+            out=str(run_dir),
+            epochs=30,
+            batch_size=32,
+            lr=3e-3,
+            warmup_steps=10,
+            seed=0,
+            device="cpu",
+            bertscore=False,
+            save_every_steps=0,
         ),
         ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4, freeze_layers=0),
     )

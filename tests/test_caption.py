@@ -4,9 +4,8 @@ import json
 import shutil
 
 import pytest
-from PIL import Image
-
 from conftest import assert_one_line_error, run_cli
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +36,50 @@ def test_text_output_is_one_line_per_image(trained_run, photos):
 def test_structured_formats_parse(trained_run, photos, tmp_path):
     glob = str(photos / "p*.png")
     out = tmp_path / "c.json"
-    assert caption(trained_run, glob, "--format", "json", "--out", out, "--num-captions", "2", "--beams", "3").returncode == 0
+    assert (
+        caption(
+            trained_run,
+            glob,
+            "--format",
+            "json",
+            "--out",
+            out,
+            "--num-captions",
+            "2",
+            "--beams",
+            "3",
+        ).returncode
+        == 0
+    )
     data = json.loads(out.read_text())
     assert [d["image"] for d in data] == [str(photos / f"p{i}.png") for i in range(3)]
     assert all(len(d["captions"]) == 2 for d in data)
     lines = caption(trained_run, glob, "--format", "jsonl", "--greedy").stdout.strip().splitlines()
     assert [len(json.loads(line)["captions"]) for line in lines] == [1, 1, 1]
-    rows = list(csv.DictReader(io.StringIO(caption(trained_run, glob, "--format", "csv", "--sample",
-                                                   "--num-captions", "2").stdout)))
+    rows = list(
+        csv.DictReader(
+            io.StringIO(
+                caption(
+                    trained_run, glob, "--format", "csv", "--sample", "--num-captions", "2"
+                ).stdout
+            )
+        )
+    )
     assert len(rows) == 6 and {r["rank"] for r in rows} == {"1", "2"}
 
 
 def test_bad_images_are_reported_and_the_rest_captioned(trained_run, photos, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 nope")
-    result = caption(trained_run, photos / "p0.png", broken, tmp_path / "missing.png", photos / "p1.png",
-                     "--format", "json")
+    result = caption(
+        trained_run,
+        photos / "p0.png",
+        broken,
+        tmp_path / "missing.png",
+        photos / "p1.png",
+        "--format",
+        "json",
+    )
     assert result.returncode == 1
     data = json.loads(result.stdout)
     assert [bool(d["captions"]) for d in data] == [True, False, False, True]

@@ -31,10 +31,20 @@ def test_coco_format_groups_captions_and_takes_split_from_file_name(tmp_path):
 def test_karpathy_format_joins_folder_and_maps_restval_to_train(tmp_path):
     data = {
         "images": [
-            {"filepath": "val2014", "filename": "x.jpg", "cocoid": 42, "split": "restval",
-             "sentences": [{"raw": "A cat."}, {"raw": "A kitten."}]},
-            {"filepath": "val2014", "filename": "y.jpg", "cocoid": 43, "split": "test",
-             "sentences": [{"raw": "A dog."}]},
+            {
+                "filepath": "val2014",
+                "filename": "x.jpg",
+                "cocoid": 42,
+                "split": "restval",
+                "sentences": [{"raw": "A cat."}, {"raw": "A kitten."}],
+            },
+            {
+                "filepath": "val2014",
+                "filename": "y.jpg",
+                "cocoid": 43,
+                "split": "test",
+                "sentences": [{"raw": "A dog."}],
+            },
         ]
     }
     records = read_annotations(write(tmp_path / "dataset_coco.json", json.dumps(data)))
@@ -51,7 +61,10 @@ def test_jsonl_and_csv_merge_rows_of_the_same_image(tmp_path):
         {"image": "p/1.png", "caption": "second", "split": "val"},
     ]
     jsonl = write(tmp_path / "data.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
-    csv = write(tmp_path / "data.csv", "image,caption,split\np/1.png,first,val\np/2.png,other,\np/1.png,second,val\n")
+    csv = write(
+        tmp_path / "data.csv",
+        "image,caption,split\np/1.png,first,val\np/2.png,other,\np/1.png,second,val\n",
+    )
     for path in (jsonl, csv):
         records = read_annotations(path)
         assert [(r.image_id, r.split, r.captions) for r in records] == [
@@ -66,10 +79,21 @@ def test_jsonl_and_csv_merge_rows_of_the_same_image(tmp_path):
     [
         ("bad.json", '{"images": [', "not valid JSON"),
         ("x.json", '{"images": [{"id": 1}], "annotations": []}', "has no 'file_name'"),
-        ("x.json", '{"images": [{"id": 1, "file_name": "a"}], "annotations": [{"image_id": 2, "caption": "c"}]}',
-         "not in 'images'"),
-        ("k.json", '{"images": [{"filename": "a", "split": "train", "sentences": [{}]}]}', "has no 'raw'"),
-        ("k.json", '{"images": [{"filename": "a", "split": "holdout", "sentences": []}]}', "unknown split"),
+        (
+            "x.json",
+            '{"images": [{"id": 1, "file_name": "a"}], "annotations": [{"image_id": 2, "caption": "c"}]}',
+            "not in 'images'",
+        ),
+        (
+            "k.json",
+            '{"images": [{"filename": "a", "split": "train", "sentences": [{}]}]}',
+            "has no 'raw'",
+        ),
+        (
+            "k.json",
+            '{"images": [{"filename": "a", "split": "holdout", "sentences": []}]}',
+            "unknown split",
+        ),
         ("u.json", '{"foo": 1}', "unknown JSON annotation format"),
         ("u.csv", "path,text\na,b\n", "unknown annotation format"),
         ("e.jsonl", "", "empty"),

@@ -2,6 +2,7 @@ import json
 
 import bert_score
 import pytest
+from conftest import assert_one_line_error, run_cli
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -10,22 +11,43 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from clipcap_cache.cache import read_cache
 from clipcap_cache.evaluate import java_available
-from conftest import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.skipif(not java_available(), reason="the COCO metrics need Java")
 
 
-def test_metrics_equal_direct_pycocoevalcap_and_bert_score(trained_run, shapes_cache, minilm_dir, tmp_path):
+def test_metrics_equal_direct_pycocoevalcap_and_bert_score(
+    trained_run, shapes_cache, minilm_dir, tmp_path
+):
     out = tmp_path / "eval"
-    result = run_cli("evaluate", trained_run, "--features", shapes_cache, "--split", "test", "--out", out,
-                     "--beams", "2", "--max-tokens", "12", "--device", "cpu", "--bertscore-model", minilm_dir,
-                     "--bertscore-layers", "6", check=0)
+    result = run_cli(
+        "evaluate",
+        trained_run,
+        "--features",
+        shapes_cache,
+        "--split",
+        "test",
+        "--out",
+        out,
+        "--beams",
+        "2",
+        "--max-tokens",
+        "12",
+        "--device",
+        "cpu",
+        "--bertscore-model",
+        minilm_dir,
+        "--bertscore-layers",
+        "6",
+        check=0,
+    )
     assert "CIDEr" in result.stdout
     predictions = json.loads((out / "predictions.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     cache = read_cache(shapes_cache)
     rows = cache.rows_of_split("test")
-    assert sorted(p["image_id"] for p in predictions) == sorted(int(cache.image_ids[r]) for r in rows)
+    assert sorted(p["image_id"] for p in predictions) == sorted(
+        int(cache.image_ids[r]) for r in rows
+    )
 
     references = cache.references()
     gts = {str(cache.image_ids[r]): [{"caption": c} for c in references[r]] for r in rows}
@@ -43,16 +65,30 @@ def test_metrics_equal_direct_pycocoevalcap_and_bert_score(trained_run, shapes_c
 
     ids = [str(p["image_id"]) for p in predictions]
     refs = {str(cache.image_ids[r]): references[r] for r in rows}
-    precision, recall, f1 = bert_score.score([p["caption"] for p in predictions], [refs[i] for i in ids],
-                                             model_type=minilm_dir, num_layers=6)
+    precision, recall, f1 = bert_score.score(
+        [p["caption"] for p in predictions],
+        [refs[i] for i in ids],
+        model_type=minilm_dir,
+        num_layers=6,
+    )
     assert metrics["bertscore_precision"] == pytest.approx(precision.mean().item(), abs=1e-5)
     assert metrics["bertscore_recall"] == pytest.approx(recall.mean().item(), abs=1e-5)
     assert metrics["bertscore_f1"] == pytest.approx(f1.mean().item(), abs=1e-5)
 
     # Scoring the predictions file again, without generating, gives the same numbers.
     again = tmp_path / "again"
-    run_cli("evaluate", trained_run, "--features", shapes_cache, "--predictions", out / "predictions.json",
-            "--out", again, "--no-bertscore", check=0)
+    run_cli(
+        "evaluate",
+        trained_run,
+        "--features",
+        shapes_cache,
+        "--predictions",
+        out / "predictions.json",
+        "--out",
+        again,
+        "--no-bertscore",
+        check=0,
+    )
     rescored = json.loads((again / "metrics.json").read_text())
     assert rescored["metrics"]["CIDEr"] == pytest.approx(metrics["CIDEr"])
     assert rescored["skipped"] == ["BERTScore"]
@@ -61,9 +97,32 @@ def test_metrics_equal_direct_pycocoevalcap_and_bert_score(trained_run, shapes_c
 def test_bad_evaluation_inputs(trained_run, shapes_cache, tmp_path):
     bad = tmp_path / "p.json"
     bad.write_text(json.dumps([{"image_id": 999999, "caption": "x"}]))
-    error = assert_one_line_error(run_cli("evaluate", trained_run, "--features", shapes_cache, "--predictions", bad,
-                                          "--no-bertscore", "--out", tmp_path / "o"))
+    error = assert_one_line_error(
+        run_cli(
+            "evaluate",
+            trained_run,
+            "--features",
+            shapes_cache,
+            "--predictions",
+            bad,
+            "--no-bertscore",
+            "--out",
+            tmp_path / "o",
+        )
+    )
     assert "not in the evaluated split" in error
-    error = assert_one_line_error(run_cli("evaluate", trained_run, "--features", shapes_cache, "--no-bertscore",
-                                          "--bertscore-model", "x", "--spice", "--out", tmp_path / "o"))
+    error = assert_one_line_error(
+        run_cli(
+            "evaluate",
+            trained_run,
+            "--features",
+            shapes_cache,
+            "--no-bertscore",
+            "--bertscore-model",
+            "x",
+            "--spice",
+            "--out",
+            tmp_path / "o",
+        )
+    )
     assert "SPICE" in error or "CoreNLP" in error

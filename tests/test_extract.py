@@ -8,11 +8,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, assert_one_line_error, run_cli
 from PIL import Image
 from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
 from clipcap_cache.cache import read_cache
-from conftest import REPO, assert_one_line_error, run_cli
 
 
 @pytest.fixture
@@ -25,8 +25,10 @@ def mixed_dataset(tmp_path):
     for i in range(6):
         name = f"img{i}.jpg" if i % 2 else f"img{i}.png"
         Image.fromarray(rng.integers(0, 255, (48 + i, 40, 3), dtype=np.uint8)).save(root / name)
-        rows += [{"image": name, "caption": f"caption {i} a", "split": "train" if i < 4 else "val"},
-                 {"image": name, "caption": f"caption {i} b", "split": "train" if i < 4 else "val"}]
+        rows += [
+            {"image": name, "caption": f"caption {i} a", "split": "train" if i < 4 else "val"},
+            {"image": name, "caption": f"caption {i} b", "split": "train" if i < 4 else "val"},
+        ]
     (root / "empty.jpg").write_bytes(b"")
     (root / "text.jpg").write_text("hello")
     (root / "cut.jpg").write_bytes((root / "img1.jpg").read_bytes()[:200])
@@ -38,8 +40,22 @@ def mixed_dataset(tmp_path):
 
 
 def extract(annotations, root, out, clip_dir, *extra, check=None):
-    return run_cli("extract-features", annotations, "--images", root, "--out", out, "--clip-model", clip_dir,
-                   "--batch-size", "4", "--num-workers", "0", *extra, check=check)
+    return run_cli(
+        "extract-features",
+        annotations,
+        "--images",
+        root,
+        "--out",
+        out,
+        "--clip-model",
+        clip_dir,
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        *extra,
+        check=check,
+    )
 
 
 def test_extract_writes_one_row_per_image_and_records_bad_images(tmp_path, mixed_dataset, clip_dir):
@@ -66,7 +82,10 @@ def test_extract_writes_one_row_per_image_and_records_bad_images(tmp_path, mixed
     inspect = run_cli("inspect", out, "--json", check=0)
     info = json.loads(inspect.stdout)
     assert info["complete"] and info["images"] == 6 and info["failed"] == 4
-    assert info["splits"] == {"train": {"images": 4, "captions": 8}, "val": {"images": 2, "captions": 4}}
+    assert info["splits"] == {
+        "train": {"images": 4, "captions": 8},
+        "val": {"images": 2, "captions": 4},
+    }
     assert "clip model" in run_cli("inspect", out, check=0).stdout
 
 
@@ -77,7 +96,9 @@ def test_cached_rows_equal_the_hugging_face_reference(tmp_path, clip_dir):
     exif = image.getexif()
     exif[0x0112] = 8
     image.save(root / "rotated.jpg", exif=exif)
-    Image.fromarray(np.random.default_rng(2).integers(0, 255, (33, 61), dtype=np.uint8)).save(root / "gray.png")
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (33, 61), dtype=np.uint8)).save(
+        root / "gray.png"
+    )
     annotations = tmp_path / "a.csv"
     annotations.write_text("image,caption\nrotated.jpg,x\ngray.png,y\n")
     out = tmp_path / "f.h5"
@@ -98,7 +119,9 @@ def test_cached_rows_equal_the_hugging_face_reference(tmp_path, clip_dir):
 
 def test_strict_stops_and_all_bad_fails(tmp_path, mixed_dataset, clip_dir):
     annotations, root = mixed_dataset
-    error = assert_one_line_error(extract(annotations, root, tmp_path / "s.h5", clip_dir, "--strict"))
+    error = assert_one_line_error(
+        extract(annotations, root, tmp_path / "s.h5", clip_dir, "--strict")
+    )
     assert "--strict" in error
     assert not (tmp_path / "s.h5").exists()
     bad = tmp_path / "bad.csv"
@@ -127,17 +150,33 @@ def test_bad_paths_and_annotations_get_one_line_errors(tmp_path, mixed_dataset, 
     annotations, root = mixed_dataset
     broken = tmp_path / "broken.json"
     broken.write_text('{"images": [}')
-    assert "not valid JSON" in assert_one_line_error(extract(broken, root, tmp_path / "x.h5", clip_dir))
-    assert "image root" in assert_one_line_error(extract(annotations, tmp_path / "nope", tmp_path / "x.h5", clip_dir))
+    assert "not valid JSON" in assert_one_line_error(
+        extract(broken, root, tmp_path / "x.h5", clip_dir)
+    )
+    assert "image root" in assert_one_line_error(
+        extract(annotations, tmp_path / "nope", tmp_path / "x.h5", clip_dir)
+    )
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    assert "cannot write" in assert_one_line_error(extract(annotations, root, blocker / "x.h5", clip_dir))
+    assert "cannot write" in assert_one_line_error(
+        extract(annotations, root, blocker / "x.h5", clip_dir)
+    )
 
 
 def test_unresolvable_model_name_explains_how_to_pass_a_directory(tmp_path, mixed_dataset):
     annotations, root = mixed_dataset
-    result = run_cli("extract-features", annotations, "--images", root, "--out", tmp_path / "x.h5",
-                     "--clip-model", "no-such-org/no-such-clip", "--num-workers", "0")
+    result = run_cli(
+        "extract-features",
+        annotations,
+        "--images",
+        root,
+        "--out",
+        tmp_path / "x.h5",
+        "--clip-model",
+        "no-such-org/no-such-clip",
+        "--num-workers",
+        "0",
+    )
     error = assert_one_line_error(result)
     assert "not a local directory" in error and "pass DIR" in error
 
@@ -145,15 +184,34 @@ def test_unresolvable_model_name_explains_how_to_pass_a_directory(tmp_path, mixe
 def test_killed_run_resumes_to_the_same_file(tmp_path, shapes, clip_dir):
     annotations, root = shapes
     reference = tmp_path / "reference.h5"
-    args = ["--clip-model", clip_dir, "--batch-size", "2", "--num-workers", "0", "--shard-size", "4"]
+    args = [
+        "--clip-model",
+        clip_dir,
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--shard-size",
+        "4",
+    ]
     run_cli("extract-features", annotations, "--images", root, "--out", reference, *args, check=0)
 
     out = tmp_path / "resumed.h5"
     parts = tmp_path / "resumed.h5.parts"
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "cli.py"), "extract-features", str(annotations), "--images", str(root),
-         "--out", str(out), *map(str, args)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            str(REPO / "cli.py"),
+            "extract-features",
+            str(annotations),
+            "--images",
+            str(root),
+            "--out",
+            str(out),
+            *map(str, args),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
     while not list(parts.glob("shard-000003.safetensors")) and time.monotonic() < deadline:
@@ -164,7 +222,9 @@ def test_killed_run_resumes_to_the_same_file(tmp_path, shapes, clip_dir):
     done_before = len(list(parts.glob("shard-*.safetensors")))
     assert 0 < done_before < 52
 
-    result = run_cli("extract-features", annotations, "--images", root, "--out", out, *args, check=0)
+    result = run_cli(
+        "extract-features", annotations, "--images", root, "--out", out, *args, check=0
+    )
     assert "resumed after" in result.stdout
     with h5py.File(reference) as a, h5py.File(out) as b:
         assert set(a) == set(b)

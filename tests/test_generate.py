@@ -14,8 +14,11 @@ def model_and_tokenizer(trained_run):
 
 @pytest.mark.parametrize(
     "decode",
-    [DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beams=4, num_captions=3),
-     DecodeConfig(strategy="sample", num_captions=2, top_p=0.8, temperature=0.7, seed=5)],
+    [
+        DecodeConfig(strategy="greedy"),
+        DecodeConfig(strategy="beam", beams=4, num_captions=3),
+        DecodeConfig(strategy="sample", num_captions=2, top_p=0.8, temperature=0.7, seed=5),
+    ],
 )
 def test_each_mode_gives_the_requested_number_of_captions(model_and_tokenizer, decode):
     model, tokenizer = model_and_tokenizer
@@ -29,7 +32,8 @@ def test_sampling_is_reproducible_with_a_seed(model_and_tokenizer):
     embeddings = torch.randn(3, 64)
     decode = DecodeConfig(strategy="sample", num_captions=2, temperature=1.5, seed=11)
     assert generate_captions(model, tokenizer, embeddings, decode) == generate_captions(
-        model, tokenizer, embeddings, decode)
+        model, tokenizer, embeddings, decode
+    )
 
 
 def plain_greedy(model, tokenizer, embeddings, max_tokens):
@@ -45,7 +49,9 @@ def plain_greedy(model, tokenizer, embeddings, max_tokens):
                 if token == tokenizer.eos_token_id:
                     break
                 tokens.append(token)
-                sequence = torch.cat([sequence, model.gpt2.transformer.wte.weight[token][None, None]], 1)
+                sequence = torch.cat(
+                    [sequence, model.gpt2.transformer.wte.weight[token][None, None]], 1
+                )
             captions.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
     return captions
 
@@ -53,14 +59,20 @@ def plain_greedy(model, tokenizer, embeddings, max_tokens):
 def test_greedy_with_kv_cache_equals_a_plain_loop(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     embeddings = torch.randn(6, 64)
-    fast = generate_captions(model, tokenizer, embeddings, DecodeConfig(strategy="greedy", max_tokens=12))
+    fast = generate_captions(
+        model, tokenizer, embeddings, DecodeConfig(strategy="greedy", max_tokens=12)
+    )
     assert [c[0] for c in fast] == plain_greedy(model, tokenizer, embeddings, 12)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(strategy="beam", beams=2, num_captions=3), dict(strategy="greedy", num_captions=2),
-     dict(strategy="nucleus"), dict(strategy="sample", top_p=0.0)],
+    [
+        dict(strategy="beam", beams=2, num_captions=3),
+        dict(strategy="greedy", num_captions=2),
+        dict(strategy="nucleus"),
+        dict(strategy="sample", top_p=0.0),
+    ],
 )
 def test_impossible_decoding_options_are_refused(kwargs):
     with pytest.raises(ClipcapError):

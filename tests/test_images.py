@@ -49,7 +49,12 @@ def test_bad_files_raise_image_load_error_with_a_reason(tmp_path):
     truncated.write_bytes(good.read_bytes()[:300])
     text = tmp_path / "text.jpg"
     text.write_text("not an image at all")
-    cases = {tmp_path / "missing.jpg": "missing", empty: "empty", truncated: "truncated", text: "not an image"}
+    cases = {
+        tmp_path / "missing.jpg": "missing",
+        empty: "empty",
+        truncated: "truncated",
+        text: "not an image",
+    }
     for path, reason in cases.items():
         with pytest.raises(ImageLoadError, match=reason):
             load_image(path)

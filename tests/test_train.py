@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
 from clipcap_cache.cache import read_cache
@@ -16,13 +17,33 @@ from clipcap_cache.checkpoint import load_checkpoint
 from clipcap_cache.demo import COLORS
 from clipcap_cache.generate import DecodeConfig, generate_captions
 from clipcap_cache.model import IGNORE_INDEX, ModelConfig, build_model
-from conftest import REPO, assert_one_line_error, run_cli
 
 
 def train_args(cache, out, gpt2_dir, *extra):
-    return ["train", cache, "--out", out, "--gpt2-model", gpt2_dir, "--prefix-length", "4", "--epochs", "2",
-            "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "5", "--device", "cpu", "--no-bertscore",
-            "--seed", "3", *extra]
+    return [
+        "train",
+        cache,
+        "--out",
+        out,
+        "--gpt2-model",
+        gpt2_dir,
+        "--prefix-length",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "5",
+        "--device",
+        "cpu",
+        "--no-bertscore",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def test_loss_falls_and_held_out_captions_beat_chance(trained_run, shapes_cache):
@@ -33,18 +54,32 @@ def test_loss_falls_and_held_out_captions_beat_chance(trained_run, shapes_cache)
     model, tokenizer, _ = load_checkpoint(trained_run)
     cache = read_cache(shapes_cache)
     test_rows = cache.rows_of_split("test")
-    captions = generate_captions(model, tokenizer, torch.from_numpy(cache.embeddings[test_rows]),
-                                 DecodeConfig(strategy="greedy", max_tokens=16))
+    captions = generate_captions(
+        model,
+        tokenizer,
+        torch.from_numpy(cache.embeddings[test_rows]),
+        DecodeConfig(strategy="greedy", max_tokens=16),
+    )
     references = cache.references()
     # Chance of naming the right colour is 1/4 (four colours, drawn uniformly).
-    hits = [next((c for c in COLORS if c in refs[0]), None) in caption[0].split()
-            for caption, refs in zip(captions, [references[r] for r in test_rows], strict=True)]
+    hits = [
+        next((c for c in COLORS if c in refs[0]), None) in caption[0].split()
+        for caption, refs in zip(captions, [references[r] for r in test_rows], strict=True)
+    ]
     assert np.mean(hits) >= 0.6, (np.mean(hits), captions[:5])
 
 
 def test_run_directory_holds_everything(trained_run):
-    for name in ["config.json", "train.log", "metrics.jsonl", "plots/loss.png", "checkpoints/best/model.safetensors",
-                 "checkpoints/best/config.json", "checkpoints/best/tokenizer.json", "checkpoints/last/train_state.pt"]:
+    for name in [
+        "config.json",
+        "train.log",
+        "metrics.jsonl",
+        "plots/loss.png",
+        "checkpoints/best/model.safetensors",
+        "checkpoints/best/config.json",
+        "checkpoints/best/tokenizer.json",
+        "checkpoints/last/train_state.pt",
+    ]:
         assert (trained_run / name).is_file(), name
     row = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"train_loss", "val_loss", "lr", "seconds", "captions_per_second"} <= set(row)
@@ -55,9 +90,16 @@ def test_run_directory_holds_everything(trained_run):
 
 def test_exactly_the_intended_parameters_train(gpt2_dir):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=64, prefix_length=3, freeze_layers=1))
+    model = build_model(
+        ModelConfig(
+            gpt2_model=str(gpt2_dir), clip_embedding_dim=64, prefix_length=3, freeze_layers=1
+        )
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all(n.startswith(("projector.", "gpt2.transformer.h.1.", "gpt2.transformer.ln_f.")) for n in trainable)
+    assert all(
+        n.startswith(("projector.", "gpt2.transformer.h.1.", "gpt2.transformer.ln_f."))
+        for n in trainable
+    )
     assert any(n.startswith("gpt2.transformer.h.1.") for n in trainable)
     assert any(n.startswith("projector.") for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -68,20 +110,33 @@ def test_exactly_the_intended_parameters_train(gpt2_dir):
     for name, p in model.named_parameters():
         assert (not torch.equal(before[name], p)) == (name in trainable), name
 
-    frozen_all = build_model(ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=64, freeze_layers=2))
-    assert all(n.startswith("projector.") for n, p in frozen_all.named_parameters() if p.requires_grad)
+    frozen_all = build_model(
+        ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=64, freeze_layers=2)
+    )
+    assert all(
+        n.startswith("projector.") for n, p in frozen_all.named_parameters() if p.requires_grad
+    )
 
 
-def test_checkpoint_has_no_frozen_tensors_and_reloads_identically(trained_run, shapes_cache, gpt2_dir, tmp_path):
+def test_checkpoint_has_no_frozen_tensors_and_reloads_identically(
+    trained_run, shapes_cache, gpt2_dir, tmp_path
+):
     from clipcap_cache.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=64, prefix_length=4, freeze_layers=1))
+    model = build_model(
+        ModelConfig(
+            gpt2_model=str(gpt2_dir), clip_embedding_dim=64, prefix_length=4, freeze_layers=1
+        )
+    )
     tokenizer = load_checkpoint(trained_run)[1]
     save_checkpoint(tmp_path / "ckpt", model, tokenizer, {"embedding_dim": 64})
     names = set(load_file(str(tmp_path / "ckpt" / "model.safetensors")))
     assert names == {n for n, p in model.named_parameters() if p.requires_grad}
-    assert not any(n.startswith(("gpt2.transformer.h.0.", "gpt2.transformer.wte", "gpt2.transformer.wpe")) for n in names)
+    assert not any(
+        n.startswith(("gpt2.transformer.h.0.", "gpt2.transformer.wte", "gpt2.transformer.wpe"))
+        for n in names
+    )
     reloaded, _, config = load_checkpoint(tmp_path / "ckpt")
     assert config["model"]["freeze_layers"] == 1
     embeds, ids = torch.randn(3, 64), torch.randint(0, 50, (3, 5))
@@ -92,19 +147,29 @@ def test_checkpoint_has_no_frozen_tensors_and_reloads_identically(trained_run, s
 
 def test_loss_covers_caption_and_eos_only_and_learns_token_zero(gpt2_dir):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=64, prefix_length=3)).eval()
+    model = build_model(
+        ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=64, prefix_length=3)
+    ).eval()
     embeds = torch.randn(2, 64)
-    ids = torch.tensor([[0, 0, 5, 0], [7, 0, 9, 9]])  # row 0 is a caption of token 0s, row 1 is padded after 2
+    ids = torch.tensor(
+        [[0, 0, 5, 0], [7, 0, 9, 9]]
+    )  # row 0 is a caption of token 0s, row 1 is padded after 2
     labels = ids.clone()
     labels[1, 2:] = IGNORE_INDEX
     with torch.no_grad():
         loss = model(embeds, ids, labels)
         prefix = model.prefix_embeddings(embeds)
-        logits = model.gpt2(inputs_embeds=torch.cat([prefix, model.gpt2.transformer.wte(ids)], 1)).logits
+        logits = model.gpt2(
+            inputs_embeds=torch.cat([prefix, model.gpt2.transformer.wte(ids)], 1)
+        ).logits
         # Position K-1+t predicts token t; only labelled tokens count.
         predicted = logits[:, 2:-1]
-        manual = torch.cat([F.cross_entropy(predicted[0], ids[0], reduction="none"),
-                            F.cross_entropy(predicted[1, :2], ids[1, :2], reduction="none")]).mean()
+        manual = torch.cat(
+            [
+                F.cross_entropy(predicted[0], ids[0], reduction="none"),
+                F.cross_entropy(predicted[1, :2], ids[1, :2], reduction="none"),
+            ]
+        ).mean()
         torch.testing.assert_close(loss, manual)
         other_padding = ids.clone()
         other_padding[1, 2:] = 3
@@ -119,8 +184,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_cache, gpt2_dir
 
     resumed = tmp_path / "resumed"
     args = train_args(shapes_cache, resumed, gpt2_dir, "--epochs", "3", "--save-every-steps", "1")
-    process = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *map(str, args)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = resumed / "checkpoints" / "last" / "train_state.pt"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -144,8 +212,17 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_cache, gpt2_dir
 
 def test_config_file_with_command_line_override(tmp_path, shapes_cache, gpt2_dir):
     config = tmp_path / "options.json"
-    config.write_text(json.dumps({"epochs": 5, "lr": 1e-3, "projector": "transformer", "projector_heads": 2,
-                                  "projector_layers": 1}))
+    config.write_text(
+        json.dumps(
+            {
+                "epochs": 5,
+                "lr": 1e-3,
+                "projector": "transformer",
+                "projector_heads": 2,
+                "projector_layers": 1,
+            }
+        )
+    )
     out = tmp_path / "run"
     run_cli(*train_args(shapes_cache, out, gpt2_dir, "--config", config, "--no-val"), check=0)
     saved = json.loads((out / "config.json").read_text())
@@ -177,30 +254,46 @@ def broken_caches(tmp_path, shapes_cache):
     }
 
 
-def test_bad_inputs_get_one_line_errors_and_leave_files_alone(tmp_path, shapes_cache, gpt2_dir, broken_caches):
+def test_bad_inputs_get_one_line_errors_and_leave_files_alone(
+    tmp_path, shapes_cache, gpt2_dir, broken_caches
+):
     out = tmp_path / "run"
-    assert "incomplete" in assert_one_line_error(run_cli(*train_args(broken_caches["incomplete"], out, gpt2_dir)))
-    assert "format version 99" in assert_one_line_error(run_cli(*train_args(broken_caches["version"], out, gpt2_dir)))
-    assert "no val split" in assert_one_line_error(run_cli(*train_args(broken_caches["no_val"], out, gpt2_dir)))
+    assert "incomplete" in assert_one_line_error(
+        run_cli(*train_args(broken_caches["incomplete"], out, gpt2_dir))
+    )
+    assert "format version 99" in assert_one_line_error(
+        run_cli(*train_args(broken_caches["version"], out, gpt2_dir))
+    )
+    assert "no val split" in assert_one_line_error(
+        run_cli(*train_args(broken_caches["no_val"], out, gpt2_dir))
+    )
     assert not out.exists()
 
     run_cli(*train_args(shapes_cache, out, gpt2_dir, "--epochs", "1"), check=0)
     snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "train.log"}
     assert "--resume" in assert_one_line_error(run_cli(*train_args(shapes_cache, out, gpt2_dir)))
-    error = assert_one_line_error(run_cli(*train_args(shapes_cache, out, gpt2_dir, "--resume", "--prefix-length", "5")))
+    error = assert_one_line_error(
+        run_cli(*train_args(shapes_cache, out, gpt2_dir, "--resume", "--prefix-length", "5"))
+    )
     assert "prefix_length" in error
 
     other_dim = tmp_path / "wide.h5"
     with h5py.File(shapes_cache) as src, h5py.File(other_dim, "w") as dst:
         for name in src:
             data = src[name][()]
-            dst.create_dataset(name, data=np.concatenate([data, data], 1) if name == "embeddings" else data)
+            dst.create_dataset(
+                name, data=np.concatenate([data, data], 1) if name == "embeddings" else data
+            )
         dst.attrs.update(dict(src.attrs))
-    assert "128-d" in assert_one_line_error(run_cli(*train_args(other_dim, out, gpt2_dir, "--resume")))
+    assert "128-d" in assert_one_line_error(
+        run_cli(*train_args(other_dim, out, gpt2_dir, "--resume"))
+    )
     for path, content in snapshot.items():
         assert path.read_bytes() == content, path
 
-    error = assert_one_line_error(run_cli(*train_args(broken_caches["nan"], out, gpt2_dir, "--resume", "--epochs", "2")))
+    error = assert_one_line_error(
+        run_cli(*train_args(broken_caches["nan"], out, gpt2_dir, "--resume", "--epochs", "2"))
+    )
     assert "nan" in error and "last good checkpoint" in error
     last = json.loads((out / "checkpoints" / "last" / "config.json").read_text())
     assert last["epoch"] == 1

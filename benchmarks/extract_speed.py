@@ -1,0 +1,87 @@
+"""Extraction throughput: the cached pipeline against the encoder alone and a ClipCap-style loop.
+
+    python benchmarks/extract_speed.py [--images 96]
+
+(a) the ViT-B/32 encoder alone on ready-made tensors: the limit;
+(b) decoding and encoding each image once per caption with batch size 1, as ClipCap's parse_coco.py does;
+(c) `extract_features`: DataLoader workers decode, the encoder runs in batches, each image once.
+"""
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from common import build_vit_b32, make_coco_images, save_result, timed
+
+from clipcap_cache.datasets import read_annotations
+from clipcap_cache.features import FeatureConfig, extract_features, load_clip
+from clipcap_cache.images import default_num_workers, load_image
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="clipcap-bench-"))
+    clip_dir = build_vit_b32(work / "vit-b32")
+    annotations = make_coco_images(work / "images", args.images)
+    encoder = load_clip(str(clip_dir), args.device)
+    records = read_annotations(annotations)
+
+    pixels = torch.randn(args.batch_size, 3, 224, 224)
+    encoder.encode(pixels)  # warm-up
+    batches = -(-args.images // args.batch_size)
+    encoder_seconds = timed(lambda: [encoder.encode(pixels) for _ in range(batches)], repeat=2)
+    encoder_ips = batches * args.batch_size / encoder_seconds
+
+    naive_images = min(args.images, 16)
+
+    def naive():
+        for record in records[:naive_images]:
+            for _ in record.captions:  # one decode and one forward per caption
+                image = load_image(work / "images" / record.path)
+                encoder.encode(encoder.processor(images=image, return_tensors="pt")["pixel_values"])
+
+    naive_ips = naive_images / timed(naive)
+
+    def pipeline():
+        out = work / "features.h5"
+        return extract_features(
+            FeatureConfig(
+                annotations=str(annotations),
+                images=str(work / "images"),
+                out=str(out),
+                clip_model=str(clip_dir),
+                batch_size=args.batch_size,
+                num_workers=default_num_workers(),
+                device=args.device,
+                overwrite=True,
+            )
+        )
+
+    pipeline()  # warm-up (file cache)
+    # Model loading is excluded, as for (a) and (b); worker start-up and HDF5 writing are included.
+    pipeline_ips = max(pipeline().images_per_second for _ in range(2))
+    shutil.rmtree(work)
+    save_result(
+        "extract_speed",
+        {
+            "images": args.images,
+            "batch_size": args.batch_size,
+            "workers": default_num_workers(),
+            "device": str(encoder.device),
+            "encoder_alone_images_per_s": round(encoder_ips, 2),
+            "clipcap_style_images_per_s": round(naive_ips, 2),
+            "pipeline_images_per_s": round(pipeline_ips, 2),
+            "pipeline_vs_encoder": round(pipeline_ips / encoder_ips, 3),
+            "pipeline_vs_clipcap_style": round(pipeline_ips / naive_ips, 2),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

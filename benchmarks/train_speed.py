@@ -1,0 +1,114 @@
+"""Training epoch time: from the feature cache against the on-the-fly design it replaces.
+
+    python benchmarks/train_speed.py [--images 24]
+
+Same samples (every caption of every image), same model (ViT-B/32 + GPT-2 124M, random weights), same
+batches. The on-the-fly design decodes the JPEG and runs CLIP in each sample's __getitem__, as the
+seed implementation does; the cached design reads embeddings from memory (`train.CaptionData`).
+Also reports the share of step time spent outside the model's forward and backward passes.
+"""
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import build_gpt2_124m, build_vit_b32, make_coco_images, save_result
+
+from clipcap_cache.cache import read_cache
+from clipcap_cache.features import FeatureConfig, extract_features, load_clip
+from clipcap_cache.images import load_image
+from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
+from clipcap_cache.train import tokenize_captions
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=20)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="clipcap-bench-"))
+    clip_dir, gpt2_dir = build_vit_b32(work / "vit-b32"), build_gpt2_124m(work / "gpt2")
+    annotations = make_coco_images(work / "images", args.images)
+    features = work / "features.h5"
+    extract_features(
+        FeatureConfig(
+            annotations=str(annotations),
+            images=str(work / "images"),
+            out=str(features),
+            clip_model=str(clip_dir),
+            num_workers=0,
+        )
+    )
+    cache = read_cache(features)
+    tokenizer = load_tokenizer(str(gpt2_dir))
+    data = tokenize_captions(
+        tokenizer, cache.captions, cache.caption_image_index, cache.embeddings, 40
+    )
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=512)).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    encoder = load_clip(str(clip_dir), "cpu")
+    order = np.random.default_rng(0).permutation(len(data))
+    batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    pad = tokenizer.eos_token_id
+
+    def step(embeddings, input_ids, labels, timings):
+        start = time.perf_counter()
+        loss = model(embeddings, input_ids, labels)
+        loss.backward()
+        timings["model"] += time.perf_counter() - start
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def cached_epoch():
+        timings = {"model": 0.0}
+        start = time.perf_counter()
+        for samples in batches:
+            step(*data.batch(samples, pad), timings)
+        return time.perf_counter() - start, timings["model"]
+
+    def on_the_fly_epoch():
+        timings = {"model": 0.0}
+        start = time.perf_counter()
+        for samples in batches:
+            rows = data.caption_rows[samples]
+            # Each sample decodes its image and runs CLIP, once per caption.
+            pixels = [
+                encoder.processor(
+                    images=load_image(work / "images" / cache.image_paths[r]), return_tensors="pt"
+                )["pixel_values"]
+                for r in rows
+            ]
+            embeddings = torch.cat([encoder.encode(p) for p in pixels])
+            _, input_ids, labels = data.batch(samples, pad)
+            step(embeddings, input_ids, labels, timings)
+        return time.perf_counter() - start, timings["model"]
+
+    cached_epoch()  # warm-up
+    cached_seconds, model_seconds = cached_epoch()
+    fly_seconds, _ = on_the_fly_epoch()
+    shutil.rmtree(work)
+    captions = len(data)
+    save_result(
+        "train_speed",
+        {
+            "images": args.images,
+            "captions": captions,
+            "batch_size": args.batch_size,
+            "freeze_layers": model.config.freeze_layers,
+            "cached_epoch_s": round(cached_seconds, 2),
+            "on_the_fly_epoch_s": round(fly_seconds, 2),
+            "cached_captions_per_s": round(captions / cached_seconds, 2),
+            "on_the_fly_captions_per_s": round(captions / fly_seconds, 2),
+            "speedup": round(fly_seconds / cached_seconds, 2),
+            "share_outside_forward_backward": round(1 - model_seconds / cached_seconds, 4),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
