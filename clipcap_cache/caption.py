@@ -12,7 +12,6 @@ import csv
 import glob
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from clipcap_cache import checkpoint
 from clipcap_cache.devices import resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.features import load_clip
+from clipcap_cache.files import write_text_atomic
 from clipcap_cache.generate import DecodeConfig, generate_captions
 from clipcap_cache.images import IMAGE_EXTENSIONS, ImageDataset, collate_images, find_images
 
@@ -149,10 +149,7 @@ def write_output(text: str, out: str | None) -> None:
     if out is None:
         print(text, end="")
         return
-    path = Path(out)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(out, text)
     except OSError as e:
-        raise ClipcapError(f"cannot write {path}: {e.strerror or e}") from None
+        raise ClipcapError(f"cannot write {out}: {e.strerror or e}") from None

@@ -10,7 +10,6 @@ request; BERTScore comes from bert-score, each candidate scored against all its 
 
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint
 from clipcap_cache.devices import inference_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import write_json_atomic
 from clipcap_cache.generate import DecodeConfig, generate_captions
 from clipcap_cache.hub import quiet_transformers
 
@@ -77,7 +77,6 @@ def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     if java_available():
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        # PTBTokenizer writes a temporary file next to its own module; run it quietly.
         return PTBTokenizer().tokenize(
             {k: [{"caption": c} for c in v] for k, v in captions.items()}
         )
@@ -246,11 +245,11 @@ def evaluate(config: EvalConfig) -> dict:
     }
     out = Path(config.out) if config.out else directory / f"eval-{config.split}"
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(
+    write_json_atomic(
         out / "predictions.json",
         [{"image_id": _coco_id(k), "caption": v} for k, v in predictions.items()],
     )
-    _write_json(out / "metrics.json", result)
+    write_json_atomic(out / "metrics.json", result)
     result["out"] = str(out)
     return result
 
@@ -281,12 +280,6 @@ def read_predictions(path: str | Path, known_ids: set[str]) -> dict[str, str]:
 
 def _coco_id(image_id: str):
     return int(image_id) if image_id.isdigit() else image_id
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def format_table(metrics: dict[str, float]) -> str:

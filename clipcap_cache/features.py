@@ -32,6 +32,7 @@ from clipcap_cache import __version__, cache
 from clipcap_cache.datasets import ImageRecord, fingerprint, read_annotations, select_split
 from clipcap_cache.devices import inference_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import write_json_atomic
 from clipcap_cache.hub import load_pretrained, resolve_name
 from clipcap_cache.images import ImageDataset, collate_images, default_num_workers
 
@@ -194,10 +195,8 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
     if pending:
         encoder = load_clip(config.clip_model, config.device)
         started = time.perf_counter()  # throughput counts encoding, not model loading
-        if encoder.name != identity["clip_model"]:
-            raise ClipcapError("internal error: CLIP model name changed while loading")
         manifest.update(embedding_dim=encoder.embedding_dim, image_size=encoder.image_size)
-        _write_json(parts / "manifest.json", manifest)
+        write_json_atomic(parts / "manifest.json", manifest)
         _encode_shards(encoder, records, image_root, shards, pending, parts, config, summary)
     summary.seconds = time.perf_counter() - started
     _gather(parts, out, records, shards, manifest, summary)
@@ -236,7 +235,7 @@ def _open_parts(parts: Path, identity: dict, config: FeatureConfig, num_images: 
             "format": config.format,
             "annotations": Path(config.annotations).name,
         }
-        _write_json(manifest_path, manifest)
+        write_json_atomic(manifest_path, manifest)
     except OSError as e:
         raise ClipcapError(f"cannot write next to {config.out}: {e.strerror or e}") from None
     return manifest
@@ -367,12 +366,6 @@ def _gather(
         )
     except OSError as e:
         raise ClipcapError(f"cannot write {out}: {e.strerror or e}") from None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def summary_dict(summary: ExtractSummary) -> dict:

@@ -6,9 +6,10 @@ rewritten atomically from the run's history so a resumed run never holds stale r
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
+
+from clipcap_cache.files import write_text_atomic
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 PACKAGE_LOGGER = "clipcap_cache"
@@ -34,10 +35,7 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Write rows as JSON lines atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

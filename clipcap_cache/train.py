@@ -13,7 +13,6 @@ steps, so `--resume` continues a killed run; on the CPU with the same seed it re
 weights as a run that was never interrupted.
 """
 
-import json
 import logging
 import math
 import shutil
@@ -29,6 +28,7 @@ from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint
 from clipcap_cache.devices import autocast_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import write_json_atomic
 from clipcap_cache.generate import DecodeConfig, generate_captions
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.logs import setup_logging, write_jsonl
@@ -193,7 +193,8 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     validation = None
     if val_cache is not None:
         captions, rows, embeddings = _subset(val_cache, val_rows)
-        refs = [val_cache.references()[r] for r in val_rows[: config.eval_images]]
+        all_refs = val_cache.references()
+        refs = [all_refs[r] for r in val_rows[: config.eval_images]]
         validation = ValidationSet(
             tokenize_captions(tokenizer, captions, rows, embeddings, config.max_caption_tokens),
             torch.from_numpy(embeddings[: config.eval_images]),
@@ -449,10 +450,9 @@ def _prepare_run_dir(
 
 
 def _write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> None:
-    path = run_dir / "config.json"
-    tmp = path.with_name("config.json.tmp")
-    tmp.write_text(json.dumps({"train": asdict(config), "model": asdict(model_config)}, indent=2))
-    tmp.replace(path)
+    write_json_atomic(
+        run_dir / "config.json", {"train": asdict(config), "model": asdict(model_config)}
+    )
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
