@@ -1,6 +1,6 @@
 """Captioning speed: batched, KV-cached generate() against ClipCap's decoding, and batching.
 
-    python benchmarks/caption_speed.py [--images 64]
+    python benchmarks/caption_speed.py [--images 64] [--device cuda]
 
 GPT-2 124M (random weights), prefix length 10, beam 5, 20 new tokens, from CLIP embeddings. The ClipCap-style
 decoder is a beam search that re-runs GPT-2 over the whole sequence at every step without a KV cache, one
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from common import build_gpt2_124m, save_result, timed
 
+from clipcap_cache.devices import inference_dtype, resolve_device
 from clipcap_cache.generate import DecodeConfig, generate_captions
 from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
 
@@ -24,8 +25,9 @@ from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
 def clipcap_beam_search(model, embedding, beams: int, max_tokens: int, eos: int):
     """Beam search without a KV cache: the full sequence is re-encoded at each step."""
     generated = model.prefix_embeddings(embedding[None])  # (1, K, H)
-    scores, tokens, stopped = None, None, torch.zeros(beams, dtype=torch.bool)
-    lengths = torch.ones(beams)
+    device = embedding.device
+    scores, tokens, stopped = None, None, torch.zeros(beams, dtype=torch.bool, device=device)
+    lengths = torch.ones(beams, device=device)
     for _ in range(max_tokens):
         logits = model.gpt2(inputs_embeds=generated).logits[:, -1].log_softmax(-1)  # (b, V)
         if scores is None:
@@ -57,23 +59,28 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--clipcap-images", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    autocast = inference_dtype(device) if device.type != "cpu" else None  # as `clipcap caption`
     work = Path(tempfile.mkdtemp(prefix="clipcap-bench-"))
     gpt2_dir = build_gpt2_124m(work / "gpt2")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=512)).eval()
+    model = build_model(ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=512))
+    model = model.to(device).eval()
     tokenizer = load_tokenizer(str(gpt2_dir))
-    embeddings = torch.randn(args.images, 512)
+    embeddings = torch.randn(args.images, 512, device=device)
     decode = DecodeConfig(strategy="beam", beams=5, max_tokens=20)
     eos = tokenizer.eos_token_id
 
-    generate_captions(model, tokenizer, embeddings[:2], decode, batch_size=2)  # warm-up
-    batched = args.images / timed(
-        generate_captions, model, tokenizer, embeddings, decode, batch_size=16
-    )
-    single = args.images / timed(
-        generate_captions, model, tokenizer, embeddings, decode, batch_size=1
-    )
+    def ours(batch_size):
+        return generate_captions(
+            model, tokenizer, embeddings, decode, batch_size=batch_size, autocast=autocast
+        )
+
+    generate_captions(model, tokenizer, embeddings[:2], decode, 2, autocast)  # warm-up
+    batched = args.images / timed(ours, 16)
+    single = args.images / timed(ours, 1)
     clipcap = args.clipcap_images / timed(
         lambda: [
             clipcap_beam_search(model, e, 5, 20, eos) for e in embeddings[: args.clipcap_images]
@@ -84,6 +91,8 @@ def main():
         "caption_speed",
         {
             "images": args.images,
+            "device": str(device),
+            "autocast": str(autocast),
             "beams": 5,
             "new_tokens": 20,
             "ours_batch16_images_per_s": round(batched, 3),

@@ -1,10 +1,11 @@
 """Training epoch time: from the feature cache against the on-the-fly design it replaces.
 
-    python benchmarks/train_speed.py [--images 24]
+    python benchmarks/train_speed.py [--images 32] [--batch-size 40]
 
-Same samples (every caption of every image), same model (ViT-B/32 + GPT-2 124M, random weights), same
-batches. The on-the-fly design decodes the JPEG and runs CLIP in each sample's __getitem__, as the
-seed implementation does; the cached design reads embeddings from memory (`train.CaptionData`).
+Same samples (every caption of every image), same model (ViT-B/32 + GPT-2 124M, random weights),
+same batches, and the same optimizer step as `clipcap train` (fused AdamW, clipping, schedule). The
+on-the-fly design decodes the JPEG and runs CLIP in each sample's __getitem__, as the seed
+implementation does; the cached design reads embeddings from memory (`train.CaptionData`).
 Also reports the share of step time spent outside the model's forward and backward passes.
 """
 
@@ -22,13 +23,13 @@ from clipcap_cache.cache import read_cache
 from clipcap_cache.features import FeatureConfig, extract_features, load_clip
 from clipcap_cache.images import load_image
 from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
-from clipcap_cache.train import tokenize_captions
+from clipcap_cache.train import TrainConfig, make_optimizer, optimizer_step, tokenize_captions
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=24)
-    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="clipcap-bench-"))
     clip_dir, gpt2_dir = build_vit_b32(work / "vit-b32"), build_gpt2_124m(work / "gpt2")
@@ -50,7 +51,10 @@ def main():
     )
     torch.manual_seed(0)
     model = build_model(ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=512)).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, TrainConfig(features="", out=""), torch.device("cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     encoder = load_clip(str(clip_dir), "cpu")
     order = np.random.default_rng(0).permutation(len(data))
     batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
@@ -61,8 +65,8 @@ def main():
         loss = model(embeddings, input_ids, labels)
         loss.backward()
         middle = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        optimizer_step(optimizer, scheduler, scaler, params, max_grad_norm=1.0)
         timings["model"] += middle - start
         timings["optimizer"] += time.perf_counter() - middle
 

@@ -13,6 +13,7 @@ steps, so `--resume` continues a killed run; on the CPU with the same seed it re
 weights as a run that was never interrupted.
 """
 
+import itertools
 import logging
 import math
 import shutil
@@ -44,6 +45,7 @@ from clipcap_cache.plots import plot_metrics
 
 log = logging.getLogger(__name__)
 RUN_ARTEFACTS = ("checkpoints", "config.json", "train.log", "metrics.jsonl", "plots")
+SYNC_EVERY_STEPS = 25  # on a GPU, how often the host reads the loss back (progress, NaN check)
 
 
 @dataclass
@@ -91,13 +93,17 @@ class CaptionData:
     """Tokenized captions and the embeddings they belong to, all in memory."""
 
     embeddings: torch.Tensor  # (N, D) as stored (float16 by default)
-    token_ids: np.ndarray  # all captions' tokens, EOS included, concatenated
+    token_ids: np.ndarray  # (T,) int32: all captions' tokens, EOS included, concatenated
     offsets: np.ndarray  # (M+1,) caption m is token_ids[offsets[m]:offsets[m+1]]
     caption_rows: np.ndarray  # (M,) embedding row of each caption
     truncated: int  # captions cut to max_caption_tokens
 
     def __len__(self) -> int:
         return len(self.caption_rows)
+
+    def count_tokens(self, samples: np.ndarray) -> int:
+        """Labelled tokens (caption tokens plus EOS) of some captions."""
+        return int((self.offsets[samples + 1] - self.offsets[samples]).sum())
 
     def batch(self, samples: np.ndarray, pad_id: int):
         """Embeddings (B, D) and right-padded input_ids, labels (B, T) for caption indices."""
@@ -118,16 +124,34 @@ def tokenize_captions(
     caption_rows: np.ndarray,
     embeddings: np.ndarray,
     max_tokens: int,
+    chunk_size: int = 8192,
 ) -> CaptionData:
-    """Tokenize every caption once, truncate, and append EOS."""
-    encoded = tokenizer(captions, add_special_tokens=False)["input_ids"] if captions else []
+    """Tokenize every caption once, truncate, and append EOS.
+
+    Captions are tokenized a chunk at a time and packed into one flat int32 array, so the
+    tokenizer's per-caption Python objects never exist for more than one chunk.
+    """
     eos = tokenizer.eos_token_id
-    truncated = sum(len(ids) > max_tokens for ids in encoded)
-    pieces = [np.asarray(ids[:max_tokens] + [eos], dtype=np.int64) for ids in encoded]
-    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+    token_chunks, length_chunks, truncated = [], [], 0
+    for start in range(0, len(captions), chunk_size):
+        encoded = tokenizer(
+            captions[start : start + chunk_size],
+            add_special_tokens=False,
+            return_attention_mask=False,
+        )["input_ids"]
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        truncated += int((lengths > max_tokens).sum())
+        token_chunks.append(
+            np.fromiter(
+                itertools.chain.from_iterable(ids[:max_tokens] + [eos] for ids in encoded),
+                np.int32,
+            )
+        )
+        length_chunks.append(np.minimum(lengths, max_tokens) + 1)
+    lengths = np.concatenate(length_chunks) if length_chunks else np.zeros(0, np.int64)
     return CaptionData(
         embeddings=torch.from_numpy(np.ascontiguousarray(embeddings)),
-        token_ids=np.concatenate(pieces) if pieces else np.zeros(0, np.int64),
+        token_ids=np.concatenate(token_chunks) if token_chunks else np.zeros(0, np.int32),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         caption_rows=np.asarray(caption_rows, dtype=np.int64),
         truncated=truncated,
@@ -204,9 +228,7 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     scorer = _make_scorer(config, device) if validation is not None else None
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
-    )
+    optimizer = make_optimizer(params, config, device)
     batches_per_epoch = math.ceil(len(data) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
@@ -288,47 +310,64 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
             leave=False,
         )
         started = time.perf_counter() - state["seconds"]
+        # The summed loss stays on the device between syncs, so a GPU is never made to wait for
+        # the host; on the CPU there is nothing to overlap and every step syncs.
+        pending = torch.zeros((), device=device)
+        synced_batch = state["batch"]
         for b in range(state["batch"], batches_per_epoch):
             group_start = b - b % config.grad_accum
-            group_size = min(config.grad_accum, batches_per_epoch - group_start)
+            group_end = min(group_start + config.grad_accum, batches_per_epoch)
+            if b == group_start or b == state["batch"]:
+                group = order[group_start * config.batch_size : group_end * config.batch_size]
+                group_tokens = data.count_tokens(group)
             samples = order[b * config.batch_size : (b + 1) * config.batch_size]
             embeds, input_ids, labels = data.batch(samples, pad_id)
+            tokens = data.count_tokens(samples)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = forward(embeds.to(device), input_ids.to(device), labels.to(device))
-            if not torch.isfinite(loss):
-                bar.close()
-                raise ClipcapError(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}; stopping. "
-                    f"The last good checkpoint is kept in {run_dir / 'checkpoints'}. Try a lower "
-                    "--lr or --precision fp32"
-                )
-            scaler.scale(loss / group_size).backward()
-            tokens = int((labels != IGNORE_INDEX).sum())
-            state["loss_sum"] += loss.item() * tokens
+            # Weighting each micro-batch by its share of the group's tokens makes the accumulated
+            # gradient that of the mean loss over the whole group, as one large batch would give.
+            scaler.scale(loss * (tokens / group_tokens)).backward()
+            pending += loss.detach().float() * tokens
             state["tokens"] += tokens
             state["captions"] += len(samples)
-            state["batch"] = b + 1
             bar.update(1)
-            if b + 1 - group_start < group_size:
+            if b + 1 < group_end:
                 continue
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
             state["step"] += 1
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(
-                loss=f"{state['loss_sum'] / state['tokens']:.3f}",
-                cap_s=f"{state['captions'] / max(elapsed, 1e-9):.1f}",
-            )
-            if (
+            saving = (
                 config.save_every_steps
                 and state["step"] % config.save_every_steps == 0
-                and state["batch"] < batches_per_epoch
+                and b + 1 < batches_per_epoch
+            )
+            if (
+                device.type == "cpu"
+                or saving
+                or b + 1 == batches_per_epoch
+                or state["step"] % SYNC_EVERY_STEPS == 0
             ):
-                state["seconds"] = elapsed
+                # Every save is preceded by this check, so a non-finite loss never reaches a
+                # checkpoint; where every step syncs (CPU), it never reaches the weights either.
+                value = pending.item()
+                if not math.isfinite(value):
+                    bar.close()
+                    raise ClipcapError(
+                        f"the loss became {value} in epoch {epoch + 1}, batches "
+                        f"{synced_batch + 1}-{b + 1}; stopping. The last good checkpoint is kept "
+                        f"in {run_dir / 'checkpoints'}. Try a lower --lr or --precision fp32"
+                    )
+                state["loss_sum"] += value
+                pending.zero_()
+                synced_batch = b + 1
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(
+                    loss=f"{state['loss_sum'] / state['tokens']:.3f}",
+                    cap_s=f"{state['captions'] / max(elapsed, 1e-9):.1f}",
+                )
+            optimizer_step(optimizer, scheduler, scaler, params, config.max_grad_norm)
+            state["batch"] = b + 1
+            if saving:
+                state["seconds"] = time.perf_counter() - started
                 save("last", with_state=True)
         bar.close()
         seconds = time.perf_counter() - started
@@ -372,6 +411,26 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
         _write_metrics(run_dir, state["history"])
     log.info("done: best checkpoint %s", run_dir / "checkpoints" / "best")
     return row
+
+
+def make_optimizer(params: list, config: TrainConfig, device: torch.device):
+    """AdamW; fused into a few kernels per step where torch has that (CPU, CUDA, MPS)."""
+    return torch.optim.AdamW(
+        params,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        fused=device.type in ("cpu", "cuda", "mps"),
+    )
+
+
+def optimizer_step(optimizer, scheduler, scaler, params: list, max_grad_norm: float) -> None:
+    """Clip the (unscaled) gradients, update, clear the gradients and advance the schedule."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
 
 
 def _validation_source(config: TrainConfig, train_cache):

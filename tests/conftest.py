@@ -67,6 +67,21 @@ def gpt2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gpt2_no_dropout_dir(tmp_path_factory, gpt2_dir):
+    """The tiny GPT-2 with dropout off, for runs that must be comparable step by step."""
+    from transformers import GPT2LMHeadModel
+
+    from clipcap_cache.model import load_tokenizer
+
+    directory = tmp_path_factory.mktemp("models") / "gpt2-no-dropout"
+    GPT2LMHeadModel.from_pretrained(
+        gpt2_dir, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    ).save_pretrained(directory)
+    load_tokenizer(str(gpt2_dir)).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
     """A small shapes dataset in the Karpathy format: (annotations file, image root)."""
     root = tmp_path_factory.mktemp("shapes")

@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 
 import bert_score
 import pytest
@@ -126,3 +128,46 @@ def test_bad_evaluation_inputs(trained_run, shapes_cache, tmp_path):
         )
     )
     assert "SPICE" in error or "CoreNLP" in error
+
+
+def test_without_java_meteor_is_skipped_and_the_rest_match(
+    trained_run, shapes_cache, tmp_path, monkeypatch
+):
+    def score(out):
+        run_cli(
+            "evaluate",
+            trained_run,
+            "--features",
+            shapes_cache,
+            "--split",
+            "test",
+            "--out",
+            out,
+            "--greedy",
+            "--max-tokens",
+            "12",
+            "--device",
+            "cpu",
+            "--no-bertscore",
+            check=0,
+        )
+        return json.loads((out / "metrics.json").read_text())
+
+    with_java = score(tmp_path / "java")
+    java_dir = os.path.realpath(os.path.dirname(shutil.which("java")))
+    path = os.environ["PATH"].split(os.pathsep)
+    monkeypatch.setenv("PATH", os.pathsep.join(d for d in path if os.path.realpath(d) != java_dir))
+    assert not java_available()
+
+    without = score(tmp_path / "no-java")
+    assert "METEOR" not in without["metrics"]
+    assert set(without["skipped"]) == {"METEOR", "PTB tokenizer", "BERTScore"}
+    # The shapes captions hold nothing the PTB tokenizer treats specially, so the fallback
+    # tokenizer must give the same scores.
+    for name in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"):
+        assert without["metrics"][name] == pytest.approx(with_java["metrics"][name], abs=1e-9)
+
+    error = assert_one_line_error(
+        run_cli("evaluate", trained_run, "--features", shapes_cache, "--spice", "--no-bertscore")
+    )
+    assert "Java" in error

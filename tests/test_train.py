@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import REPO, assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
-from clipcap_cache.cache import read_cache
+from clipcap_cache.cache import read_cache, write_cache
 from clipcap_cache.checkpoint import load_checkpoint
 from clipcap_cache.demo import COLORS
 from clipcap_cache.generate import DecodeConfig, generate_captions
@@ -208,6 +208,88 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_cache, gpt2_dir
         assert torch.equal(a[name], b[name]), name
     rows = (resumed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3]
+
+
+def _distance(a: dict, b: dict) -> float:
+    return float(sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5)
+
+
+def test_grad_accum_matches_one_large_batch(tmp_path, shapes_cache, gpt2_no_dropout_dir):
+    # Without dropout, micro-batches of 4 accumulated 4 times see exactly what batches of 16 see.
+    def run(name, batch_size, grad_accum):
+        out = tmp_path / name
+        args = ["--epochs", "1", "--no-val", "--batch-size", batch_size, "--grad-accum", grad_accum]
+        run_cli(*train_args(shapes_cache, out, gpt2_no_dropout_dir, *args), check=0)
+        step = json.loads((out / "metrics.jsonl").read_text())["step"]
+        return step, load_file(str(out / "checkpoints" / "last" / "model.safetensors"))
+
+    large_steps, large = run("large", 16, 1)
+    accum_steps, accum = run("accum", 4, 4)
+    small_steps, small = run("small", 4, 1)
+    assert accum_steps == large_steps == small_steps // 4
+    # Float summation order differs, so not bit-equal; but far closer than the batch-4 run.
+    assert _distance(large, accum) < 0.01 * _distance(large, small)
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_run(tmp_path, shapes_cache, gpt2_no_dropout_dir):
+    def run(name, *extra):
+        out = tmp_path / name
+        args = train_args(shapes_cache, out, gpt2_no_dropout_dir, "--epochs", "1", *extra)
+        run_cli(*args, "--no-val", check=0)
+        return out, load_file(str(out / "checkpoints" / "last" / "model.safetensors"))
+
+    _, eager = run("eager")
+    out, compiled = run("compiled", "--compile")
+    _, other_seed = run("other-seed", "--seed", "4")
+    # Compiled kernels round differently, so not bit-equal; but far closer than another seed.
+    assert _distance(eager, compiled) < 0.01 * _distance(eager, other_seed)
+    # A compiled run saves plain parameter names, so its checkpoint loads into an eager model.
+    assert set(compiled) == set(eager)
+    load_checkpoint(out / "checkpoints" / "last")
+
+
+def _val_images_only(source, path):
+    """A cache of the val images of `source`, every one marked `test`."""
+    cache = read_cache(source)
+    rows = cache.rows_of_split("val")
+    keep = np.flatnonzero(np.isin(cache.caption_image_index, rows))
+    write_cache(
+        path,
+        embeddings=cache.embeddings[rows],
+        image_ids=[cache.image_ids[r] for r in rows],
+        image_paths=[cache.image_paths[r] for r in rows],
+        splits=["test"] * len(rows),
+        captions=[cache.captions[i] for i in keep],
+        caption_image_index=np.searchsorted(rows, cache.caption_image_index[keep]),
+        failed_paths=[],
+        failed_reasons=[],
+        attrs=cache.attrs,
+    )
+    return path
+
+
+def test_val_features_validates_on_another_cache(tmp_path, shapes_cache, gpt2_dir):
+    val_only = _val_images_only(shapes_cache, tmp_path / "val.h5")
+
+    def val_loss(name, *extra):
+        out = tmp_path / name
+        run_cli(*train_args(shapes_cache, out, gpt2_dir, "--epochs", "1", *extra), check=0)
+        return json.loads((out / "metrics.jsonl").read_text())["val_loss"]
+
+    # The same images validated from either file give the same loss.
+    assert val_loss("separate", "--val-features", val_only) == pytest.approx(
+        val_loss("own-split"), rel=1e-6
+    )
+
+    other_clip = tmp_path / "other-clip.h5"
+    other_clip.write_bytes(val_only.read_bytes())
+    with h5py.File(other_clip, "r+") as f:
+        f.attrs["clip_model"] = "openai/clip-vit-large-patch14"
+    error = assert_one_line_error(
+        run_cli(*train_args(shapes_cache, tmp_path / "bad", gpt2_dir, "--val-features", other_clip))
+    )
+    assert "another CLIP model" in error
 
 
 def test_config_file_with_command_line_override(tmp_path, shapes_cache, gpt2_dir):
