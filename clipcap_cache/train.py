@@ -45,7 +45,7 @@ from clipcap_cache.plots import plot_metrics
 
 log = logging.getLogger(__name__)
 RUN_ARTEFACTS = ("checkpoints", "config.json", "train.log", "metrics.jsonl", "plots")
-SYNC_EVERY_STEPS = 25  # on a GPU, how often the host reads the loss back (progress, NaN check)
+SYNC_SECONDS = 0.5  # how often the host reads the loss back from the device (progress, NaN check)
 
 
 @dataclass
@@ -310,10 +310,11 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
             leave=False,
         )
         started = time.perf_counter() - state["seconds"]
-        # The summed loss stays on the device between syncs, so a GPU is never made to wait for
-        # the host; on the CPU there is nothing to overlap and every step syncs.
+        # The summed loss stays on the device between syncs, so the host does not wait for the
+        # GPU at every step. Steps of a full-size model on the CPU take longer than SYNC_SECONDS,
+        # so there every step syncs.
         pending = torch.zeros((), device=device)
-        synced_batch = state["batch"]
+        synced_batch, synced_at = state["batch"], time.perf_counter()
         for b in range(state["batch"], batches_per_epoch):
             group_start = b - b % config.grad_accum
             group_end = min(group_start + config.grad_accum, batches_per_epoch)
@@ -341,13 +342,12 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
                 and b + 1 < batches_per_epoch
             )
             if (
-                device.type == "cpu"
-                or saving
+                saving
                 or b + 1 == batches_per_epoch
-                or state["step"] % SYNC_EVERY_STEPS == 0
+                or time.perf_counter() - synced_at > SYNC_SECONDS
             ):
                 # Every save is preceded by this check, so a non-finite loss never reaches a
-                # checkpoint; where every step syncs (CPU), it never reaches the weights either.
+                # checkpoint.
                 value = pending.item()
                 if not math.isfinite(value):
                     bar.close()
@@ -358,8 +358,8 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
                     )
                 state["loss_sum"] += value
                 pending.zero_()
-                synced_batch = b + 1
-                elapsed = time.perf_counter() - started
+                synced_batch, synced_at = b + 1, time.perf_counter()
+                elapsed = synced_at - started
                 bar.set_postfix(
                     loss=f"{state['loss_sum'] / state['tokens']:.3f}",
                     cap_s=f"{state['captions'] / max(elapsed, 1e-9):.1f}",

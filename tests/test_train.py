@@ -249,6 +249,39 @@ def test_compiled_training_follows_the_eager_run(tmp_path, shapes_cache, gpt2_no
     load_checkpoint(out / "checkpoints" / "last")
 
 
+def test_epoch_bertscore_equals_bert_score_on_the_val_captions(
+    tmp_path, shapes_cache, gpt2_dir, minilm_dir
+):
+    import bert_score
+
+    out = tmp_path / "run"
+    args = train_args(shapes_cache, out, gpt2_dir, "--epochs", "1", "--eval-images", "8")
+    args.remove("--no-bertscore")
+    run_cli(*args, "--bertscore-model", minilm_dir, "--bertscore-layers", "6", check=0)
+    row = json.loads((out / "metrics.jsonl").read_text())
+
+    # The last checkpoint holds the weights the epoch's validation ran with.
+    model, tokenizer, _ = load_checkpoint(out / "checkpoints" / "last")
+    cache = read_cache(shapes_cache)
+    rows = cache.rows_of_split("val")[:8]
+    captions = generate_captions(
+        model,
+        tokenizer,
+        torch.from_numpy(cache.embeddings[rows]).float(),
+        DecodeConfig(strategy="greedy"),
+    )
+    references = cache.references()
+    precision, recall, f1 = bert_score.score(
+        [c[0] for c in captions],
+        [references[r] for r in rows],
+        model_type=minilm_dir,
+        num_layers=6,
+    )
+    assert row["bertscore_precision"] == pytest.approx(precision.mean().item(), abs=1e-5)
+    assert row["bertscore_recall"] == pytest.approx(recall.mean().item(), abs=1e-5)
+    assert row["bertscore_f1"] == pytest.approx(f1.mean().item(), abs=1e-5)
+
+
 def _val_images_only(source, path):
     """A cache of the val images of `source`, every one marked `test`."""
     cache = read_cache(source)
