@@ -64,6 +64,29 @@ def coco_like_captions(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS, rng.integers(10, 15))) for _ in range(n)]
 
 
+def write_synthetic_cache(path: Path, images: int, captions_per_image: int = 5) -> list[str]:
+    """A complete train-only cache of random 512-d float16 embeddings and COCO-length captions.
+
+    Returns the captions, in the cache's order.
+    """
+    from clipcap_cache.cache import write_cache
+
+    captions = coco_like_captions(images * captions_per_image)
+    write_cache(
+        path,
+        embeddings=np.random.default_rng(0).standard_normal((images, 512)).astype(np.float16),
+        image_ids=[str(i) for i in range(images)],
+        image_paths=[f"{i}.jpg" for i in range(images)],
+        splits=["train"] * images,
+        captions=captions,
+        caption_image_index=np.repeat(np.arange(images), captions_per_image),
+        failed_paths=[],
+        failed_reasons=[],
+        attrs={"clip_model": "synthetic", "embedding_dim": 512, "complete": True},
+    )
+    return captions
+
+
 def make_coco_images(root: Path, n: int, captions_per_image: int = 5) -> Path:
     """n random 640x480 JPEGs and a COCO captions file with 5 captions each."""
     root.mkdir(parents=True, exist_ok=True)

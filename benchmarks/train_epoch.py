@@ -19,10 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from common import build_gpt2_124m, coco_like_captions, save_result
+from common import build_gpt2_124m, save_result, write_synthetic_cache
 
-from clipcap_cache.cache import write_cache
 from clipcap_cache.model import ModelConfig
 from clipcap_cache.train import TrainConfig, train
 
@@ -45,19 +43,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="clipcap-bench-"))
     gpt2_dir = build_gpt2_124m(work / "gpt2")
     n = args.images
-    captions = coco_like_captions(5 * n)
-    write_cache(
-        work / "features.h5",
-        embeddings=np.random.default_rng(0).standard_normal((n, 512)).astype(np.float16),
-        image_ids=[str(i) for i in range(n)],
-        image_paths=[f"{i}.jpg" for i in range(n)],
-        splits=["train"] * n,
-        captions=captions,
-        caption_image_index=np.repeat(np.arange(n), 5),
-        failed_paths=[],
-        failed_reasons=[],
-        attrs={"clip_model": "synthetic", "embedding_dim": 512, "complete": True},
-    )
+    captions = write_synthetic_cache(work / "features.h5", n)
     result = {"images": n, "captions": len(captions), "batch_size": args.batch_size}
     for mode in modes:
         precision, compile_ = MODES[mode]

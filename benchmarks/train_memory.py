@@ -12,10 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from common import coco_like_captions, save_result
+from common import save_result, write_synthetic_cache
 
-from clipcap_cache.cache import read_cache, write_cache
+from clipcap_cache.cache import read_cache
 from clipcap_cache.demo import build_tiny_tokenizer
 from clipcap_cache.train import tokenize_captions
 
@@ -31,20 +30,8 @@ def main():
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="clipcap-bench-"))
     n, m = args.images, args.images * 5
-    captions = coco_like_captions(m)
+    captions = write_synthetic_cache(work / "big.h5", n)
     tokenizer = build_tiny_tokenizer(captions[:2000], vocab_size=2000)
-    write_cache(
-        work / "big.h5",
-        embeddings=np.random.default_rng(0).standard_normal((n, 512)).astype(np.float16),
-        image_ids=[str(i) for i in range(n)],
-        image_paths=[f"{i}.jpg" for i in range(n)],
-        splits=["train"] * n,
-        captions=captions,
-        caption_image_index=np.repeat(np.arange(n), 5),
-        failed_paths=[],
-        failed_reasons=[],
-        attrs={"clip_model": "x", "embedding_dim": 512},
-    )
     del captions
     before = rss_mib()
     cache = read_cache(work / "big.h5")
