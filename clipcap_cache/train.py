@@ -314,12 +314,15 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
         # GPU at every step. Steps of a full-size model on the CPU take longer than SYNC_SECONDS,
         # so there every step syncs.
         pending = torch.zeros((), device=device)
-        synced_batch, synced_at = state["batch"], time.perf_counter()
-        for b in range(state["batch"], batches_per_epoch):
+        first_batch = state["batch"]
+        synced_batch, synced_at = first_batch, time.perf_counter()
+        for b in range(first_batch, batches_per_epoch):
             group_start = b - b % config.grad_accum
             group_end = min(group_start + config.grad_accum, batches_per_epoch)
-            if b == group_start or b == state["batch"]:
-                group = order[group_start * config.batch_size : group_end * config.batch_size]
+            if b in (group_start, first_batch):
+                # A resume with another --grad-accum may start mid-group: its group starts there.
+                start = max(group_start, first_batch)
+                group = order[start * config.batch_size : group_end * config.batch_size]
                 group_tokens = data.count_tokens(group)
             samples = order[b * config.batch_size : (b + 1) * config.batch_size]
             embeds, input_ids, labels = data.batch(samples, pad_id)

@@ -17,30 +17,40 @@ from clipcap_cache.evaluate import java_available
 pytestmark = pytest.mark.skipif(not java_available(), reason="the COCO metrics need Java")
 
 
-def test_metrics_equal_direct_pycocoevalcap_and_bert_score(
-    trained_run, shapes_cache, minilm_dir, tmp_path
-):
-    out = tmp_path / "eval"
-    result = run_cli(
+def evaluate_test_split(checkpoint, cache, out, *extra):
+    """`clipcap evaluate` on the test split on the CPU, captions of at most 12 tokens."""
+    return run_cli(
         "evaluate",
-        trained_run,
+        checkpoint,
         "--features",
-        shapes_cache,
+        cache,
         "--split",
         "test",
         "--out",
         out,
-        "--beams",
-        "2",
         "--max-tokens",
         "12",
         "--device",
         "cpu",
+        *extra,
+        check=0,
+    )
+
+
+def test_metrics_equal_direct_pycocoevalcap_and_bert_score(
+    trained_run, shapes_cache, minilm_dir, tmp_path
+):
+    out = tmp_path / "eval"
+    result = evaluate_test_split(
+        trained_run,
+        shapes_cache,
+        out,
+        "--beams",
+        "2",
         "--bertscore-model",
         minilm_dir,
         "--bertscore-layers",
         "6",
-        check=0,
     )
     assert "CIDEr" in result.stdout
     predictions = json.loads((out / "predictions.json").read_text())
@@ -134,23 +144,7 @@ def test_without_java_meteor_is_skipped_and_the_rest_match(
     trained_run, shapes_cache, tmp_path, monkeypatch
 ):
     def score(out):
-        run_cli(
-            "evaluate",
-            trained_run,
-            "--features",
-            shapes_cache,
-            "--split",
-            "test",
-            "--out",
-            out,
-            "--greedy",
-            "--max-tokens",
-            "12",
-            "--device",
-            "cpu",
-            "--no-bertscore",
-            check=0,
-        )
+        evaluate_test_split(trained_run, shapes_cache, out, "--greedy", "--no-bertscore")
         return json.loads((out / "metrics.json").read_text())
 
     with_java = score(tmp_path / "java")
