@@ -163,10 +163,16 @@ def load_weights(model: ClipCaptionModel, weights: Path) -> None:
 
 
 def load_train_state(directory: str | Path) -> dict:
-    """The resumable training state, read without pickle."""
-    path = Path(directory) / TRAIN_STATE
+    """The resumable training state of a `last/` checkpoint, read without pickle.
+
+    A swap that a crash interrupted is finished first (`recover`), so this is the one way in for
+    `--resume` and for anything else that reads where a run stopped.
+    """
+    directory = Path(directory)
+    recover(directory)
+    path = directory / TRAIN_STATE
     if not path.is_file():
-        raise ClipcapError(f"{path} not found: cannot resume")
+        raise ClipcapError(f"nothing to resume: {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable state is the user's to fix, not a crash

@@ -466,11 +466,7 @@ def _prepare_run_dir(
     exists = run_dir.exists() and any(run_dir.iterdir())
     if config.resume:
         last = run_dir / "checkpoints" / "last"
-        checkpoint.recover(last)
-        if not (last / checkpoint.TRAIN_STATE).is_file():
-            raise ClipcapError(
-                f"nothing to resume in {run_dir}: no checkpoints/last/train_state.pt"
-            )
+        train_state = checkpoint.load_train_state(last)
         saved = checkpoint.read_config(last)
         saved_model = saved["model"]
         if saved.get("embedding_dim") != train_cache.embedding_dim:
@@ -491,7 +487,7 @@ def _prepare_run_dir(
         if saved.get("cache_source") != train_cache.attrs.get("source"):
             log.warning("resuming on a cache made from other annotations than the run's")
         model_config.freeze_layers = saved_model["freeze_layers"]
-        return checkpoint.load_train_state(last)
+        return train_state
     if exists:
         if not config.overwrite:
             raise ClipcapError(

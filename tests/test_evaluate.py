@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import bert_score
 import pytest
@@ -14,7 +15,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from clipcap_cache.cache import read_cache
 from clipcap_cache.evaluate import java_available
 
-pytestmark = pytest.mark.skipif(not java_available(), reason="the COCO metrics need Java")
+needs_java = pytest.mark.skipif(not java_available(), reason="the COCO metrics need Java")
 
 
 def evaluate_test_split(checkpoint, cache, out, *extra):
@@ -37,6 +38,7 @@ def evaluate_test_split(checkpoint, cache, out, *extra):
     )
 
 
+@needs_java
 def test_metrics_equal_direct_pycocoevalcap_and_bert_score(
     trained_run, shapes_cache, minilm_dir, tmp_path
 ):
@@ -106,9 +108,26 @@ def test_metrics_equal_direct_pycocoevalcap_and_bert_score(
     assert rescored["skipped"] == ["BERTScore"]
 
 
-def test_bad_evaluation_inputs(trained_run, shapes_cache, tmp_path):
-    bad = tmp_path / "p.json"
-    bad.write_text(json.dumps([{"image_id": 999999, "caption": "x"}]))
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "predictions file not found"),
+        ("[{", "not valid JSON"),
+        ('{"image_id": 1, "caption": "x"}', "expected a list"),
+        ('[{"image_id": 1}]', "entry 0 needs 'image_id' and 'caption'"),
+        ('[{"image_id": 999999, "caption": "x"}]', "image_id 999999 is not in the evaluated split"),
+        ("[]", "no predictions"),
+    ],
+    ids=["missing", "not-json", "not-a-list", "no-caption", "unknown-image", "empty"],
+)
+def test_a_bad_predictions_file_gets_one_line(
+    trained_run, shapes_cache, tmp_path, content, expected
+):
+    # Checked before any scoring, so no Java is needed.
+    predictions = tmp_path / "predictions.json"
+    if content is not None:
+        predictions.write_text(content)
+    out = tmp_path / "out"
     error = assert_one_line_error(
         run_cli(
             "evaluate",
@@ -116,13 +135,23 @@ def test_bad_evaluation_inputs(trained_run, shapes_cache, tmp_path):
             "--features",
             shapes_cache,
             "--predictions",
-            bad,
+            predictions,
             "--no-bertscore",
             "--out",
-            tmp_path / "o",
+            out,
         )
     )
-    assert "not in the evaluated split" in error
+    assert expected in error
+    assert not out.exists()
+
+
+@needs_java
+def test_spice_without_corenlp_gets_one_line(trained_run, shapes_cache, tmp_path):
+    import pycocoevalcap.spice as spice_package
+
+    jar = Path(spice_package.__file__).parent / "lib" / "stanford-corenlp-3.6.0.jar"
+    if jar.is_file():
+        pytest.skip("Stanford CoreNLP is installed here, so SPICE would run")
     error = assert_one_line_error(
         run_cli(
             "evaluate",
@@ -130,16 +159,15 @@ def test_bad_evaluation_inputs(trained_run, shapes_cache, tmp_path):
             "--features",
             shapes_cache,
             "--no-bertscore",
-            "--bertscore-model",
-            "x",
             "--spice",
             "--out",
             tmp_path / "o",
         )
     )
-    assert "SPICE" in error or "CoreNLP" in error
+    assert "--spice needs Stanford CoreNLP 3.6.0" in error
 
 
+@needs_java  # compares the run without Java against one with it
 def test_without_java_meteor_is_skipped_and_the_rest_match(
     trained_run, shapes_cache, tmp_path, monkeypatch
 ):

@@ -230,3 +230,25 @@ def test_killed_run_resumes_to_the_same_file(tmp_path, shapes, clip_dir):
         assert set(a) == set(b)
         for name in a:
             np.testing.assert_array_equal(a[name][()], b[name][()])
+
+
+# Pinned: the start of the first cached row of the shapes dataset, encoded by the seeded tiny CLIP
+# (`build_tiny_clip(seed=0)`) and stored as float16. It catches any change to image decoding,
+# preprocessing, the encoder call or the storage dtype. To regenerate, print
+# `read_cache(shapes_cache).embeddings[0, :6].tolist()`. Change it only with the reason in the
+# commit message.
+PINNED_FIRST_ROW = [
+    -0.94287109375,
+    -1.806640625,
+    -2.263671875,
+    -0.6611328125,
+    0.66455078125,
+    0.630859375,
+]
+
+
+def test_pinned_embedding_row(shapes_cache):
+    cache = read_cache(shapes_cache)
+    assert cache.image_ids[0] == "0"
+    # float16 holds about 3 significant digits; one unit in the last place is allowed.
+    np.testing.assert_allclose(cache.embeddings[0, :6], PINNED_FIRST_ROW, rtol=0, atol=2e-3)
