@@ -3,7 +3,8 @@
     python benchmarks/train_speed.py [--images 32] [--batch-size 40]
 
 Same samples (every caption of every image), same model (ViT-B/32 + GPT-2 124M, random weights),
-same batches, and the same optimizer step as `clipcap train` (fused AdamW, clipping, schedule). The
+same batches, and the same step functions as `clipcap train`: `train.forward_backward` for the
+micro-batch and `train.Optimization.step` (fused AdamW, clipping, schedule). The
 on-the-fly design decodes the JPEG and runs CLIP in each sample's __getitem__, as the seed
 implementation does; the cached design reads embeddings from memory (`train.CaptionData`).
 Also reports the share of step time spent outside the model's forward and backward passes.
@@ -23,7 +24,12 @@ from clipcap_cache.cache import read_cache
 from clipcap_cache.features import FeatureConfig, extract_features, load_clip
 from clipcap_cache.images import load_image
 from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
-from clipcap_cache.train import TrainConfig, make_optimizer, optimizer_step, tokenize_captions
+from clipcap_cache.train import (
+    TrainConfig,
+    forward_backward,
+    make_optimization,
+    tokenize_captions,
+)
 
 
 def main():
@@ -51,22 +57,21 @@ def main():
     )
     torch.manual_seed(0)
     model = build_model(ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=512)).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, TrainConfig(features="", out=""), torch.device("cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     encoder = load_clip(str(clip_dir), "cpu")
     order = np.random.default_rng(0).permutation(len(data))
     batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     pad = tokenizer.eos_token_id
+    config = TrainConfig(features="", out="", batch_size=args.batch_size)
+    optimization = make_optimization(model, config, torch.device("cpu"), 3 * len(batches))
 
     def step(embeddings, input_ids, labels, timings):
         start = time.perf_counter()
-        loss = model(embeddings, input_ids, labels)
-        loss.backward()
+        loss = forward_backward(
+            model, embeddings, input_ids, labels, 1.0, optimization.scaler, None
+        )
         middle = time.perf_counter()
-        loss.item()
-        optimizer_step(optimizer, scheduler, scaler, params, max_grad_norm=1.0)
+        loss.item()  # as training does before a save; on the CPU every step syncs anyway
+        optimization.step()
         timings["model"] += middle - start
         timings["optimizer"] += time.perf_counter() - middle
 

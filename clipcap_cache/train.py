@@ -6,6 +6,11 @@ CLIP is never loaded: the cached embeddings are read into memory once and every 
 tokenized once, before the first epoch. Each caption of an image is a sample; samples are shuffled
 every epoch and each batch is padded only to its longest caption.
 
+The loop is a few named parts. `train` sets a run up and runs its epochs. `train_one_epoch` makes
+one pass over the shuffled captions from `forward_backward` (one micro-batch) and
+`Optimization.step` (one optimizer step). `validate` scores the model on the val images, and
+`save_training_checkpoint` writes a checkpoint. How far a run has got lives in a `TrainState`.
+
 The run directory holds `config.json` (the resolved settings), `train.log`, `metrics.jsonl` (one row
 per epoch), `plots/*.png` and `checkpoints/{best,last}/` (see `checkpoint.py`). The last checkpoint
 also carries `train_state.pt`, written at every epoch end and every `save_every_steps` optimizer
@@ -18,7 +23,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +165,8 @@ def tokenize_captions(
 
 @dataclass
 class ValidationSet:
+    """What validation runs on: every val caption, and the val images captioned for BERTScore."""
+
     data: CaptionData  # every caption of the validation images
     embeddings: torch.Tensor  # (E, D) the images captioned for BERTScore
     references: list[list[str]]
@@ -174,18 +181,265 @@ def _subset(cache: feature_cache.FeatureCache, rows: np.ndarray):
     return captions, new_row[cache.caption_image_index[keep]], cache.embeddings[rows]
 
 
+@dataclass
+class TrainState:
+    """How far a run has got; saved in `train_state.pt`, so `--resume` continues where it stopped."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches of the current epoch done
+    step: int = 0  # optimizer steps so far
+    loss_sum: float = 0.0  # the current epoch's summed token loss, as read back from the device
+    tokens: int = 0  # the current epoch's labelled tokens
+    captions: int = 0  # the current epoch's captions done: the resume position in samples
+    seconds: float = 0.0  # the current epoch's training time up to the last save
+    best: float = math.inf  # the best epoch score so far: val loss, else train loss
+    history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for field_ in fields(self):
+            setattr(self, field_.name, state[field_.name])
+
+    def finish_epoch(self, row: dict) -> None:
+        """Record a completed epoch's metrics and reset the per-epoch counters."""
+        self.epoch += 1
+        self.batch, self.loss_sum, self.tokens, self.captions, self.seconds = 0, 0.0, 0, 0, 0.0
+        self.history = [*self.history, row]
+
+
+@dataclass
+class Optimization:
+    """What an optimizer step needs: AdamW, its learning-rate schedule and the AMP grad scaler."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    params: list[torch.nn.Parameter]
+    max_grad_norm: float
+
+    def step(self) -> None:
+        """Clip the (unscaled) gradients, update, clear the gradients and advance the schedule."""
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def make_optimization(
+    model: ClipCaptionModel,
+    config: TrainConfig,
+    device: torch.device,
+    total_steps: int,
+    amp_dtype: torch.dtype | None = None,
+) -> Optimization:
+    """AdamW over the trainable parameters, warmup then linear decay, and a grad scaler for fp16.
+
+    AdamW is fused into a few kernels per step where torch has that (CPU, CUDA, MPS).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        fused=device.type in ("cpu", "cuda", "mps"),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_then_decay(config.warmup_steps, total_steps)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Optimization(optimizer, scheduler, scaler, params, config.max_grad_norm)
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    """A run's folder, and what each of its checkpoints records beside the weights."""
+
+    path: Path
+    tokenizer: object  # saved into every checkpoint, so captioning needs nothing else
+    info: dict  # clip_model, cache_source, embedding_dim and the training settings
+
+
+def save_training_checkpoint(
+    run: RunDirectory,
+    name: str,
+    model: ClipCaptionModel,
+    state: TrainState,
+    optimization: Optimization | None = None,
+    metrics: dict | None = None,
+) -> None:
+    """Write `checkpoints/NAME`; with `optimization`, also everything `--resume` needs."""
+    train_state = None
+    if optimization is not None:
+        device = next(model.parameters()).device
+        train_state = {
+            **state.state_dict(),
+            **optimization.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        }
+    checkpoint.save_checkpoint(
+        run.path / "checkpoints" / name,
+        model,
+        run.tokenizer,
+        {**run.info, "epoch": state.epoch, "step": state.step, "metrics": metrics},
+        train_state,
+    )
+
+
+def forward_backward(
+    forward,
+    embeddings: torch.Tensor,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    weight: float,
+    scaler: torch.amp.GradScaler,
+    amp_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """One micro-batch: the loss under autocast, and its gradient scaled by `weight`.
+
+    Returns the detached mean loss per token, still on the device.
+    """
+    device = embeddings.device
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = forward(embeddings, input_ids, labels)
+    scaler.scale(loss * weight).backward()
+    return loss.detach().float()
+
+
+def train_one_epoch(
+    model: ClipCaptionModel,
+    forward,
+    data: CaptionData,
+    optimization: Optimization,
+    state: TrainState,
+    config: TrainConfig,
+    amp_dtype: torch.dtype | None,
+    pad_id: int,
+    run: RunDirectory,
+) -> dict:
+    """One pass over the shuffled captions, from `state.batch` on; returns the epoch's row.
+
+    `forward` is the model, or its compiled form. Every `config.save_every_steps` optimizer steps
+    the run saves a resume point in `checkpoints/last`.
+    """
+    model.train()
+    device = next(model.parameters()).device
+    epoch = state.epoch
+    batches_per_epoch = math.ceil(len(data) / config.batch_size)
+    order = torch.randperm(
+        len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    ).numpy()
+    bar = tqdm(
+        total=batches_per_epoch,
+        initial=state.batch,
+        unit="batch",
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        dynamic_ncols=True,
+        leave=False,
+    )
+    started = time.perf_counter() - state.seconds
+    # The summed loss stays on the device between syncs, so the host does not wait for the GPU
+    # at every step. Steps of a full-size model on the CPU take longer than SYNC_SECONDS, so
+    # there every step syncs.
+    pending = torch.zeros((), device=device)
+    first_batch = state.batch
+    synced_batch, synced_at = first_batch, time.perf_counter()
+    for b in range(first_batch, batches_per_epoch):
+        group_start = b - b % config.grad_accum
+        group_end = min(group_start + config.grad_accum, batches_per_epoch)
+        if b in (group_start, first_batch):
+            # A resume with another --grad-accum may start mid-group: its group starts there.
+            start = max(group_start, first_batch)
+            group = order[start * config.batch_size : group_end * config.batch_size]
+            group_tokens = data.count_tokens(group)
+        samples = order[b * config.batch_size : (b + 1) * config.batch_size]
+        embeddings, input_ids, labels = data.batch(samples, pad_id)
+        tokens = data.count_tokens(samples)
+        # Weighting each micro-batch by its share of the group's tokens makes the accumulated
+        # gradient that of the mean loss over the whole group, as one large batch would give.
+        loss = forward_backward(
+            forward,
+            embeddings.to(device),
+            input_ids.to(device),
+            labels.to(device),
+            tokens / group_tokens,
+            optimization.scaler,
+            amp_dtype,
+        )
+        pending += loss * tokens
+        state.tokens += tokens
+        state.captions += len(samples)
+        bar.update(1)
+        if b + 1 < group_end:
+            continue
+        state.step += 1
+        saving = (
+            config.save_every_steps
+            and state.step % config.save_every_steps == 0
+            and b + 1 < batches_per_epoch
+        )
+        if saving or b + 1 == batches_per_epoch or time.perf_counter() - synced_at > SYNC_SECONDS:
+            # Every save is preceded by this check, so a non-finite loss never reaches a
+            # checkpoint.
+            value = pending.item()
+            if not math.isfinite(value):
+                bar.close()
+                raise ClipcapError(
+                    f"the loss became {value} in epoch {epoch + 1}, batches "
+                    f"{synced_batch + 1}-{b + 1}; stopping. The last good checkpoint is kept "
+                    f"in {run.path / 'checkpoints'}. Try a lower --lr or --precision fp32"
+                )
+            state.loss_sum += value
+            pending.zero_()
+            synced_batch, synced_at = b + 1, time.perf_counter()
+            bar.set_postfix(
+                loss=f"{state.loss_sum / state.tokens:.3f}",
+                cap_s=f"{state.captions / max(synced_at - started, 1e-9):.1f}",
+            )
+        optimization.step()
+        state.batch = b + 1
+        if saving:
+            state.seconds = time.perf_counter() - started
+            save_training_checkpoint(run, "last", model, state, optimization)
+    bar.close()
+    seconds = time.perf_counter() - started
+    return {
+        "epoch": epoch + 1,
+        "step": state.step,
+        "train_loss": state.loss_sum / max(state.tokens, 1),
+        "lr": optimization.scheduler.get_last_lr()[0],
+        "seconds": round(seconds, 3),
+        "captions_per_second": round(state.captions / max(seconds, 1e-9), 2),
+    }
+
+
 def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     """Train a caption model; returns the last epoch's metrics row."""
     run_dir = Path(config.out)
     train_cache = feature_cache.read_cache(config.features)
-    embedding_dim = train_cache.embedding_dim
-    model_config.clip_embedding_dim = embedding_dim
+    model_config = replace(model_config, clip_embedding_dim=train_cache.embedding_dim)
     train_rows = train_cache.rows_of_split("train")
     if len(train_rows) == 0:
         raise ClipcapError(f"{config.features} has no train split to train on")
     val_cache, val_rows = _validation_source(config, train_cache)
 
-    resume_state = _prepare_run_dir(run_dir, config, model_config, train_cache)
+    resume_state, model_config = _prepare_run_dir(run_dir, config, model_config, train_cache)
     setup_logging(run_dir / "train.log")
     _write_run_config(run_dir, config, model_config)
     log.info("run directory %s", run_dir)
@@ -200,7 +454,7 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
         "parameters: %s trainable, %s frozen (GPT-2 blocks frozen: %d of %d)",
         f"{trainable:,}",
         f"{frozen:,}",
-        model_config.freeze_layers,
+        model.config.freeze_layers,
         model.gpt2.config.n_layer,
     )
 
@@ -216,190 +470,55 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     )
     validation = None
     if val_cache is not None:
-        captions, rows, embeddings = _subset(val_cache, val_rows)
-        all_refs = val_cache.references()
-        refs = [all_refs[r] for r in val_rows[: config.eval_images]]
-        validation = ValidationSet(
-            tokenize_captions(tokenizer, captions, rows, embeddings, config.max_caption_tokens),
-            torch.from_numpy(embeddings[: config.eval_images]),
-            refs,
-        )
+        validation = _validation_set(val_cache, val_rows, tokenizer, config)
         log.info("val: %d images, %d captions", len(val_rows), len(validation.data))
     scorer = _make_scorer(config, device) if validation is not None else None
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config, device)
     batches_per_epoch = math.ceil(len(data) / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_then_decay(config.warmup_steps, total_steps)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    total_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.epochs
+    optimization = make_optimization(model, config, device, total_steps, amp_dtype)
     forward = torch.compile(model, dynamic=True) if config.compile else model
 
-    state = {
-        "epoch": 0,
-        "batch": 0,
-        "step": 0,
-        "loss_sum": 0.0,
-        "tokens": 0,
-        "captions": 0,
-        "seconds": 0.0,
-        "best": math.inf,
-        "history": [],
-    }
+    state = TrainState()
     if resume_state is not None:
         checkpoint.load_weights(model, run_dir / "checkpoints" / "last" / checkpoint.WEIGHTS)
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
+        optimization.load_state_dict(resume_state)
         torch.set_rng_state(resume_state["torch_rng"])
         if device.type == "cuda" and resume_state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
-        state.update({k: resume_state[k] for k in state})
-        log.info(
-            "resumed at epoch %d, batch %d, step %d",
-            state["epoch"] + 1,
-            state["batch"],
-            state["step"],
-        )
-        _write_metrics(run_dir, state["history"])
+        state.load_state_dict(resume_state)
+        # The position is kept in samples, so a resume with another --batch-size (checked to
+        # divide it) starts at the same caption.
+        state.batch = state.captions // config.batch_size
+        log.info("resumed at epoch %d, batch %d, step %d", state.epoch + 1, state.batch, state.step)
+        _write_metrics(run_dir, state.history)
 
-    info = {
-        "clip_model": train_cache.attrs.get("clip_model"),
-        "cache_source": train_cache.attrs.get("source"),
-        "embedding_dim": embedding_dim,
-        "train": asdict(config),
-    }
+    run = RunDirectory(
+        run_dir,
+        tokenizer,
+        {
+            "clip_model": train_cache.attrs.get("clip_model"),
+            "cache_source": train_cache.attrs.get("source"),
+            "embedding_dim": train_cache.embedding_dim,
+            "train": asdict(config),
+        },
+    )
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-
-    def save(directory: str, with_state: bool, metrics: dict | None = None):
-        train_state = None
-        if with_state:
-            train_state = {
-                **state,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            }
-        checkpoint.save_checkpoint(
-            run_dir / "checkpoints" / directory,
-            model,
-            tokenizer,
-            {**info, "epoch": state["epoch"], "step": state["step"], "metrics": metrics},
-            train_state,
+    row = state.history[-1] if state.history else {}
+    for _ in range(state.epoch, config.epochs):
+        row = train_one_epoch(
+            model, forward, data, optimization, state, config, amp_dtype, pad_id, run
         )
-
-    row = state["history"][-1] if state["history"] else {}
-    for epoch in range(state["epoch"], config.epochs):
-        model.train()
-        order = torch.randperm(
-            len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        ).numpy()
-        bar = tqdm(
-            total=batches_per_epoch,
-            initial=state["batch"],
-            unit="batch",
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            dynamic_ncols=True,
-            leave=False,
-        )
-        started = time.perf_counter() - state["seconds"]
-        # The summed loss stays on the device between syncs, so the host does not wait for the
-        # GPU at every step. Steps of a full-size model on the CPU take longer than SYNC_SECONDS,
-        # so there every step syncs.
-        pending = torch.zeros((), device=device)
-        first_batch = state["batch"]
-        synced_batch, synced_at = first_batch, time.perf_counter()
-        for b in range(first_batch, batches_per_epoch):
-            group_start = b - b % config.grad_accum
-            group_end = min(group_start + config.grad_accum, batches_per_epoch)
-            if b in (group_start, first_batch):
-                # A resume with another --grad-accum may start mid-group: its group starts there.
-                start = max(group_start, first_batch)
-                group = order[start * config.batch_size : group_end * config.batch_size]
-                group_tokens = data.count_tokens(group)
-            samples = order[b * config.batch_size : (b + 1) * config.batch_size]
-            embeds, input_ids, labels = data.batch(samples, pad_id)
-            tokens = data.count_tokens(samples)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = forward(embeds.to(device), input_ids.to(device), labels.to(device))
-            # Weighting each micro-batch by its share of the group's tokens makes the accumulated
-            # gradient that of the mean loss over the whole group, as one large batch would give.
-            scaler.scale(loss * (tokens / group_tokens)).backward()
-            pending += loss.detach().float() * tokens
-            state["tokens"] += tokens
-            state["captions"] += len(samples)
-            bar.update(1)
-            if b + 1 < group_end:
-                continue
-            state["step"] += 1
-            saving = (
-                config.save_every_steps
-                and state["step"] % config.save_every_steps == 0
-                and b + 1 < batches_per_epoch
-            )
-            if (
-                saving
-                or b + 1 == batches_per_epoch
-                or time.perf_counter() - synced_at > SYNC_SECONDS
-            ):
-                # Every save is preceded by this check, so a non-finite loss never reaches a
-                # checkpoint.
-                value = pending.item()
-                if not math.isfinite(value):
-                    bar.close()
-                    raise ClipcapError(
-                        f"the loss became {value} in epoch {epoch + 1}, batches "
-                        f"{synced_batch + 1}-{b + 1}; stopping. The last good checkpoint is kept "
-                        f"in {run_dir / 'checkpoints'}. Try a lower --lr or --precision fp32"
-                    )
-                state["loss_sum"] += value
-                pending.zero_()
-                synced_batch, synced_at = b + 1, time.perf_counter()
-                elapsed = synced_at - started
-                bar.set_postfix(
-                    loss=f"{state['loss_sum'] / state['tokens']:.3f}",
-                    cap_s=f"{state['captions'] / max(elapsed, 1e-9):.1f}",
-                )
-            optimizer_step(optimizer, scheduler, scaler, params, config.max_grad_norm)
-            state["batch"] = b + 1
-            if saving:
-                state["seconds"] = time.perf_counter() - started
-                save("last", with_state=True)
-        bar.close()
-        seconds = time.perf_counter() - started
-        row = {
-            "epoch": epoch + 1,
-            "step": state["step"],
-            "train_loss": state["loss_sum"] / max(state["tokens"], 1),
-            "lr": scheduler.get_last_lr()[0],
-            "seconds": round(seconds, 3),
-            "captions_per_second": round(state["captions"] / max(seconds, 1e-9), 2),
-        }
         if validation is not None:
             row.update(
-                _validate(
-                    model,
-                    tokenizer,
-                    validation,
-                    scorer,
-                    device,
-                    amp_dtype,
-                    config.batch_size,
-                    pad_id,
-                )
+                validate(model, tokenizer, validation, scorer, amp_dtype, config.batch_size, pad_id)
             )
-        state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, tokens=0, captions=0, seconds=0.0)
-        state["history"] = [*state["history"], row]
+        state.finish_epoch(row)
         log.info(
             "epoch %d: %s",
-            epoch + 1,
+            state.epoch,
             ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in row.items()
@@ -407,33 +526,25 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
             ),
         )
         score = row.get("val_loss", row["train_loss"])
-        if score < state["best"]:
-            state["best"] = score
-            save("best", with_state=False, metrics=row)
-        save("last", with_state=True, metrics=row)
-        _write_metrics(run_dir, state["history"])
+        if score < state.best:
+            state.best = score
+            save_training_checkpoint(run, "best", model, state, metrics=row)
+        save_training_checkpoint(run, "last", model, state, optimization, metrics=row)
+        _write_metrics(run_dir, state.history)
     log.info("done: best checkpoint %s", run_dir / "checkpoints" / "best")
     return row
 
 
-def make_optimizer(params: list, config: TrainConfig, device: torch.device):
-    """AdamW; fused into a few kernels per step where torch has that (CPU, CUDA, MPS)."""
-    return torch.optim.AdamW(
-        params,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        fused=device.type in ("cpu", "cuda", "mps"),
+def _validation_set(
+    val_cache, val_rows: np.ndarray, tokenizer, config: TrainConfig
+) -> ValidationSet:
+    captions, rows, embeddings = _subset(val_cache, val_rows)
+    all_refs = val_cache.references()
+    return ValidationSet(
+        tokenize_captions(tokenizer, captions, rows, embeddings, config.max_caption_tokens),
+        torch.from_numpy(embeddings[: config.eval_images]),
+        [all_refs[r] for r in val_rows[: config.eval_images]],
     )
-
-
-def optimizer_step(optimizer, scheduler, scaler, params: list, max_grad_norm: float) -> None:
-    """Clip the (unscaled) gradients, update, clear the gradients and advance the schedule."""
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
 
 
 def _validation_source(config: TrainConfig, train_cache):
@@ -461,8 +572,12 @@ def _validation_source(config: TrainConfig, train_cache):
 
 def _prepare_run_dir(
     run_dir: Path, config: TrainConfig, model_config: ModelConfig, train_cache
-) -> dict | None:
-    """Check the run directory against --resume/--overwrite; returns the state to resume from."""
+) -> tuple[dict | None, ModelConfig]:
+    """Check the run directory against --resume/--overwrite.
+
+    Returns the state to resume from (None for a new run) and the model config, which a resume
+    completes from the run's own.
+    """
     exists = run_dir.exists() and any(run_dir.iterdir())
     if config.resume:
         last = run_dir / "checkpoints" / "last"
@@ -486,8 +601,14 @@ def _prepare_run_dir(
                 )
         if saved.get("cache_source") != train_cache.attrs.get("source"):
             log.warning("resuming on a cache made from other annotations than the run's")
-        model_config.freeze_layers = saved_model["freeze_layers"]
-        return train_state
+        if train_state["captions"] % config.batch_size:
+            raise ClipcapError(
+                f"--resume: the run stopped {train_state['captions']} captions into epoch "
+                f"{train_state['epoch'] + 1}, which is not a whole number of batches of "
+                f"{config.batch_size}; resume with a --batch-size that divides it (the run used "
+                f"{saved.get('train', {}).get('batch_size')})"
+            )
+        return train_state, replace(model_config, freeze_layers=saved_model["freeze_layers"])
     if exists:
         if not config.overwrite:
             raise ClipcapError(
@@ -504,7 +625,7 @@ def _prepare_run_dir(
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ClipcapError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
-    return None
+    return None, model_config
 
 
 def _write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> None:
@@ -537,26 +658,26 @@ def _make_scorer(config: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def _validate(
+def validate(
     model: ClipCaptionModel,
     tokenizer,
     validation: ValidationSet,
     scorer,
-    device: torch.device,
-    amp_dtype,
+    amp_dtype: torch.dtype | None,
     batch_size: int,
     pad_id: int,
 ) -> dict:
     """Mean val loss per token, and BERTScore of greedy captions on the first val images."""
     model.eval()
+    device = next(model.parameters()).device
     data = validation.data
     total, tokens = 0.0, 0
     for start in range(0, len(data), batch_size):
         samples = np.arange(start, min(start + batch_size, len(data)))
-        embeds, input_ids, labels = data.batch(samples, pad_id)
+        embeddings, input_ids, labels = data.batch(samples, pad_id)
         n = int((labels != IGNORE_INDEX).sum())
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = model(embeds.to(device), input_ids.to(device), labels.to(device))
+            loss = model(embeddings.to(device), input_ids.to(device), labels.to(device))
         total += loss.item() * n
         tokens += n
     row = {"val_loss": total / max(tokens, 1)}

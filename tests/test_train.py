@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from clipcap_cache.cache import read_cache, write_cache
 from clipcap_cache.checkpoint import load_checkpoint, load_train_state
 from clipcap_cache.demo import COLORS
+from clipcap_cache.errors import ClipcapError
 from clipcap_cache.generate import DecodeConfig, generate_captions
 from clipcap_cache.model import IGNORE_INDEX, ModelConfig, build_model, load_tokenizer
 from clipcap_cache.train import CaptionData
@@ -587,6 +588,35 @@ def crash_after_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
 
 
+def library_run(out, features, gpt2_dir, monkeypatch, crash_at=None, **overrides):
+    """One epoch through the library API, batches of 8, a resume point at every step.
+
+    With warmup longer than the run, the learning rate depends only on the step count, so runs
+    with other step totals still take the same learning rates step by step.
+    """
+    from clipcap_cache.train import TrainConfig, train
+
+    settings = dict(
+        features=str(features),
+        out=str(out),
+        epochs=1,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=10_000,
+        seed=3,
+        device="cpu",
+        validate=False,
+        save_every_steps=1,
+    )
+    config = TrainConfig(**{**settings, **overrides})
+    model_config = ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4)
+    if crash_at is None:
+        return train(config, model_config)
+    crash_after_step(monkeypatch, crash_at)
+    with pytest.raises(SimulatedCrash):
+        train(config, model_config)
+
+
 def test_library_resume_in_the_middle_of_an_accumulation_group(
     tmp_path, monkeypatch, shapes_cache, gpt2_dir
 ):
@@ -594,32 +624,8 @@ def test_library_resume_in_the_middle_of_an_accumulation_group(
     # with --grad-accum 2 starts at batch 1, in the middle of the group of batches 0-1: that
     # partial group must be weighted as a group of its own. The reference reaches batch 2 with
     # --grad-accum 1 and only then switches, at a group boundary, where no partial group exists.
-    # With warmup longer than the run, the learning rate depends only on the step count, so both
-    # runs take the same learning rates although their step totals differ.
-    from clipcap_cache.train import TrainConfig, train
-
-    def run(out, grad_accum, resume=False, crash_at=None):
-        if crash_at is not None:
-            crash_after_step(monkeypatch, crash_at)
-        config = TrainConfig(
-            features=str(shapes_cache),
-            out=str(out),
-            epochs=1,
-            batch_size=8,
-            grad_accum=grad_accum,
-            lr=3e-3,
-            warmup_steps=10_000,
-            seed=3,
-            device="cpu",
-            validate=False,
-            save_every_steps=1,
-            resume=resume,
-        )
-        model_config = ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4)
-        if crash_at is None:
-            return train(config, model_config)
-        with pytest.raises(SimulatedCrash):
-            train(config, model_config)
+    def run(out, **kwargs):
+        return library_run(out, shapes_cache, gpt2_dir, monkeypatch, **kwargs)
 
     mid_group = tmp_path / "mid-group"
     run(mid_group, grad_accum=1, crash_at=1)
@@ -638,3 +644,25 @@ def test_library_resume_in_the_middle_of_an_accumulation_group(
         assert torch.equal(a[name], b[name]), name
     steps = [json.loads(line)["step"] for line in (mid_group / "metrics.jsonl").open()]
     assert steps == [1 + 1 + 19]  # one step, the partial group, then 19 groups of 2
+
+
+def test_resume_with_another_batch_size_starts_at_the_same_caption(
+    tmp_path, monkeypatch, shapes_cache, gpt2_dir
+):
+    def run(out, **kwargs):
+        return library_run(out, shapes_cache, gpt2_dir, monkeypatch, **kwargs)
+
+    # Stopped after 2 batches of 8 = 16 captions; batches of 16 resume at caption 16, so the
+    # epoch takes 2 + (320 - 16) / 16 = 21 steps. Counting in batches would skip to caption 32.
+    out = tmp_path / "divides"
+    run(out, crash_at=2)
+    assert run(out, batch_size=16, resume=True)["step"] == 21
+
+    # Stopped after 8 captions, which batches of 16 cannot continue from exactly: refused.
+    out = tmp_path / "does-not-divide"
+    run(out, crash_at=1)
+    before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    with pytest.raises(ClipcapError, match="not a whole number of batches of 16"):
+        run(out, batch_size=16, resume=True)
+    after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before
