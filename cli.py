@@ -127,9 +127,12 @@ def extract_features(
         return
     info = summary_dict(summary)
     reasons = ", ".join(f"{n} {r}" for r, n in summary.failure_reasons.items()) or "none"
+    uncaptioned = summary.images_without_captions
     typer.echo(
         f"wrote {out}: {summary.images_written} images, {summary.images_failed} skipped "
-        f"({reasons}); {summary.seconds:.1f} s, {info['images_per_second']} images/s"
+        f"({reasons})"
+        + (f", {uncaptioned} without captions left out" if uncaptioned else "")
+        + f"; {summary.seconds:.1f} s, {info['images_per_second']} images/s"
         + (f" (resumed after {summary.resumed_images})" if summary.resumed_images else "")
     )
 
@@ -245,9 +248,13 @@ def _resolve_options(ctx: typer.Context, out: Path, config_file: Path | None, re
 
 def _flatten_config(path: Path) -> dict:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ClipcapError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ClipcapError(f"--config {path} is a directory; give a JSON file") from None
+    except UnicodeDecodeError:
+        raise ClipcapError(f"{path}: not a UTF-8 text file") from None
     except json.JSONDecodeError as e:
         raise ClipcapError(f"{path}: not valid JSON (line {e.lineno})") from None
     if not isinstance(data, dict):
@@ -281,12 +288,19 @@ def caption(
     num_workers: Annotated[int, typer.Option(help="Decoding workers.")] = 0,
 ):
     """Caption images with a trained checkpoint."""
-    from clipcap_cache.caption import caption_images, expand_inputs, format_results, write_output
+    from clipcap_cache.caption import (
+        caption_images,
+        check_output,
+        expand_inputs,
+        format_results,
+        write_output,
+    )
 
     def go():
         decode = _decode_config(
             beams, greedy, sample, num_captions, max_tokens, top_p, temperature, seed
         )
+        check_output(None if out is None else str(out), format)
         paths = expand_inputs(inputs, recursive)
         results = caption_images(paths, str(checkpoint), decode, batch_size, device, num_workers)
         write_output(format_results(results, format), None if out is None else str(out))

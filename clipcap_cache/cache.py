@@ -114,35 +114,77 @@ def read_attrs(path: str | Path) -> dict:
     return attrs
 
 
+STRING_DATASETS = (
+    "image_ids",
+    "image_paths",
+    "splits",
+    "captions",
+    "failed_paths",
+    "failed_reasons",
+)
+
+
 def read_cache(path: str | Path, require_complete: bool = True) -> FeatureCache:
-    """Read a whole cache into memory, checking its format version and completeness."""
+    """Read a whole cache into memory, checking its format version, completeness and contents."""
     path = Path(path)
     attrs = read_attrs(path)
     if attrs["format_version"] != FORMAT_VERSION:
         raise ClipcapError(
-            f"{path} has cache format version {attrs['format_version']}; this "
-            f"version of clipcap-cache reads version {FORMAT_VERSION}"
+            f"{path} has cache format version {attrs['format_version']!r}, but this version "
+            f"of clipcap-cache reads only version {FORMAT_VERSION}"
         )
     if require_complete and not attrs.get("complete", False):
         raise ClipcapError(f"{path} is an incomplete cache: rerun extract-features to finish it")
-    with h5py.File(path, "r") as f:
-        strings = {
-            name: list(f[name].asstr()[()])
-            for name in (
-                "image_ids",
-                "image_paths",
-                "splits",
-                "captions",
-                "failed_paths",
-                "failed_reasons",
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [
+                n for n in ("embeddings", "caption_image_index", *STRING_DATASETS) if n not in f
+            ]
+            if missing:
+                raise ClipcapError(f"{path} is not a complete feature cache: no /{missing[0]}")
+            strings = {name: list(f[name].asstr()[()]) for name in STRING_DATASETS}
+            found = FeatureCache(
+                embeddings=f["embeddings"][()],
+                caption_image_index=f["caption_image_index"][()].astype(np.int64),
+                splits=np.array(strings.pop("splits"), dtype=str),
+                attrs=attrs,
+                **strings,
             )
-        }
-        return FeatureCache(
-            embeddings=f["embeddings"][()],
-            caption_image_index=f["caption_image_index"][()].astype(np.int64),
-            splits=np.array(strings.pop("splits"), dtype=str),
-            attrs=attrs,
-            **strings,
+    except (OSError, TypeError, ValueError) as e:
+        raise ClipcapError(f"{path}: cannot read the cache's datasets ({e})") from None
+    _check_contents(path, found)
+    return found
+
+
+def _check_contents(path: Path, found: FeatureCache) -> None:
+    """Refuse a cache whose datasets disagree with each other or hold non-finite embeddings."""
+    embeddings = found.embeddings
+    if embeddings.ndim != 2 or embeddings.shape[1] == 0:
+        raise ClipcapError(f"{path}: /embeddings has shape {embeddings.shape}, expected (N, D)")
+    dim = found.attrs.get("embedding_dim")
+    if dim is not None and dim != embeddings.shape[1]:
+        raise ClipcapError(
+            f"{path}: embedding_dim is {dim}, but /embeddings is {embeddings.shape[1]}-d"
+        )
+    rows = len(embeddings)
+    for name in ("image_ids", "image_paths", "splits"):
+        if len(getattr(found, name)) != rows:
+            raise ClipcapError(
+                f"{path}: /{name} has {len(getattr(found, name))} rows, /embeddings {rows}"
+            )
+    index = found.caption_image_index
+    if index.ndim != 1 or len(index) != len(found.captions):
+        raise ClipcapError(f"{path}: /caption_image_index does not match /captions")
+    if len(index) and (index.min() < 0 or index.max() >= rows):
+        raise ClipcapError(f"{path}: /caption_image_index points outside /embeddings")
+    if len(found.failed_paths) != len(found.failed_reasons):
+        raise ClipcapError(f"{path}: /failed_paths does not match /failed_reasons")
+    finite = np.isfinite(embeddings).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ClipcapError(
+            f"{path}: {len(bad)} embeddings hold NaN or inf (first: row {bad[0]}, image "
+            f"{found.image_ids[bad[0]]}); extract them again"
         )
 
 

@@ -74,8 +74,8 @@ def caption_images(
     progress: bool = True,
 ) -> list[CaptionResult]:
     """Caption image files with a checkpoint; returns one result per path, in order."""
-    if batch_size < 1:
-        raise ClipcapError("--batch-size must be at least 1")
+    if batch_size < 1 or num_workers < 0:
+        raise ClipcapError("--batch-size must be at least 1 and --num-workers at least 0")
     torch_device = resolve_device(device)
     model, tokenizer, config = checkpoint.load_checkpoint(checkpoint_path, torch_device)
     if not config.get("clip_model"):
@@ -116,8 +116,7 @@ def caption_images(
 
 def format_results(results: list[CaptionResult], output_format: str = "text") -> str:
     """Render results as tab-separated text, JSON, JSON lines or CSV."""
-    if output_format not in OUTPUT_FORMATS:
-        raise ClipcapError(f"unknown output format '{output_format}': choose {OUTPUT_FORMATS}")
+    check_output(None, output_format)
 
     def as_dict(r: CaptionResult) -> dict:
         return {"image": r.image, "captions": r.captions, **({"error": r.error} if r.error else {})}
@@ -138,10 +137,31 @@ def format_results(results: list[CaptionResult], output_format: str = "text") ->
         return buffer.getvalue()
     lines = []
     for r in results:
+        # A tab or line break in a file name would break the two-column lines: escape them.
+        image = _escape(r.image)
         if r.error:
-            lines.append(f"{r.image}\tERROR: {r.error}")
-        lines.extend(f"{r.image}\t{caption}" for caption in r.captions)
+            lines.append(f"{image}\tERROR: {r.error}")
+        lines.extend(f"{image}\t{caption}" for caption in r.captions)
     return "\n".join(lines) + "\n"
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def check_output(out: str | None, output_format: str = "text") -> None:
+    """Refuse an output format or file that cannot be written, before any captioning work."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ClipcapError(
+            f"unknown output format '{output_format}': choose {', '.join(OUTPUT_FORMATS)}"
+        )
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise ClipcapError(f"--out {out} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise ClipcapError(f"--out {out}: the folder {path.parent} does not exist")
 
 
 def write_output(text: str, out: str | None) -> None:

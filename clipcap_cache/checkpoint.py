@@ -97,28 +97,40 @@ def resolve(path: str | Path) -> Path:
     path = Path(path)
     for candidate in (path / "checkpoints" / "best", path):
         recover(candidate)
-        if (candidate / CONFIG).is_file():
+        if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():
             return candidate
     if not path.exists():
         raise ClipcapError(f"checkpoint not found: {path}")
-    raise ClipcapError(f"{path} is not a checkpoint folder or a run directory (no {CONFIG})")
+    last = path / "checkpoints" / "last"
+    recover(last)
+    if (last / WEIGHTS).is_file():
+        raise ClipcapError(
+            f"{path} has no best checkpoint yet (it is saved at the end of the first epoch); "
+            f"pass --checkpoint {last} to use the latest weights"
+        )
+    raise ClipcapError(f"{path} is not a checkpoint folder or a run directory (no {WEIGHTS})")
 
 
 def read_config(path: str | Path) -> dict:
     """The config.json of a checkpoint, checked for its format version."""
     directory = resolve(path)
     try:
-        config = json.loads((directory / CONFIG).read_text())
-    except json.JSONDecodeError:
+        config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ClipcapError(f"{directory / CONFIG} is not valid JSON") from None
-    version = config.get("format_version") if isinstance(config, dict) else None
-    if version != FORMAT_VERSION:
+    if not isinstance(config, dict) or "format_version" not in config:
+        raise ClipcapError(f"{directory} is not a clipcap checkpoint: no format_version")
+    version = config["format_version"]
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise ClipcapError(
-            f"{directory} has checkpoint format version {version}; this version of "
-            f"clipcap-cache reads version {FORMAT_VERSION}"
+            f"{directory} has checkpoint format version {version!r}, but this version of "
+            f"clipcap-cache reads only version {FORMAT_VERSION}"
         )
     if not isinstance(config.get("model"), dict):
         raise ClipcapError(f"{directory / CONFIG} has no 'model' section")
+    for key, kind in (("clip_model", str), ("embedding_dim", int)):
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise ClipcapError(f"{directory / CONFIG}: '{key}' is {config.get(key)!r}")
     return config
 
 

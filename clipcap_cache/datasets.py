@@ -11,12 +11,17 @@ the order the file lists them:
 - `jsonl` / `csv`: custom data with `image` (a path relative to the image root), `caption` and an
   optional `split` column. Several rows may name the same image.
 
-`read_annotations(path, "auto")` detects the format from the content.
+`read_annotations(path, "auto")` detects the format from the content. Each format is parsed by its
+own rules: CSV by the `csv` module (quoted fields may hold newlines), JSON lines split at line
+feeds only. Captions must be strings; empty ones are dropped, and `without_captions` finds the
+images left with none. Image paths are normalised and must stay inside the image root.
 """
 
 import csv
 import hashlib
+import io
 import json
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,9 +59,13 @@ def read_annotations(path: str | Path, format: str = "auto") -> list[ImageRecord
     if not path.is_file():
         raise ClipcapError(f"annotation file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        # newline="" keeps line ends as they are: CSV quoting and JSON lines define their own.
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
     except UnicodeDecodeError as e:
         raise ClipcapError(f"{path}: not a UTF-8 text file ({e.reason})") from None
+    except OSError as e:
+        raise ClipcapError(f"cannot read {path}: {e.strerror or e}") from None
     if format == "auto":
         format = detect_format(path, text)
     readers = {
@@ -87,12 +96,13 @@ def detect_format(path: Path, text: str) -> str:
             first = data["images"][0] if data["images"] else {}
             if isinstance(first, dict) and "sentences" in first:
                 return "karpathy"
-        if data is not None:
+        single_row = isinstance(data, dict) and "image" in data  # JSON lines with one row
+        if data is not None and not single_row:
             raise ClipcapError(
                 f"{path}: unknown JSON annotation format: expected COCO ('images' and 'annotations') "
                 "or Karpathy ('images' with 'sentences'); pass --format to choose one"
             )
-        first_line = stripped.splitlines()[0]
+        first_line = stripped.split("\n", 1)[0]
         try:
             row = json.loads(first_line)
         except json.JSONDecodeError as e:
@@ -100,7 +110,10 @@ def detect_format(path: Path, text: str) -> str:
         if isinstance(row, dict) and "image" in row:
             return "jsonl"
         raise ClipcapError(f"{path}: JSON lines rows need 'image' and 'caption' keys")
-    header = next(csv.reader([stripped.splitlines()[0]]))
+    try:
+        header = next(csv.reader(io.StringIO(stripped, newline="")))
+    except csv.Error as e:
+        raise ClipcapError(f"{path}: not a valid CSV header ({e})") from None
     if "image" in header and "caption" in header:
         return "csv"
     raise ClipcapError(
@@ -123,6 +136,34 @@ def _get(entry: object, key: str, where: str, path: Path):
     if not isinstance(entry, dict) or key not in entry:
         raise ClipcapError(f"{path}: {where} has no '{key}' key")
     return entry[key]
+
+
+def _caption(value: object, where: str, path: Path) -> str | None:
+    """A caption with its outer whitespace stripped; None for an empty one, an error for a non-string."""
+    if not isinstance(value, str):
+        raise ClipcapError(
+            f"{path}: {where} has a caption that is not a string ({type(value).__name__})"
+        )
+    return value.strip() or None
+
+
+def _relative_path(value: object, where: str, path: Path) -> str:
+    """An image path normalised (`./a/../b.jpg` is `b.jpg`), refused if it leaves the image root."""
+    if not isinstance(value, str) or not value.strip():
+        raise ClipcapError(f"{path}: {where} has no image path (found {value!r})")
+    normal = posixpath.normpath(value.strip().replace("\\", "/"))
+    drive = normal[1:2] == ":"  # C:/x on Windows
+    if posixpath.isabs(normal) or drive or normal == ".." or normal.startswith("../"):
+        raise ClipcapError(
+            f"{path}: {where} names {value!r}, which is outside the image root; image paths "
+            "must be relative to --images and stay inside it"
+        )
+    return normal
+
+
+def without_captions(records: list[ImageRecord]) -> list[ImageRecord]:
+    """The records that have no caption: nothing to train on or score against."""
+    return [r for r in records if not r.captions]
 
 
 def _normalize_split(value: object, where: str, path: Path) -> str:
@@ -152,7 +193,7 @@ def _read_coco(path: Path, text: str) -> list[ImageRecord]:
         split = image.get("split")
         records[image_id] = ImageRecord(
             image_id=image_id,
-            path=str(_get(image, "file_name", where, path)),
+            path=_relative_path(_get(image, "file_name", where, path), where, path),
             split=default_split if split is None else _normalize_split(split, where, path),
         )
     for i, annotation in enumerate(data["annotations"]):
@@ -163,7 +204,9 @@ def _read_coco(path: Path, text: str) -> list[ImageRecord]:
             raise ClipcapError(
                 f"{path}: {where} names image_id {image_id}, which is not in 'images'"
             )
-        records[image_id].captions.append(str(caption).strip())
+        caption = _caption(caption, where, path)
+        if caption is not None:
+            records[image_id].captions.append(caption)
     return list(records.values())
 
 
@@ -173,21 +216,25 @@ def _read_karpathy(path: Path, text: str) -> list[ImageRecord]:
     for i, image in enumerate(data["images"]):
         where = f"images[{i}]"
         filename = _get(image, "filename", where, path)
-        folder = image.get("filepath", "")
+        folder = image.get("filepath") or ""
+        if not isinstance(filename, str) or not isinstance(folder, str):
+            raise ClipcapError(f"{path}: {where} has a 'filename' or 'filepath' that is not text")
         image_id = image.get("cocoid", image.get("imgid", filename))
         sentences = _get(image, "sentences", where, path)
         if not isinstance(sentences, list):
             raise ClipcapError(f"{path}: {where}.sentences is not a list")
         captions = [
-            str(_get(s, "raw", f"{where}.sentences[{j}]", path)).strip()
+            _caption(
+                _get(s, "raw", f"{where}.sentences[{j}]", path), f"{where}.sentences[{j}]", path
+            )
             for j, s in enumerate(sentences)
         ]
         records.append(
             ImageRecord(
                 image_id=str(image_id),
-                path=f"{folder}/{filename}" if folder else str(filename),
+                path=_relative_path(f"{folder}/{filename}" if folder else filename, where, path),
                 split=_normalize_split(_get(image, "split", where, path), where, path),
-                captions=captions,
+                captions=[c for c in captions if c is not None],
             )
         )
     return records
@@ -196,10 +243,8 @@ def _read_karpathy(path: Path, text: str) -> list[ImageRecord]:
 def _records_from_rows(path: Path, rows) -> list[ImageRecord]:
     records: dict[str, ImageRecord] = {}
     for where, row in rows:
-        image = str(_get(row, "image", where, path)).strip()
-        caption = _get(row, "caption", where, path)
-        if not image:
-            raise ClipcapError(f"{path}: {where} has an empty 'image'")
+        image = _relative_path(_get(row, "image", where, path), where, path)
+        caption = _caption(_get(row, "caption", where, path), where, path)
         split_value = row.get("split") or "train"
         split = _normalize_split(split_value, where, path)
         record = records.setdefault(image, ImageRecord(image_id=image, path=image, split=split))
@@ -208,14 +253,15 @@ def _records_from_rows(path: Path, rows) -> list[ImageRecord]:
                 f"{path}: {where} puts {image} in split '{split}', "
                 f"but an earlier row put it in '{record.split}'"
             )
-        if caption is not None and str(caption).strip():
-            record.captions.append(str(caption).strip())
+        if caption is not None:
+            record.captions.append(caption)
     return list(records.values())
 
 
 def _read_jsonl(path: Path, text: str) -> list[ImageRecord]:
     def rows():
-        for number, line in enumerate(text.splitlines(), start=1):
+        # JSON lines are separated by \n alone; a JSON string may hold U+2028 and the like.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -227,12 +273,23 @@ def _read_jsonl(path: Path, text: str) -> list[ImageRecord]:
 
 
 def _read_csv(path: Path, text: str) -> list[ImageRecord]:
-    reader = csv.DictReader(text.splitlines())
-    columns = reader.fieldnames or []
-    for column in ("image", "caption"):
-        if column not in columns:
-            raise ClipcapError(f"{path}: CSV needs an '{column}' column (found {columns})")
-    return _records_from_rows(path, ((f"row {i + 2}", row) for i, row in enumerate(reader)))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        columns = reader.fieldnames or []
+        for column in ("image", "caption"):
+            if column not in columns:
+                raise ClipcapError(f"{path}: CSV needs an '{column}' column (found {columns})")
+        # A quoted field may span lines, so rows are named by the line they start on.
+        rows = []
+        start = reader.line_num + 1
+        for row in reader:
+            if None in row:
+                raise ClipcapError(f"{path}: line {start} has more fields than the header")
+            rows.append((f"line {start}", row))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ClipcapError(f"{path}: malformed CSV near line {reader.line_num} ({e})") from None
+    return _records_from_rows(path, rows)
 
 
 def select_split(records: list[ImageRecord], split: str) -> list[ImageRecord]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from clipcap_cache.errors import ClipcapError
 from clipcap_cache.hub import quiet_transformers
 
 COLORS = {
@@ -157,6 +158,7 @@ def build_tiny_tokenizer(captions: list[str], vocab_size: int = 320):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
+        show_progress=False,
         vocab_size=vocab_size,
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -218,8 +220,17 @@ def run_demo(
     from clipcap_cache.train import TrainConfig, train
 
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ClipcapError(f"--workdir {workdir} is a file; give a folder for the demo")
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ClipcapError(f"cannot write in --workdir {workdir}: {e.strerror or e}") from None
     annotations = workdir / "shapes" / "dataset_shapes.json"
     if not annotations.exists():
         echo("1/5 drawing the synthetic dataset (coloured shapes, Karpathy format)")

@@ -16,15 +16,18 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint
-from clipcap_cache.devices import inference_dtype, resolve_device
+from clipcap_cache.devices import DEVICES, inference_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import write_json_atomic
 from clipcap_cache.generate import DecodeConfig, generate_captions
 from clipcap_cache.hub import quiet_transformers
+from clipcap_cache.logs import setup_logging, third_party_output_to_log
+from clipcap_cache.validation import at_least, check_types, one_of
 
 log = logging.getLogger(__name__)
 COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -67,6 +70,12 @@ class EvalConfig:
     bertscore_model: str = "roberta-large"
     bertscore_layers: int | None = None
 
+    def __post_init__(self):
+        check_types(self)
+        one_of(self, "split", ("train", "val", "test", "all"))
+        one_of(self, "device", DEVICES)
+        at_least(self, 1, "batch_size", "bertscore_layers")
+
 
 def java_available() -> bool:
     return shutil.which("java") is not None
@@ -103,8 +112,9 @@ def coco_metrics(
     skipped = []
     if spice:
         _check_spice()
-    gts = ptb_tokenize(references)
-    res = ptb_tokenize({k: [v] for k, v in predictions.items()})
+    with third_party_output_to_log("pycocoevalcap"):
+        gts = ptb_tokenize(references)
+        res = ptb_tokenize({k: [v] for k, v in predictions.items()})
     scorers = [
         (Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]),
         (Rouge(), ["ROUGE_L"]),
@@ -123,7 +133,8 @@ def coco_metrics(
         log.warning("Java not found: METEOR skipped, simple tokenization used instead of PTB")
     scores = {}
     for scorer, names in scorers:
-        score, _ = scorer.compute_score(gts, res)
+        with third_party_output_to_log("pycocoevalcap"):
+            score, _ = scorer.compute_score(gts, res)
         values = score if isinstance(score, list) else [score]
         scores.update({n: float(v) for n, v in zip(names, values, strict=True)})
         if hasattr(scorer, "close"):
@@ -203,16 +214,35 @@ def evaluate(config: EvalConfig) -> dict:
             cache.attrs.get("clip_model"),
         )
     rows = cache.rows_of_split(config.split)
-    if len(rows) == 0:
-        raise ClipcapError(f"{config.features} has no images in split '{config.split}'")
     all_refs = cache.references()
+    unreferenced = [r for r in rows if not all_refs[r]]
+    if unreferenced:
+        log.warning("%d images of the split have no reference caption: left out", len(unreferenced))
+        rows = np.array([r for r in rows if all_refs[r]], dtype=np.int64)
+    if len(rows) == 0:
+        raise ClipcapError(f"{config.features} has no captioned images in split '{config.split}'")
     image_ids = [cache.image_ids[r] for r in rows]
     references = {image_id: all_refs[r] for image_id, r in zip(image_ids, rows, strict=True)}
-
-    device = resolve_device(config.device)
+    predictions = None
     if config.predictions:
         predictions = read_predictions(config.predictions, set(image_ids))
-    else:
+    device = resolve_device(config.device)
+    if config.spice:
+        _check_spice()
+
+    # Everything that can be checked is checked before the captioning work: the output folder too.
+    out = Path(config.out) if config.out else directory / f"eval-{config.split}"
+    if out.exists() and not out.is_dir():
+        raise ClipcapError(f"--out {out} is a file; give a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClipcapError(f"cannot create --out {out}: {e.strerror or e}") from None
+    setup_logging(out / "evaluate.log")
+    scorer = None
+    if config.bertscore:
+        scorer = make_bertscorer(config.bertscore_model, config.bertscore_layers, device)
+    if predictions is None:
         model, tokenizer, _ = checkpoint.load_checkpoint(directory, device)
         autocast = inference_dtype(device) if device.type != "cpu" else None
         captions = generate_captions(
@@ -227,8 +257,7 @@ def evaluate(config: EvalConfig) -> dict:
         predictions = {image_id: c[0] for image_id, c in zip(image_ids, captions, strict=True)}
     scored_refs = {k: references[k] for k in predictions}
     metrics, skipped = coco_metrics(predictions, scored_refs, config.spice)
-    if config.bertscore:
-        scorer = make_bertscorer(config.bertscore_model, config.bertscore_layers, device)
+    if scorer is not None:
         keys = list(predictions)
         metrics.update(
             bertscore(scorer, [predictions[k] for k in keys], [scored_refs[k] for k in keys])
@@ -243,8 +272,6 @@ def evaluate(config: EvalConfig) -> dict:
         "metrics": metrics,
         "skipped": skipped,
     }
-    out = Path(config.out) if config.out else directory / f"eval-{config.split}"
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         out / "predictions.json",
         [{"image_id": _coco_id(k), "caption": v} for k, v in predictions.items()],
@@ -258,9 +285,11 @@ def read_predictions(path: str | Path, known_ids: set[str]) -> dict[str, str]:
     """Read a COCO results file `[{"image_id", "caption"}]`, keyed by image id as a string."""
     path = Path(path)
     try:
-        rows = json.loads(path.read_text())
+        rows = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ClipcapError(f"predictions file not found: {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise ClipcapError(f"{path}: not a JSON text file") from None
     except json.JSONDecodeError as e:
         raise ClipcapError(f"{path}: not valid JSON (line {e.lineno})") from None
     if not isinstance(rows, list):
@@ -272,9 +301,20 @@ def read_predictions(path: str | Path, known_ids: set[str]) -> dict[str, str]:
         key = str(row["image_id"])
         if key not in known_ids:
             raise ClipcapError(f"{path}: image_id {row['image_id']} is not in the evaluated split")
-        predictions[key] = str(row["caption"])
+        if not isinstance(row["caption"], str):
+            raise ClipcapError(f"{path}: entry {i} has a caption that is not text")
+        if key in predictions:
+            raise ClipcapError(f"{path}: image_id {row['image_id']} has more than one caption")
+        predictions[key] = row["caption"]
     if not predictions:
         raise ClipcapError(f"{path}: no predictions")
+    if len(predictions) < len(known_ids):
+        log.warning(
+            "%s covers %d of the split's %d images: only those are scored",
+            path,
+            len(predictions),
+            len(known_ids),
+        )
     return predictions
 
 

@@ -29,12 +29,21 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModelWithProjection
 
 from clipcap_cache import __version__, cache
-from clipcap_cache.datasets import ImageRecord, fingerprint, read_annotations, select_split
-from clipcap_cache.devices import inference_dtype, resolve_device
+from clipcap_cache.datasets import (
+    FORMATS,
+    SPLITS,
+    ImageRecord,
+    fingerprint,
+    read_annotations,
+    select_split,
+    without_captions,
+)
+from clipcap_cache.devices import DEVICES, inference_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.files import write_json_atomic
+from clipcap_cache.files import exclusive_lock, write_json_atomic
 from clipcap_cache.hub import load_pretrained, resolve_name
 from clipcap_cache.images import ImageDataset, collate_images, default_num_workers
+from clipcap_cache.validation import at_least, check_types, one_of
 
 log = logging.getLogger(__name__)
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -60,16 +69,13 @@ class FeatureConfig:
     shard_size: int = 2048  # images per crash-safe progress shard
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ClipcapError("--batch-size must be at least 1")
-        if self.num_workers < 0:
-            raise ClipcapError("--num-workers must be 0 or more")
-        if self.dtype not in ("float16", "float32"):
-            raise ClipcapError(f"--dtype must be float16 or float32, not '{self.dtype}'")
-        if self.limit is not None and self.limit < 1:
-            raise ClipcapError("--limit must be at least 1")
-        if self.shard_size < 1:
-            raise ClipcapError("shard_size must be at least 1")
+        check_types(self)
+        at_least(self, 1, "batch_size", "limit", "shard_size")
+        at_least(self, 0, "num_workers")
+        one_of(self, "dtype", ("float16", "float32"))
+        one_of(self, "format", FORMATS)
+        one_of(self, "split", (*SPLITS, "all"))
+        one_of(self, "device", DEVICES)
 
 
 @dataclass
@@ -84,6 +90,7 @@ class ExtractSummary:
     resumed_images: int = 0
     seconds: float = 0.0
     already_complete: bool = False
+    images_without_captions: int = 0  # left out: nothing to train on or score against
 
     @property
     def images_per_second(self) -> float:
@@ -146,14 +153,32 @@ def load_clip(name_or_dir: str, device: str | torch.device = "auto") -> ClipEnco
 
 
 def extract_features(config: FeatureConfig) -> ExtractSummary:
-    """Run extraction (or resume it) and write the cache; returns a summary of the run."""
+    """Run extraction (or resume it) and write the cache; returns a summary of the run.
+
+    Every input (annotations, image root, device, output path, CLIP model) is checked before
+    anything on disk changes. With `overwrite`, an existing cache is replaced only by the renaming
+    of the complete new one, so a failed run leaves it as it was.
+    """
     out = Path(config.out)
     image_root = Path(config.images)
     if not image_root.is_dir():
         raise ClipcapError(f"image root not found or not a directory: {image_root}")
+    if out.is_dir():
+        raise ClipcapError(f"--out {out} is a directory; give the HDF5 file to write in it")
+    device = resolve_device(config.device)
     records = select_split(read_annotations(config.annotations, config.format), config.split)
+    uncaptioned = without_captions(records)
+    if uncaptioned:
+        log.warning(
+            "%d images have no caption and are left out (first: %s)",
+            len(uncaptioned),
+            uncaptioned[0].path,
+        )
+        records = [r for r in records if r.captions]
     if not records:
-        raise ClipcapError(f"{config.annotations} has no images in split '{config.split}'")
+        raise ClipcapError(
+            f"{config.annotations} has no captioned images in split '{config.split}'"
+        )
     records = records[: config.limit] if config.limit else records
     identity = {
         "source": f"{Path(config.annotations).name}:{fingerprint(config.annotations)}",
@@ -162,29 +187,42 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
         "limit": config.limit or 0,
         "storage_dtype": config.dtype,
     }
+    summary = ExtractSummary(out=str(out), images_without_captions=len(uncaptioned))
+    with exclusive_lock(out):
+        _extract(config, records, image_root, device, identity, summary)
+    return summary
 
-    summary = ExtractSummary(out=str(out))
+
+def _extract(
+    config: FeatureConfig,
+    records: list[ImageRecord],
+    image_root: Path,
+    device: torch.device,
+    identity: dict,
+    summary: ExtractSummary,
+) -> None:
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        _check_same_inputs(identity, cache.read_attrs(out), out)
+        done = cache.read_cache(out)
+        summary.already_complete = True
+        summary.images_written = len(done.image_ids)
+        summary.images_failed = len(done.failed_paths)
+        return
     parts = out.with_name(out.name + ".parts")
-    if out.exists():
-        if config.overwrite:
-            out.unlink()
-        else:
-            _check_same_inputs(identity, cache.read_attrs(out), out)
-            done = cache.read_cache(out)
-            summary.already_complete = True
-            summary.images_written = len(done.image_ids)
-            summary.images_failed = len(done.failed_paths)
-            return summary
-    if parts.exists() and config.overwrite:
-        shutil.rmtree(parts)
-    manifest = _open_parts(parts, identity, config, len(records))
-
-    shard_size = manifest["shard_size"]
+    manifest = _read_manifest(parts)
+    if manifest is not None and any(manifest.get(k) != v for k, v in identity.items()):
+        if not config.overwrite:
+            _check_same_inputs(identity, manifest, parts)
+        manifest = None  # progress of other inputs, cleared once the new model has loaded
+    shard_size = manifest["shard_size"] if manifest else config.shard_size
     shards = [
         (start, min(start + shard_size, len(records)))
         for start in range(0, len(records), shard_size)
     ]
-    pending = [i for i in range(len(shards)) if not _shard_path(parts, i).exists()]
+    pending = [
+        i for i in range(len(shards)) if manifest is None or not _shard_path(parts, i).exists()
+    ]
     summary.resumed_images = sum(
         shards[i][1] - shards[i][0] for i in range(len(shards)) if i not in pending
     )
@@ -193,15 +231,28 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
 
     started = time.perf_counter()
     if pending:
-        encoder = load_clip(config.clip_model, config.device)
+        encoder = load_clip(config.clip_model, device)
         started = time.perf_counter()  # throughput counts encoding, not model loading
-        manifest.update(embedding_dim=encoder.embedding_dim, image_size=encoder.image_size)
-        write_json_atomic(parts / "manifest.json", manifest)
+        if manifest is None:
+            shutil.rmtree(parts, ignore_errors=True)
+            manifest = {
+                **identity,
+                "shard_size": shard_size,
+                "num_images": len(records),
+                "format": config.format,
+                "annotations": Path(config.annotations).name,
+                "embedding_dim": encoder.embedding_dim,
+                "image_size": encoder.image_size,
+            }
+            try:
+                parts.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(parts / "manifest.json", manifest)
+            except OSError as e:
+                raise ClipcapError(f"cannot write next to {out}: {e.strerror or e}") from None
         _encode_shards(encoder, records, image_root, shards, pending, parts, config, summary)
     summary.seconds = time.perf_counter() - started
     _gather(parts, out, records, shards, manifest, summary)
     shutil.rmtree(parts, ignore_errors=True)
-    return summary
 
 
 def _check_same_inputs(identity: dict, found: dict, where: Path) -> None:
@@ -214,30 +265,17 @@ def _check_same_inputs(identity: dict, found: dict, where: Path) -> None:
             )
 
 
-def _open_parts(parts: Path, identity: dict, config: FeatureConfig, num_images: int) -> dict:
-    """Create the progress folder, or reopen it after checking it belongs to these inputs."""
-    manifest_path = parts / "manifest.json"
-    if manifest_path.exists():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            raise ClipcapError(
-                f"{manifest_path} is corrupt; pass --overwrite to start over"
-            ) from None
-        _check_same_inputs(identity, manifest, parts)
-        return manifest
+def _read_manifest(parts: Path) -> dict | None:
+    """The progress folder's manifest, or None when there is no progress yet."""
+    path = parts / "manifest.json"
+    if not path.exists():
+        return None
     try:
-        parts.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            **identity,
-            "shard_size": config.shard_size,
-            "num_images": num_images,
-            "format": config.format,
-            "annotations": Path(config.annotations).name,
-        }
-        write_json_atomic(manifest_path, manifest)
-    except OSError as e:
-        raise ClipcapError(f"cannot write next to {config.out}: {e.strerror or e}") from None
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or "embedding_dim" not in manifest:
+        raise ClipcapError(f"{path} is corrupt; pass --overwrite to start over")
     return manifest
 
 

@@ -1,12 +1,21 @@
-"""Atomic file writes: write to a temporary name beside the target, then rename into place.
+"""Safe file handling: atomic writes, and an exclusive lock on an output that a run owns.
 
-A reader, or a process that resumes after a crash, sees either the old file or the new one, never a
-half-written one.
+An atomic write goes to a temporary name beside the target and is renamed into place, so a reader,
+or a process that resumes after a crash, sees either the old file or the new one, never a
+half-written one. The lock keeps two clipcap processes from writing the same output at once.
 """
 
+import contextlib
 import json
 import os
 from pathlib import Path
+
+from clipcap_cache.errors import ClipcapError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no lock
+    fcntl = None
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -20,3 +29,53 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, data) -> None:
     """Write `data` as indented JSON to `path` atomically."""
     write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def lock_path(output: str | Path) -> Path:
+    """The lock file of an output: `NAME.lock` beside it."""
+    output = Path(output)
+    return output.with_name(output.name + ".lock")
+
+
+@contextlib.contextmanager
+def exclusive_lock(output: str | Path):
+    """Hold an exclusive lock on `output` while the block runs, or refuse with one line.
+
+    The lock is an `flock` on `NAME.lock` beside the output, holding the owner's pid. The kernel
+    drops an flock when its process dies, so a killed run never leaves a stale lock. The parent
+    folder is created if needed.
+    """
+    path = lock_path(output)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ClipcapError(f"cannot write next to {output}: {e.strerror or e}") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise ClipcapError(
+                    f"{output} is in use by another clipcap process (pid {owner})"
+                ) from None
+            if os.fstat(fd).st_ino != _inode(path):
+                # The holder removed this lock file as we opened it: it has just finished.
+                raise ClipcapError(f"{output} was just released by another process; run again")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None

@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.model import ClipCaptionModel
+from clipcap_cache.validation import at_least, check_types, one_of
 
 STRATEGIES = ("beam", "greedy", "sample")
 
@@ -31,10 +32,10 @@ class DecodeConfig:
     seed: int = 0  # for `sample`
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ClipcapError(f"unknown decoding '{self.strategy}': choose {STRATEGIES}")
-        if self.beams < 1 or self.num_captions < 1 or self.max_tokens < 1:
-            raise ClipcapError("--beams, --num-captions and --max-tokens must be at least 1")
+        check_types(self)
+        one_of(self, "strategy", STRATEGIES)
+        at_least(self, 1, "beams", "num_captions", "max_tokens")
+        at_least(self, 0, "seed")
         if self.strategy == "beam" and self.num_captions > self.beams:
             raise ClipcapError(
                 f"--num-captions {self.num_captions} is more than --beams "

@@ -44,12 +44,20 @@ def load_pretrained(loader, name_or_dir: str, what: str, **kwargs):
             return loader(str(path) if path.is_dir() else name_or_dir, **kwargs)
     except OSError as e:
         if path.is_dir():
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ClipcapError(f"cannot load {what} from directory {path}: {first_line}") from None
+            raise ClipcapError(
+                f"cannot load {what} from directory {path}: {_first_line(e)}"
+            ) from None
         raise ClipcapError(
             f"cannot load {what} '{name_or_dir}': it is not a local directory and could not be "
             "fetched from the Hugging Face hub (no network, or not in the local cache). Download it "
             f"where the hub is reachable (`hf download {name_or_dir} --local-dir DIR`) and pass DIR."
         ) from None
-    except (ValueError, KeyError) as e:
-        raise ClipcapError(f"cannot load {what} '{name_or_dir}': {e}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ClipcapError(f"cannot load {what} '{name_or_dir}': {_first_line(e)}") from None
+
+
+def _first_line(error: Exception, limit: int = 200) -> str:
+    """The first line of a library's message, cut short: some list every model class."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[:limit] + "..."

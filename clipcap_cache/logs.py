@@ -4,9 +4,13 @@ One formatter serves both handlers. Metrics go to `metrics.jsonl`, one JSON obje
 rewritten atomically from the run's history so a resumed run never holds stale rows.
 """
 
+import contextlib
+import io
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from clipcap_cache.files import write_text_atomic
@@ -16,21 +20,69 @@ PACKAGE_LOGGER = "clipcap_cache"
 
 
 def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Send the package's log records to stderr and, if given, to `log_file` (appended)."""
+    """Send the package's log records to stderr and, if given, to `log_file` (appended).
+
+    The file also gets debug records, such as the output of third-party scorers
+    (`third_party_output_to_log`), which the console leaves out.
+    """
     logger = logging.getLogger(PACKAGE_LOGGER)
-    logger.setLevel(level)
+    logger.setLevel(min(level, logging.DEBUG) if log_file is not None else level)
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    handlers: list[logging.Handler] = [console]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger
+
+
+class _LineLogger(io.TextIOBase):
+    """A text stream that logs each non-blank line it is given at debug level."""
+
+    def __init__(self, logger: logging.Logger, prefix: str):
+        self.logger, self.prefix, self.pending = logger, prefix, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                self.logger.debug("%s: %s", self.prefix, line.rstrip())
+        return len(text)
+
+
+@contextlib.contextmanager
+def third_party_output_to_log(prefix: str):
+    """Log what a library prints, and what its subprocesses write, as debug lines.
+
+    pycocoevalcap prints `{'testlen': ...}` and `ratio: ...`, and its Java tokenizer writes to
+    the process's stderr. Both file descriptors are captured, not only `sys.stdout`, so the
+    console keeps only our own output; the lines go to the log file.
+    """
+    stream = _LineLogger(logging.getLogger(PACKAGE_LOGGER), prefix)
+    with tempfile.TemporaryFile() as capture:
+        for handle in (sys.stdout, sys.stderr):
+            handle.flush()
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(capture.fileno(), 1)
+        os.dup2(capture.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(stream):
+                yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            capture.seek(0)
+            stream.write(capture.read().decode("utf-8", errors="replace") + "\n")
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.hub import load_pretrained, resolve_name
+from clipcap_cache.validation import at_least, check_types, one_of
 
 log = logging.getLogger(__name__)
 PROJECTORS = ("mlp", "transformer")
@@ -42,14 +43,13 @@ class ModelConfig:
     projector_heads: int = 8  # transformer projector heads; must divide H
 
     def __post_init__(self):
-        if self.projector not in PROJECTORS:
-            raise ClipcapError(f"unknown projector '{self.projector}': choose mlp or transformer")
-        if self.prefix_length < 1:
-            raise ClipcapError("--prefix-length must be at least 1")
-        if self.clip_embedding_dim < 1:
-            raise ClipcapError("clip_embedding_dim must be positive")
-        if self.freeze_layers is not None and self.freeze_layers < 0:
-            raise ClipcapError("--freeze-layers must be 0 or more")
+        check_types(self)
+        one_of(self, "projector", PROJECTORS)
+        at_least(self, 1, "prefix_length", "clip_embedding_dim", "projector_layers")
+        at_least(self, 1, "projector_heads")
+        at_least(self, 0, "freeze_layers")
+        if not self.gpt2_model.strip():
+            raise ClipcapError("--gpt2-model must name a model")
 
 
 class MLPProjector(nn.Module):
@@ -159,6 +159,11 @@ class ClipCaptionModel(nn.Module):
 
 def load_gpt2(name_or_dir: str) -> GPT2LMHeadModel:
     """Load a GPT-2-family language model by hub name or directory."""
+    config = load_pretrained(AutoConfig.from_pretrained, name_or_dir, "GPT-2 model")
+    if config.model_type != "gpt2":
+        raise ClipcapError(
+            f"'{name_or_dir}' is a '{config.model_type}' model, not a GPT-2-family model"
+        )
     model = load_pretrained(
         AutoModelForCausalLM.from_pretrained, name_or_dir, "GPT-2 model", dtype=torch.float32
     )
@@ -170,6 +175,12 @@ def load_gpt2(name_or_dir: str) -> GPT2LMHeadModel:
 def load_tokenizer(name_or_dir: str):
     """Load the GPT-2 tokenizer, making sure it has an EOS token to end captions with."""
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_dir, "GPT-2 tokenizer")
+    if len(tokenizer) < 2:
+        # transformers builds an empty tokenizer when a folder has no tokenizer files.
+        raise ClipcapError(
+            f"cannot load GPT-2 tokenizer from '{name_or_dir}': no tokenizer files there "
+            "(tokenizer.json, or vocab.json and merges.txt)"
+        )
     if tokenizer.eos_token_id is None:
         raise ClipcapError(f"the tokenizer of '{name_or_dir}' has no EOS token")
     return tokenizer

@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint
-from clipcap_cache.devices import autocast_dtype, resolve_device
+from clipcap_cache.devices import DEVICES, PRECISIONS, autocast_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.files import write_json_atomic
+from clipcap_cache.files import exclusive_lock, write_json_atomic
 from clipcap_cache.generate import DecodeConfig, generate_captions
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.logs import setup_logging, write_jsonl
@@ -47,6 +47,7 @@ from clipcap_cache.model import (
     load_tokenizer,
 )
 from clipcap_cache.plots import plot_metrics
+from clipcap_cache.validation import at_least, check_types, one_of, option, positive
 
 log = logging.getLogger(__name__)
 RUN_ARTEFACTS = ("checkpoints", "config.json", "train.log", "metrics.jsonl", "plots")
@@ -82,13 +83,13 @@ class TrainConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "grad_accum", "max_caption_tokens"):
-            if getattr(self, name) < 1:
-                raise ClipcapError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0:
-            raise ClipcapError("--lr must be positive")
-        if self.warmup_steps < 0 or self.eval_images < 0 or self.save_every_steps < 0:
-            raise ClipcapError("--warmup-steps, --eval-images and save_every_steps must be >= 0")
+        check_types(self)
+        at_least(self, 1, "epochs", "batch_size", "grad_accum", "max_caption_tokens")
+        at_least(self, 1, "bertscore_layers")
+        at_least(self, 0, "warmup_steps", "eval_images", "save_every_steps", "weight_decay")
+        positive(self, "lr", "max_grad_norm")
+        one_of(self, "device", DEVICES)
+        one_of(self, "precision", PRECISIONS)
         if self.resume and self.overwrite:
             raise ClipcapError("--resume and --overwrite contradict each other: choose one")
 
@@ -293,13 +294,19 @@ def save_training_checkpoint(
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
         }
-    checkpoint.save_checkpoint(
-        run.path / "checkpoints" / name,
-        model,
-        run.tokenizer,
-        {**run.info, "epoch": state.epoch, "step": state.step, "metrics": metrics},
-        train_state,
-    )
+    try:
+        checkpoint.save_checkpoint(
+            run.path / "checkpoints" / name,
+            model,
+            run.tokenizer,
+            {**run.info, "epoch": state.epoch, "step": state.step, "metrics": metrics},
+            train_state,
+        )
+    except OSError as e:
+        raise ClipcapError(
+            f"cannot write checkpoint {run.path / 'checkpoints' / name}: {e.strerror or e}; "
+            "the last complete checkpoint is kept. Free space or fix permissions, then --resume"
+        ) from None
 
 
 def forward_backward(
@@ -360,64 +367,75 @@ def train_one_epoch(
     pending = torch.zeros((), device=device)
     first_batch = state.batch
     synced_batch, synced_at = first_batch, time.perf_counter()
-    for b in range(first_batch, batches_per_epoch):
-        group_start = b - b % config.grad_accum
-        group_end = min(group_start + config.grad_accum, batches_per_epoch)
-        if b in (group_start, first_batch):
-            # A resume with another --grad-accum may start mid-group: its group starts there.
-            start = max(group_start, first_batch)
-            group = order[start * config.batch_size : group_end * config.batch_size]
-            group_tokens = data.count_tokens(group)
-        samples = order[b * config.batch_size : (b + 1) * config.batch_size]
-        embeddings, input_ids, labels = data.batch(samples, pad_id)
-        tokens = data.count_tokens(samples)
-        # Weighting each micro-batch by its share of the group's tokens makes the accumulated
-        # gradient that of the mean loss over the whole group, as one large batch would give.
-        loss = forward_backward(
-            forward,
-            embeddings.to(device),
-            input_ids.to(device),
-            labels.to(device),
-            tokens / group_tokens,
-            optimization.scaler,
-            amp_dtype,
-        )
-        pending += loss * tokens
-        state.tokens += tokens
-        state.captions += len(samples)
-        bar.update(1)
-        if b + 1 < group_end:
-            continue
-        state.step += 1
-        saving = (
-            config.save_every_steps
-            and state.step % config.save_every_steps == 0
-            and b + 1 < batches_per_epoch
-        )
-        if saving or b + 1 == batches_per_epoch or time.perf_counter() - synced_at > SYNC_SECONDS:
-            # Every save is preceded by this check, so a non-finite loss never reaches a
-            # checkpoint.
-            value = pending.item()
-            if not math.isfinite(value):
-                bar.close()
-                raise ClipcapError(
-                    f"the loss became {value} in epoch {epoch + 1}, batches "
-                    f"{synced_batch + 1}-{b + 1}; stopping. The last good checkpoint is kept "
-                    f"in {run.path / 'checkpoints'}. Try a lower --lr or --precision fp32"
-                )
-            state.loss_sum += value
-            pending.zero_()
-            synced_batch, synced_at = b + 1, time.perf_counter()
-            bar.set_postfix(
-                loss=f"{state.loss_sum / state.tokens:.3f}",
-                cap_s=f"{state.captions / max(synced_at - started, 1e-9):.1f}",
+    try:
+        for b in range(first_batch, batches_per_epoch):
+            group_start = b - b % config.grad_accum
+            group_end = min(group_start + config.grad_accum, batches_per_epoch)
+            if b in (group_start, first_batch):
+                # A resume with another --grad-accum may start mid-group: its group starts there.
+                start = max(group_start, first_batch)
+                group = order[start * config.batch_size : group_end * config.batch_size]
+                group_tokens = data.count_tokens(group)
+            samples = order[b * config.batch_size : (b + 1) * config.batch_size]
+            embeddings, input_ids, labels = data.batch(samples, pad_id)
+            tokens = data.count_tokens(samples)
+            # Weighting each micro-batch by its share of the group's tokens makes the accumulated
+            # gradient that of the mean loss over the whole group, as one large batch would give.
+            loss = forward_backward(
+                forward,
+                embeddings.to(device),
+                input_ids.to(device),
+                labels.to(device),
+                tokens / group_tokens,
+                optimization.scaler,
+                amp_dtype,
             )
-        optimization.step()
-        state.batch = b + 1
-        if saving:
-            state.seconds = time.perf_counter() - started
-            save_training_checkpoint(run, "last", model, state, optimization)
-    bar.close()
+            pending += loss * tokens
+            state.tokens += tokens
+            state.captions += len(samples)
+            bar.update(1)
+            if b + 1 < group_end:
+                continue
+            state.step += 1
+            saving = (
+                config.save_every_steps
+                and state.step % config.save_every_steps == 0
+                and b + 1 < batches_per_epoch
+            )
+            if (
+                saving
+                or b + 1 == batches_per_epoch
+                or time.perf_counter() - synced_at > SYNC_SECONDS
+            ):
+                # Every save is preceded by this check, so a non-finite loss never reaches a
+                # checkpoint.
+                value = pending.item()
+                if not math.isfinite(value):
+                    last = run.path / "checkpoints" / "last"
+                    kept = (
+                        f"The last good checkpoint is kept in {last}"
+                        if last.exists()
+                        else "No checkpoint had been saved yet"
+                    )
+                    raise ClipcapError(
+                        f"the loss became {value} in epoch {epoch + 1}, batches "
+                        f"{synced_batch + 1}-{b + 1}; stopping. {kept}. Try a lower --lr or "
+                        "--precision fp32"
+                    )
+                state.loss_sum += value
+                pending.zero_()
+                synced_batch, synced_at = b + 1, time.perf_counter()
+                bar.set_postfix(
+                    loss=f"{state.loss_sum / state.tokens:.3f}",
+                    cap_s=f"{state.captions / max(synced_at - started, 1e-9):.1f}",
+                )
+            optimization.step()
+            state.batch = b + 1
+            if saving:
+                state.seconds = time.perf_counter() - started
+                save_training_checkpoint(run, "last", model, state, optimization)
+    finally:
+        bar.close()  # before any error message, so it starts a line of its own
     seconds = time.perf_counter() - started
     return {
         "epoch": epoch + 1,
@@ -430,25 +448,50 @@ def train_one_epoch(
 
 
 def train(config: TrainConfig, model_config: ModelConfig) -> dict:
-    """Train a caption model; returns the last epoch's metrics row."""
+    """Train a caption model; returns the last epoch's metrics row.
+
+    The run directory is locked against other clipcap processes. Every input (caches, device,
+    precision, the run directory, GPT-2 and its tokenizer) is checked before anything in it is
+    replaced or written, so a failed start leaves an existing run as it was and nothing that
+    blocks the corrected command.
+    """
     run_dir = Path(config.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ClipcapError(f"--out {run_dir} is a file; give a directory for the run")
+    with exclusive_lock(run_dir):
+        return _train(run_dir, config, model_config)
+
+
+def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict:
+    # Local paths are recorded absolute, so the run resumes from any working directory.
+    config = replace(
+        config,
+        features=str(Path(config.features).resolve()),
+        val_features=config.val_features and str(Path(config.val_features).resolve()),
+        bertscore_model=resolve_name(config.bertscore_model),
+    )
     train_cache = feature_cache.read_cache(config.features)
-    model_config = replace(model_config, clip_embedding_dim=train_cache.embedding_dim)
+    model_config = replace(
+        model_config,
+        clip_embedding_dim=train_cache.embedding_dim,
+        gpt2_model=resolve_name(model_config.gpt2_model),
+    )
     train_rows = train_cache.rows_of_split("train")
     if len(train_rows) == 0:
         raise ClipcapError(f"{config.features} has no train split to train on")
     val_cache, val_rows = _validation_source(config, train_cache)
-
-    resume_state, model_config = _prepare_run_dir(run_dir, config, model_config, train_cache)
-    setup_logging(run_dir / "train.log")
-    _write_run_config(run_dir, config, model_config)
-    log.info("run directory %s", run_dir)
-
-    torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     amp_dtype = autocast_dtype(config.precision, device)
+    resume_state, model_config = _check_run_dir(run_dir, config, model_config, train_cache)
+    torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(model_config.gpt2_model)
     model = build_model(model_config).to(device)
+
+    # Everything is checked: only now is the directory changed.
+    _clear_run_dir(run_dir, config)
+    setup_logging(run_dir / "train.log")
+    _write_run_config(run_dir, config, model.config)
+    log.info("run directory %s", run_dir)
     trainable, frozen = count_parameters(model)
     log.info(
         "parameters: %s trainable, %s frozen (GPT-2 blocks frozen: %d of %d)",
@@ -560,25 +603,34 @@ def _validation_source(config: TrainConfig, train_cache):
             raise ClipcapError(
                 f"{config.val_features} was made with another CLIP model than {config.features}"
             )
-        return val_cache, val_cache.rows_of_split("all")
-    rows = train_cache.rows_of_split("val")
-    if len(rows) == 0:
-        raise ClipcapError(
-            f"{config.features} has no val split: pass --val-features FILE, or "
-            "--no-val to train without validation"
+        val_cache, rows = val_cache, val_cache.rows_of_split("all")
+    else:
+        val_cache, rows = train_cache, train_cache.rows_of_split("val")
+    # Images without a reference caption (possible in caches of older versions) give no loss
+    # and cannot be scored, so validation leaves them out.
+    captioned = np.zeros(len(val_cache.image_ids), dtype=bool)
+    captioned[val_cache.caption_image_index] = True
+    if not captioned[rows].any():
+        what = (
+            f"{config.val_features} has no captioned images"
+            if config.val_features
+            else f"{config.features} has no val split with captions"
         )
-    return train_cache, rows
+        raise ClipcapError(
+            f"{what}: pass --val-features FILE, or --no-val to train without validation"
+        )
+    return val_cache, rows[captioned[rows]]
 
 
-def _prepare_run_dir(
+def _check_run_dir(
     run_dir: Path, config: TrainConfig, model_config: ModelConfig, train_cache
 ) -> tuple[dict | None, ModelConfig]:
-    """Check the run directory against --resume/--overwrite.
+    """Check the run directory against --resume/--overwrite, changing nothing.
 
     Returns the state to resume from (None for a new run) and the model config, which a resume
     completes from the run's own.
     """
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    exists = run_dir.exists() and any(p.name in RUN_ARTEFACTS for p in run_dir.iterdir())
     if config.resume:
         last = run_dir / "checkpoints" / "last"
         train_state = checkpoint.load_train_state(last)
@@ -599,6 +651,13 @@ def _prepare_run_dir(
                 raise ClipcapError(
                     f"--resume: the run was trained with {field_.name}={old!r}, not {new!r}"
                 )
+        for name in ("lr", "weight_decay"):
+            old = saved.get("train", {}).get(name)
+            if old is not None and getattr(config, name) != old:
+                raise ClipcapError(
+                    f"--resume: the run was trained with {option(name)} {old}; a resume restores "
+                    f"its optimizer, so {option(name)} {getattr(config, name)} would be ignored"
+                )
         if saved.get("cache_source") != train_cache.attrs.get("source"):
             log.warning("resuming on a cache made from other annotations than the run's")
         if train_state["captions"] % config.batch_size:
@@ -609,23 +668,27 @@ def _prepare_run_dir(
                 f"{saved.get('train', {}).get('batch_size')})"
             )
         return train_state, replace(model_config, freeze_layers=saved_model["freeze_layers"])
-    if exists:
-        if not config.overwrite:
-            raise ClipcapError(
-                f"{run_dir} already holds a run: pass --resume to continue it or "
-                "--overwrite to replace it"
-            )
-        for name in RUN_ARTEFACTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    if exists and not config.overwrite:
+        raise ClipcapError(
+            f"{run_dir} already holds a run: pass --resume to continue it or "
+            "--overwrite to replace it"
+        )
+    return None, model_config
+
+
+def _clear_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    """Create the run directory; with --overwrite, remove the old run's files first."""
     try:
+        if config.overwrite:
+            for name in RUN_ARTEFACTS:
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ClipcapError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
-    return None, model_config
+        raise ClipcapError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
 
 
 def _write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> None:
@@ -635,9 +698,12 @@ def _write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelCon
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
-    write_jsonl(run_dir / "metrics.jsonl", history)
-    if history:
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
+    try:
+        write_jsonl(run_dir / "metrics.jsonl", history)
+        if history:
+            plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
+    except OSError as e:
+        raise ClipcapError(f"cannot write metrics in {run_dir}: {e.strerror or e}") from None
 
 
 def _warmup_then_decay(warmup_steps: int, total_steps: int):

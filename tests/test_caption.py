@@ -67,6 +67,7 @@ def test_structured_formats_parse(trained_run, photos, tmp_path):
     assert len(rows) == 6 and {r["rank"] for r in rows} == {"1", "2"}
 
 
+@pytest.mark.bad_input("parsing")
 def test_bad_images_are_reported_and_the_rest_captioned(trained_run, photos, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 nope")
@@ -86,6 +87,7 @@ def test_bad_images_are_reported_and_the_rest_captioned(trained_run, photos, tmp
     assert "missing.png" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.bad_input("traceback")
 def test_bad_checkpoints_get_one_line_errors(trained_run, photos, tmp_path):
     assert "not found" in assert_one_line_error(caption(tmp_path / "nothing", photos))
     bad_version = tmp_path / "v"

@@ -74,6 +74,7 @@ def test_jsonl_and_csv_merge_rows_of_the_same_image(tmp_path):
         assert [r.path for r in select_split(records, "val")] == ["p/1.png"]
 
 
+@pytest.mark.bad_input("parsing")
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [

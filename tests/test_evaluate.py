@@ -108,6 +108,7 @@ def test_metrics_equal_direct_pycocoevalcap_and_bert_score(
     assert rescored["skipped"] == ["BERTScore"]
 
 
+@pytest.mark.bad_input("parsing")
 @pytest.mark.parametrize(
     "content, expected",
     [
@@ -117,8 +118,23 @@ def test_metrics_equal_direct_pycocoevalcap_and_bert_score(
         ('[{"image_id": 1}]', "entry 0 needs 'image_id' and 'caption'"),
         ('[{"image_id": 999999, "caption": "x"}]', "image_id 999999 is not in the evaluated split"),
         ("[]", "no predictions"),
+        # 184 is the first test image of the shapes dataset (160 train, 24 val, then test).
+        ('[{"image_id": 184, "caption": null}]', "entry 0 has a caption that is not text"),
+        (
+            '[{"image_id": 184, "caption": "a"}, {"image_id": 184, "caption": "b"}]',
+            "image_id 184 has more than one caption",
+        ),
     ],
-    ids=["missing", "not-json", "not-a-list", "no-caption", "unknown-image", "empty"],
+    ids=[
+        "missing",
+        "not-json",
+        "not-a-list",
+        "no-caption",
+        "unknown-image",
+        "empty",
+        "null-caption",
+        "duplicate",
+    ],
 )
 def test_a_bad_predictions_file_gets_one_line(
     trained_run, shapes_cache, tmp_path, content, expected
@@ -145,6 +161,7 @@ def test_a_bad_predictions_file_gets_one_line(
     assert not out.exists()
 
 
+@pytest.mark.bad_input("message")
 @needs_java
 def test_spice_without_corenlp_gets_one_line(trained_run, shapes_cache, tmp_path):
     import pycocoevalcap.spice as spice_package

@@ -117,6 +117,7 @@ def test_cached_rows_equal_the_hugging_face_reference(tmp_path, clip_dir):
         assert not np.allclose(cache.embeddings[row], cache.embeddings[1 - row], atol=1e-2)
 
 
+@pytest.mark.bad_input("parsing")
 def test_strict_stops_and_all_bad_fails(tmp_path, mixed_dataset, clip_dir):
     annotations, root = mixed_dataset
     error = assert_one_line_error(
@@ -130,6 +131,7 @@ def test_strict_stops_and_all_bad_fails(tmp_path, mixed_dataset, clip_dir):
     assert "no image could be read" in error
 
 
+@pytest.mark.bad_input("data loss")
 def test_rerun_is_a_no_op_and_other_inputs_are_refused(tmp_path, mixed_dataset, clip_dir):
     annotations, root = mixed_dataset
     out = tmp_path / "f.h5"
@@ -146,6 +148,7 @@ def test_rerun_is_a_no_op_and_other_inputs_are_refused(tmp_path, mixed_dataset, 
     assert read_cache(out).captions[0] == "changed"
 
 
+@pytest.mark.bad_input("traceback")
 def test_bad_paths_and_annotations_get_one_line_errors(tmp_path, mixed_dataset, clip_dir):
     annotations, root = mixed_dataset
     broken = tmp_path / "broken.json"
@@ -163,6 +166,7 @@ def test_bad_paths_and_annotations_get_one_line_errors(tmp_path, mixed_dataset, 
     )
 
 
+@pytest.mark.bad_input("message")
 def test_unresolvable_model_name_explains_how_to_pass_a_directory(tmp_path, mixed_dataset):
     annotations, root = mixed_dataset
     result = run_cli(

@@ -102,6 +102,7 @@ def test_greedy_with_kv_cache_equals_a_plain_loop(model_and_tokenizer):
     assert [c[0] for c in fast] == plain_greedy(model, tokenizer, embeddings, 12)
 
 
+@pytest.mark.bad_input("numbers")
 @pytest.mark.parametrize(
     "kwargs",
     [

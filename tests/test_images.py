@@ -40,6 +40,7 @@ def test_multi_frame_files_use_the_first_frame(tmp_path):
     assert red > 200 and blue < 50
 
 
+@pytest.mark.bad_input("parsing")
 def test_bad_files_raise_image_load_error_with_a_reason(tmp_path):
     good = tmp_path / "good.jpg"
     Image.new("RGB", (64, 64), (1, 2, 3)).save(good)
