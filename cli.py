@@ -247,16 +247,9 @@ def _resolve_options(ctx: typer.Context, out: Path, config_file: Path | None, re
 
 
 def _flatten_config(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ClipcapError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ClipcapError(f"--config {path} is a directory; give a JSON file") from None
-    except UnicodeDecodeError:
-        raise ClipcapError(f"{path}: not a UTF-8 text file") from None
-    except json.JSONDecodeError as e:
-        raise ClipcapError(f"{path}: not valid JSON (line {e.lineno})") from None
+    from clipcap_cache.files import read_json
+
+    data = read_json(path, "config file")
     if not isinstance(data, dict):
         raise ClipcapError(f"{path}: expected a JSON object of options")
     flat = {}

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from clipcap_cache import __version__
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import read_json
 from clipcap_cache.model import (
     ClipCaptionModel,
     ModelConfig,
@@ -114,10 +115,7 @@ def resolve(path: str | Path) -> Path:
 def read_config(path: str | Path) -> dict:
     """The config.json of a checkpoint, checked for its format version."""
     directory = resolve(path)
-    try:
-        config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ClipcapError(f"{directory / CONFIG} is not valid JSON") from None
+    config = read_json(directory / CONFIG, "checkpoint config")
     if not isinstance(config, dict) or "format_version" not in config:
         raise ClipcapError(f"{directory} is not a clipcap checkpoint: no format_version")
     version = config["format_version"]

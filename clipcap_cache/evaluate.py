@@ -8,7 +8,6 @@ BLEU-1..4, METEOR, ROUGE-L and CIDEr come from pycocoevalcap after its PTB token
 request; BERTScore comes from bert-score, each candidate scored against all its references.
 """
 
-import json
 import logging
 import re
 import shutil
@@ -23,7 +22,7 @@ from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint
 from clipcap_cache.devices import DEVICES, inference_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.files import write_json_atomic
+from clipcap_cache.files import read_json, write_json_atomic
 from clipcap_cache.generate import DecodeConfig, generate_captions
 from clipcap_cache.hub import quiet_transformers
 from clipcap_cache.logs import setup_logging, third_party_output_to_log
@@ -284,14 +283,7 @@ def evaluate(config: EvalConfig) -> dict:
 def read_predictions(path: str | Path, known_ids: set[str]) -> dict[str, str]:
     """Read a COCO results file `[{"image_id", "caption"}]`, keyed by image id as a string."""
     path = Path(path)
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ClipcapError(f"predictions file not found: {path}") from None
-    except (IsADirectoryError, UnicodeDecodeError):
-        raise ClipcapError(f"{path}: not a JSON text file") from None
-    except json.JSONDecodeError as e:
-        raise ClipcapError(f"{path}: not valid JSON (line {e.lineno})") from None
+    rows = read_json(path, "predictions file")
     if not isinstance(rows, list):
         raise ClipcapError(f'{path}: expected a list of {{"image_id", "caption"}} objects')
     predictions = {}

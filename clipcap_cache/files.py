@@ -31,6 +31,26 @@ def write_json_atomic(path: str | Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2))
 
 
+def read_json(path: str | Path, what: str = "file"):
+    """Parse a JSON file; every way that can fail becomes one `ClipcapError` line.
+
+    `what` names the file in the not-found message, e.g. "predictions file".
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClipcapError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ClipcapError(f"{what} {path} is a directory, not a JSON file") from None
+    except UnicodeDecodeError:
+        raise ClipcapError(f"{path}: not a UTF-8 text file") from None
+    except json.JSONDecodeError as e:
+        raise ClipcapError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno})") from None
+    except OSError as e:
+        raise ClipcapError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def lock_path(output: str | Path) -> Path:
     """The lock file of an output: `NAME.lock` beside it."""
     output = Path(output)

@@ -38,6 +38,22 @@ def evaluate_test_split(checkpoint, cache, out, *extra):
     )
 
 
+def score_predictions(checkpoint, cache, predictions, out, check=None):
+    """`clipcap evaluate --predictions FILE`, without BERTScore."""
+    return run_cli(
+        "evaluate",
+        checkpoint,
+        "--features",
+        cache,
+        "--predictions",
+        predictions,
+        "--no-bertscore",
+        "--out",
+        out,
+        check=check,
+    )
+
+
 @needs_java
 def test_metrics_equal_direct_pycocoevalcap_and_bert_score(
     trained_run, shapes_cache, minilm_dir, tmp_path
@@ -91,18 +107,7 @@ def test_metrics_equal_direct_pycocoevalcap_and_bert_score(
 
     # Scoring the predictions file again, without generating, gives the same numbers.
     again = tmp_path / "again"
-    run_cli(
-        "evaluate",
-        trained_run,
-        "--features",
-        shapes_cache,
-        "--predictions",
-        out / "predictions.json",
-        "--out",
-        again,
-        "--no-bertscore",
-        check=0,
-    )
+    score_predictions(trained_run, shapes_cache, out / "predictions.json", again, check=0)
     rescored = json.loads((again / "metrics.json").read_text())
     assert rescored["metrics"]["CIDEr"] == pytest.approx(metrics["CIDEr"])
     assert rescored["skipped"] == ["BERTScore"]
@@ -144,19 +149,7 @@ def test_a_bad_predictions_file_gets_one_line(
     if content is not None:
         predictions.write_text(content)
     out = tmp_path / "out"
-    error = assert_one_line_error(
-        run_cli(
-            "evaluate",
-            trained_run,
-            "--features",
-            shapes_cache,
-            "--predictions",
-            predictions,
-            "--no-bertscore",
-            "--out",
-            out,
-        )
-    )
+    error = assert_one_line_error(score_predictions(trained_run, shapes_cache, predictions, out))
     assert expected in error
     assert not out.exists()
 

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import REPO, assert_one_line_error, run_cli
+from test_evaluate import score_predictions
 from test_extract import extract
 from test_train import train_args
 
@@ -647,18 +648,7 @@ def test_partial_predictions_are_scored_with_a_warning(tmp_path, trained_run, sh
     predictions.write_text(
         json.dumps([{"image_id": int(cache.image_ids[r]), "caption": "a red circle"} for r in rows])
     )
-    result = run_cli(
-        "evaluate",
-        trained_run,
-        "--features",
-        shapes_cache,
-        "--predictions",
-        predictions,
-        "--no-bertscore",
-        "--out",
-        tmp_path / "eval",
-        check=0,
-    )
+    result = score_predictions(trained_run, shapes_cache, predictions, tmp_path / "eval", check=0)
     assert f"covers 3 of the split's {len(cache.rows_of_split('test'))} images" in result.stderr
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 3
 
