@@ -181,7 +181,9 @@ def train(
     projector_layers: Annotated[int, typer.Option(help="Transformer projector depth.")] = 8,
     projector_heads: Annotated[int, typer.Option(help="Transformer projector heads.")] = 8,
     epochs: Annotated[int, typer.Option()] = 10,
-    batch_size: Annotated[int, typer.Option()] = 40,
+    batch_size: Annotated[
+        int, typer.Option(help="Captions per micro-batch, in total across torchrun processes.")
+    ] = 40,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
     warmup_steps: Annotated[int, typer.Option()] = 5000,

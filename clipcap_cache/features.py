@@ -28,7 +28,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModelWithProjection
 
-from clipcap_cache import __version__, cache
+from clipcap_cache import __version__, cache, distributed
 from clipcap_cache.datasets import (
     FORMATS,
     SPLITS,
@@ -159,6 +159,11 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
     anything on disk changes. With `overwrite`, an existing cache is replaced only by the renaming
     of the complete new one, so a failed run leaves it as it was.
     """
+    if distributed.world().size > 1:
+        raise ClipcapError(
+            "extract-features runs as one process for now: start it without torchrun (it uses "
+            "one GPU); training runs under torchrun"
+        )
     out = Path(config.out)
     image_root = Path(config.images)
     if not image_root.is_dir():

@@ -18,6 +18,7 @@ steps, so `--resume` continues a killed run; on the CPU with the same seed it re
 weights as a run that was never interrupted.
 """
 
+import contextlib
 import itertools
 import logging
 import math
@@ -28,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from clipcap_cache import cache as feature_cache
-from clipcap_cache import checkpoint
+from clipcap_cache import checkpoint, distributed
 from clipcap_cache.devices import DEVICES, PRECISIONS, autocast_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import exclusive_lock, write_json_atomic
@@ -52,6 +54,7 @@ from clipcap_cache.validation import at_least, check_types, one_of, option, posi
 log = logging.getLogger(__name__)
 RUN_ARTEFACTS = ("checkpoints", "config.json", "train.log", "metrics.jsonl", "plots")
 SYNC_SECONDS = 0.5  # how often the host reads the loss back from the device (progress, NaN check)
+SYNC_STEPS = 20  # the same, in optimizer steps, under torchrun (where every rank must take part)
 
 
 @dataclass
@@ -284,16 +287,26 @@ def save_training_checkpoint(
     optimization: Optimization | None = None,
     metrics: dict | None = None,
 ) -> None:
-    """Write `checkpoints/NAME`; with `optimization`, also everything `--resume` needs."""
+    """Write `checkpoints/NAME`; with `optimization`, also everything `--resume` needs.
+
+    Every rank calls this (each one's RNG state is gathered); only the main process writes.
+    """
     train_state = None
     if optimization is not None:
         device = next(model.parameters()).device
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        rng_per_rank = distributed.all_gather_objects((torch.get_rng_state(), cuda_rng))
         train_state = {
             **state.state_dict(),
             **optimization.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            "world_size": len(rng_per_rank),
+            "torch_rng_per_rank": [cpu for cpu, _ in rng_per_rank],
+            "cuda_rng_per_rank": [gpu for _, gpu in rng_per_rank if gpu is not None],
         }
+    if not distributed.is_main_process():
+        return
     try:
         checkpoint.save_checkpoint(
             run.path / "checkpoints" / name,
@@ -347,6 +360,7 @@ def train_one_epoch(
     """
     model.train()
     device = next(model.parameters()).device
+    world = distributed.world()
     epoch = state.epoch
     batches_per_epoch = math.ceil(len(data) / config.batch_size)
     order = torch.randperm(
@@ -359,6 +373,7 @@ def train_one_epoch(
         desc=f"epoch {epoch + 1}/{config.epochs}",
         dynamic_ncols=True,
         leave=False,
+        disable=not world.is_main,
     )
     started = time.perf_counter() - state.seconds
     # The summed loss stays on the device between syncs, so the host does not wait for the GPU
@@ -376,21 +391,32 @@ def train_one_epoch(
                 start = max(group_start, first_batch)
                 group = order[start * config.batch_size : group_end * config.batch_size]
                 group_tokens = data.count_tokens(group)
+            # The batch is global: each rank takes every world.size-th caption of it.
             samples = order[b * config.batch_size : (b + 1) * config.batch_size]
-            embeddings, input_ids, labels = data.batch(samples, pad_id)
             tokens = data.count_tokens(samples)
+            mine = samples[world.rank :: world.size]
+            my_tokens = data.count_tokens(mine)
+            if len(mine) == 0:
+                # A short last batch may leave a rank nothing; it still joins the gradient
+                # all-reduce, with a caption weighted zero.
+                mine = samples[:1]
+            embeddings, input_ids, labels = data.batch(mine, pad_id)
             # Weighting each micro-batch by its share of the group's tokens makes the accumulated
             # gradient that of the mean loss over the whole group, as one large batch would give.
-            loss = forward_backward(
-                forward,
-                embeddings.to(device),
-                input_ids.to(device),
-                labels.to(device),
-                tokens / group_tokens,
-                optimization.scaler,
-                amp_dtype,
-            )
-            pending += loss * tokens
+            # DDP averages over ranks, so each rank's share is scaled by their number.
+            weight = my_tokens / group_tokens * world.size
+            sync_gradients = b + 1 == group_end or world.size == 1
+            with contextlib.nullcontext() if sync_gradients else forward.no_sync():
+                loss = forward_backward(
+                    forward,
+                    embeddings.to(device),
+                    input_ids.to(device),
+                    labels.to(device),
+                    weight,
+                    optimization.scaler,
+                    amp_dtype,
+                )
+            pending += loss * my_tokens
             state.tokens += tokens
             state.captions += len(samples)
             bar.update(1)
@@ -402,14 +428,17 @@ def train_one_epoch(
                 and state.step % config.save_every_steps == 0
                 and b + 1 < batches_per_epoch
             )
-            if (
-                saving
-                or b + 1 == batches_per_epoch
-                or time.perf_counter() - synced_at > SYNC_SECONDS
-            ):
+            # Several ranks must meet at the same steps to sum their losses, so they sync on a
+            # step count; one process syncs on the clock.
+            due = (
+                state.step % SYNC_STEPS == 0
+                if world.size > 1
+                else time.perf_counter() - synced_at > SYNC_SECONDS
+            )
+            if saving or b + 1 == batches_per_epoch or due:
                 # Every save is preceded by this check, so a non-finite loss never reaches a
                 # checkpoint.
-                value = pending.item()
+                value = distributed.all_reduce_sum(pending).item()
                 if not math.isfinite(value):
                     last = run.path / "checkpoints" / "last"
                     kept = (
@@ -458,8 +487,12 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     run_dir = Path(config.out)
     if run_dir.exists() and not run_dir.is_dir():
         raise ClipcapError(f"--out {run_dir} is a file; give a directory for the run")
-    with exclusive_lock(run_dir):
-        return _train(run_dir, config, model_config)
+    main = distributed.is_main_process()
+    try:
+        with exclusive_lock(run_dir) if main else contextlib.nullcontext():
+            return _train(run_dir, config, model_config)
+    finally:
+        distributed.teardown()
 
 
 def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict:
@@ -482,16 +515,32 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
     val_cache, val_rows = _validation_source(config, train_cache)
     device = resolve_device(config.device)
     amp_dtype = autocast_dtype(config.precision, device)
+    world = distributed.world()
+    if config.batch_size < world.size:
+        raise ClipcapError(
+            f"--batch-size {config.batch_size} is smaller than the {world.size} processes: it is "
+            "the batch across all of them"
+        )
     resume_state, model_config = _check_run_dir(run_dir, config, model_config, train_cache)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(model_config.gpt2_model)
+    device = distributed.setup(device)
     model = build_model(model_config).to(device)
 
-    # Everything is checked: only now is the directory changed.
-    _clear_run_dir(run_dir, config)
-    setup_logging(run_dir / "train.log")
-    _write_run_config(run_dir, config, model.config)
+    # Everything is checked: only now is the directory changed, by the main process alone.
+    if world.is_main:
+        _clear_run_dir(run_dir, config)
+        setup_logging(run_dir / "train.log")
+        _write_run_config(run_dir, config, model.config)
+    else:
+        setup_logging(level=logging.WARNING)
     log.info("run directory %s", run_dir)
+    log.info(
+        "batch: %d captions per micro-batch across %d process(es), %d micro-batch(es) per step",
+        config.batch_size,
+        world.size,
+        config.grad_accum,
+    )
     trainable, frozen = count_parameters(model)
     log.info(
         "parameters: %s trainable, %s frozen (GPT-2 blocks frozen: %d of %d)",
@@ -520,21 +569,33 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
     batches_per_epoch = math.ceil(len(data) / config.batch_size)
     total_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.epochs
     optimization = make_optimization(model, config, device, total_steps, amp_dtype)
-    forward = torch.compile(model, dynamic=True) if config.compile else model
+    forward = model
+    if world.size > 1:
+        forward = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    if config.compile:
+        forward = torch.compile(forward, dynamic=True)
 
     state = TrainState()
     if resume_state is not None:
         checkpoint.load_weights(model, run_dir / "checkpoints" / "last" / checkpoint.WEIGHTS)
         optimization.load_state_dict(resume_state)
-        torch.set_rng_state(resume_state["torch_rng"])
-        if device.type == "cuda" and resume_state.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
+        if world.size > 1:
+            torch.set_rng_state(resume_state["torch_rng_per_rank"][world.rank])
+            if device.type == "cuda" and resume_state.get("cuda_rng_per_rank"):
+                torch.cuda.set_rng_state(resume_state["cuda_rng_per_rank"][world.rank], device)
+        else:
+            torch.set_rng_state(resume_state["torch_rng"])
+            if device.type == "cuda" and resume_state.get("cuda_rng"):
+                torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
         state.load_state_dict(resume_state)
         # The position is kept in samples, so a resume with another --batch-size (checked to
         # divide it) starts at the same caption.
         state.batch = state.captions // config.batch_size
         log.info("resumed at epoch %d, batch %d, step %d", state.epoch + 1, state.batch, state.step)
-        _write_metrics(run_dir, state.history)
+        if world.is_main:
+            _write_metrics(run_dir, state.history)
 
     run = RunDirectory(
         run_dir,
@@ -555,9 +616,14 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
             model, forward, data, optimization, state, config, amp_dtype, pad_id, run
         )
         if validation is not None:
-            row.update(
-                validate(model, tokenizer, validation, scorer, amp_dtype, config.batch_size, pad_id)
-            )
+            # The main process validates, exactly as one process would; the others wait.
+            if world.is_main:
+                row.update(
+                    validate(
+                        model, tokenizer, validation, scorer, amp_dtype, config.batch_size, pad_id
+                    )
+                )
+            row = distributed.broadcast_object(row)
         state.finish_epoch(row)
         log.info(
             "epoch %d: %s",
@@ -573,7 +639,8 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
             state.best = score
             save_training_checkpoint(run, "best", model, state, metrics=row)
         save_training_checkpoint(run, "last", model, state, optimization, metrics=row)
-        _write_metrics(run_dir, state.history)
+        if world.is_main:
+            _write_metrics(run_dir, state.history)
     log.info("done: best checkpoint %s", run_dir / "checkpoints" / "best")
     return row
 
@@ -660,6 +727,12 @@ def _check_run_dir(
                 )
         if saved.get("cache_source") != train_cache.attrs.get("source"):
             log.warning("resuming on a cache made from other annotations than the run's")
+        trained_on, world_size = train_state.get("world_size", 1), distributed.world().size
+        if trained_on != world_size:
+            raise ClipcapError(
+                f"--resume: the run was trained by {trained_on} process(es), not {world_size}; "
+                "resume it with the same number (torchrun --nproc-per-node)"
+            )
         if train_state["captions"] % config.batch_size:
             raise ClipcapError(
                 f"--resume: the run stopped {train_state['captions']} captions into epoch "
