@@ -122,6 +122,10 @@ def extract_features(
         return run(config)
 
     summary = _run(go)
+    from clipcap_cache.distributed import is_main_process
+
+    if not is_main_process():
+        return
     if summary.already_complete:
         typer.echo(f"{out} is already complete ({summary.images_written} images): nothing to do")
         return

@@ -18,6 +18,7 @@ A cache file only ever appears complete: it is written under a temporary name an
 
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +63,20 @@ class FeatureCache:
         return refs
 
 
+@dataclass
+class EmbeddingStream:
+    """The rows of /embeddings, arriving in order a chunk at a time: never whole in memory."""
+
+    rows: int
+    dim: int
+    dtype: np.dtype
+    chunks: Iterable[np.ndarray]  # (n_i, dim) arrays whose n_i add up to `rows`
+
+
 def write_cache(
     path: str | Path,
     *,
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | EmbeddingStream,
     image_ids,
     image_paths,
     splits,
@@ -75,11 +86,26 @@ def write_cache(
     failed_reasons,
     attrs: dict,
 ) -> None:
-    """Write a complete cache atomically: to a temporary name first, then renamed into place."""
+    """Write a complete cache atomically: to a temporary name first, then renamed into place.
+
+    /embeddings is stored contiguously, so it can also be memory-mapped.
+    """
+    if isinstance(embeddings, np.ndarray):
+        embeddings = EmbeddingStream(
+            len(embeddings), embeddings.shape[1], embeddings.dtype, [embeddings]
+        )
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("embeddings", data=embeddings, chunks=True if len(embeddings) else None)
+        table = f.create_dataset(
+            "embeddings", shape=(embeddings.rows, embeddings.dim), dtype=embeddings.dtype
+        )
+        written = 0
+        for chunk in embeddings.chunks:
+            table[written : written + len(chunk)] = chunk
+            written += len(chunk)
+        if written != embeddings.rows:
+            raise ValueError(f"expected {embeddings.rows} embedding rows, got {written}")
         for name, values in (
             ("image_ids", image_ids),
             ("image_paths", image_paths),

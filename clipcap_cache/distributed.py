@@ -9,6 +9,7 @@ rank runs the same code; only the main process (rank 0) writes files and logs to
 everything here is a no-op and the world has one process.
 """
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -63,7 +64,12 @@ def setup(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if current.size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        # Ranks wait at barriers while the main process validates or gathers: allow for that.
+        dist.init_process_group(
+            backend,
+            timeout=datetime.timedelta(hours=2),
+            device_id=device if device.type == "cuda" else None,
+        )
     return device
 
 

@@ -12,6 +12,7 @@ into the HDF5 file (`cache.write_cache`, also atomic) and the folder is removed,
 holds exactly the rows an uninterrupted run would.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -159,11 +160,6 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
     anything on disk changes. With `overwrite`, an existing cache is replaced only by the renaming
     of the complete new one, so a failed run leaves it as it was.
     """
-    if distributed.world().size > 1:
-        raise ClipcapError(
-            "extract-features runs as one process for now: start it without torchrun (it uses "
-            "one GPU); training runs under torchrun"
-        )
     out = Path(config.out)
     image_root = Path(config.images)
     if not image_root.is_dir():
@@ -193,8 +189,12 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
         "storage_dtype": config.dtype,
     }
     summary = ExtractSummary(out=str(out), images_without_captions=len(uncaptioned))
-    with exclusive_lock(out):
-        _extract(config, records, image_root, device, identity, summary)
+    device = distributed.setup(device)
+    try:
+        with exclusive_lock(out) if distributed.is_main_process() else contextlib.nullcontext():
+            _extract(config, records, image_root, device, identity, summary)
+    finally:
+        distributed.teardown()
     return summary
 
 
@@ -234,12 +234,12 @@ def _extract(
     if summary.resumed_images:
         log.info("resuming: %d of %d images already done", summary.resumed_images, len(records))
 
+    world = distributed.world()
     started = time.perf_counter()
     if pending:
         encoder = load_clip(config.clip_model, device)
         started = time.perf_counter()  # throughput counts encoding, not model loading
         if manifest is None:
-            shutil.rmtree(parts, ignore_errors=True)
             manifest = {
                 **identity,
                 "shard_size": shard_size,
@@ -249,15 +249,30 @@ def _extract(
                 "embedding_dim": encoder.embedding_dim,
                 "image_size": encoder.image_size,
             }
-            try:
-                parts.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(parts / "manifest.json", manifest)
-            except OSError as e:
-                raise ClipcapError(f"cannot write next to {out}: {e.strerror or e}") from None
-        _encode_shards(encoder, records, image_root, shards, pending, parts, config, summary)
+            if world.is_main:
+                _start_parts(parts, manifest, out)
+        distributed.barrier()  # the progress folder exists before any rank writes a shard
+        # Under torchrun each rank encodes every N-th pending shard; the shards are files, so a
+        # rerun with any number of processes, or none, finds what is left.
+        mine = pending[world.rank :: world.size]
+        _encode_shards(encoder, records, image_root, shards, mine, parts, config, summary)
+    distributed.barrier()  # every shard is written
+    encoded = torch.tensor(summary.images_encoded_now, device=device)
+    summary.images_encoded_now = int(distributed.all_reduce_sum(encoded).item())
     summary.seconds = time.perf_counter() - started
-    _gather(parts, out, records, shards, manifest, summary)
-    shutil.rmtree(parts, ignore_errors=True)
+    if world.is_main:
+        _gather(parts, out, records, shards, manifest, summary)
+        shutil.rmtree(parts, ignore_errors=True)
+
+
+def _start_parts(parts: Path, manifest: dict, out: Path) -> None:
+    """Replace any progress of other inputs with an empty folder holding the new manifest."""
+    try:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(parts / "manifest.json", manifest)
+    except OSError as e:
+        raise ClipcapError(f"cannot write next to {out}: {e.strerror or e}") from None
 
 
 def _check_same_inputs(identity: dict, found: dict, where: Path) -> None:
@@ -316,7 +331,13 @@ def _encode_shards(
     total = sum(shards[s][1] - shards[s][0] for s in pending)
     rows: dict[int, list] = {}
     failures: dict[int, list] = {}
-    with tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        unit="img",
+        desc="extract",
+        dynamic_ncols=True,
+        disable=not distributed.is_main_process(),
+    ) as bar:
         for shard, (positions, pixel_values, failed) in zip(batch_shard, loader, strict=True):
             if failed and config.strict:
                 position, reason = failed[0]
@@ -362,14 +383,16 @@ def _gather(
     manifest: dict,
     summary: ExtractSummary,
 ) -> None:
-    """Gather the finished shards into the final HDF5 cache."""
-    embeddings, positions, failed = [], [], []
-    for shard in range(len(shards)):
-        path = _shard_path(parts, shard)
-        tensors = load_file(str(path))
-        embeddings.append(tensors["embeddings"])
-        positions.extend(tensors["positions"].tolist())
+    """Gather the finished shards into the final HDF5 cache, streaming their embeddings.
+
+    Only the row positions are read up front; the embeddings go into the file a shard at a time,
+    so the gather never holds more than one shard of them.
+    """
+    shard_paths = [_shard_path(parts, shard) for shard in range(len(shards))]
+    positions, failed = [], []
+    for path in shard_paths:
         with safe_open(str(path), "np") as f:
+            positions.extend(f.get_tensor("positions").tolist())
             failed.extend(json.loads(f.metadata()["failures"]))
     summary.images_written = len(positions)
     summary.images_failed = len(failed)
@@ -395,9 +418,15 @@ def _gather(
         "package_version": __version__,
     }
     try:
+        embeddings = cache.EmbeddingStream(
+            rows=len(positions),
+            dim=manifest["embedding_dim"],
+            dtype=np.dtype(manifest["storage_dtype"]),
+            chunks=(load_file(str(path))["embeddings"] for path in shard_paths),
+        )
         cache.write_cache(
             out,
-            embeddings=np.concatenate(embeddings),
+            embeddings=embeddings,
             image_ids=[r.image_id for r in kept],
             image_paths=[r.path for r in kept],
             splits=[r.split for r in kept],

@@ -8,6 +8,7 @@ half-written one. The lock keeps two clipcap processes from writing the same out
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 from clipcap_cache.errors import ClipcapError
@@ -16,6 +17,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no flock, so no lock
     fcntl = None
+
+LOCK_WAIT_SECONDS = 1.0  # how long a held lock is retried before the output counts as in use
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -73,13 +76,9 @@ def exclusive_lock(output: str | Path):
         raise ClipcapError(f"cannot write next to {output}: {e.strerror or e}") from None
     try:
         if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _try_flock(fd, LOCK_WAIT_SECONDS):
                 owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                raise ClipcapError(
-                    f"{output} is in use by another clipcap process (pid {owner})"
-                ) from None
+                raise ClipcapError(f"{output} is in use by another clipcap process (pid {owner})")
             if os.fstat(fd).st_ino != _inode(path):
                 # The holder removed this lock file as we opened it: it has just finished.
                 raise ClipcapError(f"{output} was just released by another process; run again")
@@ -92,6 +91,22 @@ def exclusive_lock(output: str | Path):
                 path.unlink()
     finally:
         os.close(fd)  # releases the flock
+
+
+def _try_flock(fd: int, seconds: float) -> bool:
+    """Take the flock, retrying for a moment.
+
+    A process killed just before lets go of its lock some milliseconds after it has exited.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
 
 def _inode(path: Path) -> int | None:

@@ -4,13 +4,17 @@ These launch real process groups (`python -m torch.distributed.run --nproc-per-n
 are marked slow; CI still runs them.
 """
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, assert_one_line_error, run_cli
@@ -46,6 +50,41 @@ def torchrun(*args, processes=2):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def kill_tree(root_pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a node failure would.
+
+    torchrun starts each worker in a session of its own, so killing its process group is not
+    enough; the descendants are found through /proc.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    family, queue = [], [root_pid]
+    while queue:
+        pid = queue.pop()
+        family.append(pid)
+        queue.extend(children.get(pid, []))
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    # A killed process lets go of its files (and its flock) only once it has exited.
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited already
 
 
 def weights(run):
@@ -104,13 +143,12 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, shapes_c
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True,
     )
     last = resumed / "checkpoints" / "last"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and _saved_step(last) < 8:
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+    kill_tree(process.pid)  # torchrun and both workers
     process.wait()
     killed_at = load_train_state(last)
     assert killed_at["epoch"] < 2, "the run finished before it could be killed"
@@ -124,11 +162,69 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, shapes_c
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
 
-def test_extraction_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch, shapes, clip_dir):
-    from test_extract import extract
-
+def extract_args(shapes, clip_dir, out):
     annotations, root = shapes
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    error = assert_one_line_error(extract(annotations, root, tmp_path / "f.h5", clip_dir))
-    assert "runs as one process" in error
-    assert not list(tmp_path.iterdir())
+    return [
+        "extract-features",
+        annotations,
+        "--images",
+        root,
+        "--out",
+        out,
+        "--clip-model",
+        clip_dir,
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--shard-size",
+        "4",
+    ]
+
+
+def assert_same_cache(a, b):
+    with h5py.File(a) as first, h5py.File(b) as second:
+        assert set(first) == set(second)
+        for name in first:
+            np.testing.assert_array_equal(first[name][()], second[name][()], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def one_process_cache(tmp_path_factory, shapes, clip_dir):
+    out = tmp_path_factory.mktemp("extract") / "one.h5"
+    run_cli(*extract_args(shapes, clip_dir, out), check=0)
+    return out
+
+
+def test_two_process_extraction_equals_one_process(tmp_path, shapes, clip_dir, one_process_cache):
+    # Ranks encode alternate shards with the same batches, so on the CPU the rows are equal.
+    out = tmp_path / "two.h5"
+    result = torchrun(*extract_args(shapes, clip_dir, out))
+    assert_same_cache(one_process_cache, out)
+    assert not (tmp_path / "two.h5.parts").exists()
+    assert result.stdout.count("wrote ") == 1  # only rank 0 reports
+
+
+def test_a_killed_two_process_extraction_finishes_as_one_process(
+    tmp_path, shapes, clip_dir, one_process_cache
+):
+    out = tmp_path / "resumed.h5"
+    parts = tmp_path / "resumed.h5.parts"
+    process = subprocess.Popen(
+        torchrun_command(*extract_args(shapes, clip_dir, out)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("shard-*.safetensors"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    kill_tree(process.pid)
+    process.wait()
+    assert not out.exists(), "the run finished before it could be killed"
+    done_before = len(list(parts.glob("shard-*.safetensors")))
+    assert 0 < done_before < 52
+
+    result = run_cli(*extract_args(shapes, clip_dir, out), check=0)  # no torchrun this time
+    assert "resumed after" in result.stdout
+    assert_same_cache(one_process_cache, out)
