@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import REPO, assert_one_line_error, run_cli
-from test_evaluate import score_predictions
+from test_evaluate import evaluate_test_split, score_predictions
 from test_extract import extract
 from test_train import train_args
 
@@ -620,20 +620,8 @@ def test_tabs_and_newlines_in_file_names_are_escaped_in_text_output(tmp_path, tr
 
 @message
 def test_evaluate_prints_only_its_own_lines(tmp_path, trained_run, shapes_cache):
-    result = run_cli(
-        "evaluate",
-        trained_run,
-        "--features",
-        shapes_cache,
-        "--greedy",
-        "--max-tokens",
-        "8",
-        "--no-bertscore",
-        "--device",
-        "cpu",
-        "--out",
-        tmp_path / "eval",
-        check=0,
+    result = evaluate_test_split(
+        trained_run, shapes_cache, tmp_path / "eval", "--greedy", "--no-bertscore"
     )
     assert "testlen" not in result.stdout and "ratio:" not in result.stdout
     assert "" not in result.stdout.splitlines()
@@ -667,3 +655,58 @@ def test_every_case_here_is_counted():
     counts = json.loads(result.stdout)
     assert {"data loss", "parsing", "numbers", "traceback", "lock", "message"} <= set(counts)
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+
+def without_captions_of(source, path, rows_to_strip, drop_rows=False):
+    """A copy of a cache whose given rows lose their captions, or are removed altogether."""
+    from clipcap_cache.cache import write_cache
+
+    cache = read_cache(source)
+    strip = set(int(r) for r in rows_to_strip)
+    keep_rows = [r for r in range(len(cache.image_ids)) if not (drop_rows and r in strip)]
+    new_row = {old: new for new, old in enumerate(keep_rows)}
+    keep_captions = [i for i, r in enumerate(cache.caption_image_index) if int(r) not in strip]
+    write_cache(
+        path,
+        embeddings=cache.embeddings[keep_rows],
+        image_ids=[cache.image_ids[r] for r in keep_rows],
+        image_paths=[cache.image_paths[r] for r in keep_rows],
+        splits=[str(cache.splits[r]) for r in keep_rows],
+        captions=[cache.captions[i] for i in keep_captions],
+        caption_image_index=[new_row[int(cache.caption_image_index[i])] for i in keep_captions],
+        failed_paths=[],
+        failed_reasons=[],
+        attrs=cache.attrs,
+    )
+    return path
+
+
+@parsing
+def test_images_without_references_in_an_older_cache_are_left_out(
+    tmp_path, shapes_cache, gpt2_dir, minilm_dir, trained_run
+):
+    # Caches of earlier versions could hold images with no caption. Validation and evaluation
+    # leave them out: the val loss equals that of a cache without those images at all, and
+    # BERTScore and pycocoevalcap do not crash on an empty reference list.
+    cache = read_cache(shapes_cache)
+    stripped = np.concatenate([cache.rows_of_split("val")[:4], cache.rows_of_split("test")[:4]])
+    holes = without_captions_of(shapes_cache, tmp_path / "holes.h5", stripped)
+    gone = without_captions_of(shapes_cache, tmp_path / "gone.h5", stripped, drop_rows=True)
+
+    def val_loss(features, name):
+        out = tmp_path / name
+        args = train_args(features, out, gpt2_dir, "--epochs", "1", "--eval-images", "6")
+        args.remove("--no-bertscore")
+        run_cli(*args, "--bertscore-model", minilm_dir, "--bertscore-layers", "6", check=0)
+        return json.loads((out / "metrics.jsonl").read_text())
+
+    with_holes, without = val_loss(holes, "holes"), val_loss(gone, "gone")
+    assert with_holes["val_loss"] == pytest.approx(without["val_loss"], rel=1e-6)
+    assert with_holes["bertscore_f1"] == pytest.approx(without["bertscore_f1"], rel=1e-6)
+
+    result = evaluate_test_split(
+        trained_run, holes, tmp_path / "eval", "--greedy", "--no-bertscore"
+    )
+    assert "4 images of the split have no reference caption" in result.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["images"] == len(cache.rows_of_split("test")) - 4
