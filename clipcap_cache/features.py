@@ -1,6 +1,7 @@
 """Stage 1: run a frozen CLIP image encoder over a dataset once and cache the embeddings.
 
     clipcap extract-features data/coco/dataset_coco.json --images data/coco --out data/coco_vitb32.h5
+    torchrun --nproc-per-node 8 --no-python clipcap extract-features ...   # every GPU of a node
 
 Images are decoded and preprocessed in DataLoader workers (`images.ImageDataset`) while the
 encoder runs in the main process, in half precision under `torch.inference_mode()` on a GPU.
@@ -8,8 +9,9 @@ encoder runs in the main process, in half precision under `torch.inference_mode(
 Progress is crash-safe. Work goes to a folder beside the output, `FEATURES.h5.parts/`, as shards
 of `shard_size` images, each written to a temporary name and renamed. Rerunning the same command
 after a crash (even kill -9) skips the finished shards. When every shard is done they are gathered
-into the HDF5 file (`cache.write_cache`, also atomic) and the folder is removed, so the final file
-holds exactly the rows an uninterrupted run would.
+into the HDF5 file (`cache.write_cache`, also atomic, a shard at a time) and the folder is removed,
+so the final file holds exactly the rows an uninterrupted run would. Under torchrun each rank
+encodes every N-th pending shard and rank 0 gathers.
 """
 
 import contextlib

@@ -1,6 +1,7 @@
 """Stage 2: train the projector and the unfrozen GPT-2 blocks from a feature cache.
 
     clipcap train data/coco_vitb32.h5 --out runs/coco
+    torchrun --nproc-per-node 8 --no-python clipcap train data/coco_vitb32.h5 --out runs/coco
 
 CLIP is never loaded: the cached embeddings are read into memory once and every caption is
 tokenized once, before the first epoch. Each caption of an image is a sample; samples are shuffled
@@ -10,6 +11,9 @@ The loop is a few named parts. `train` sets a run up and runs its epochs. `train
 one pass over the shuffled captions from `forward_backward` (one micro-batch) and
 `Optimization.step` (one optimizer step). `validate` scores the model on the val images, and
 `save_training_checkpoint` writes a checkpoint. How far a run has got lives in a `TrainState`.
+
+Under torchrun the model is wrapped in DistributedDataParallel and `batch_size` is the global
+batch: every rank takes every N-th caption of the same shuffled batch (see `distributed.py`).
 
 The run directory holds `config.json` (the resolved settings), `train.log`, `metrics.jsonl` (one row
 per epoch), `plots/*.png` and `checkpoints/{best,last}/` (see `checkpoint.py`). The last checkpoint
