@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import REPO, assert_one_line_error, run_cli
 from safetensors.torch import load_file
+from test_extract import extract_args
 from test_train import _saved_step, train_args
 
 from clipcap_cache.checkpoint import load_train_state
@@ -162,24 +163,10 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, shapes_c
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
 
-def extract_args(shapes, clip_dir, out):
+def shard_args(shapes, clip_dir, out):
+    """Extraction in shards of 4 images, batches of 2: 52 shards of the shapes dataset."""
     annotations, root = shapes
-    return [
-        "extract-features",
-        annotations,
-        "--images",
-        root,
-        "--out",
-        out,
-        "--clip-model",
-        clip_dir,
-        "--batch-size",
-        "2",
-        "--num-workers",
-        "0",
-        "--shard-size",
-        "4",
-    ]
+    return extract_args(annotations, root, out, clip_dir, "--shard-size", "4", batch_size=2)
 
 
 def assert_same_cache(a, b):
@@ -192,14 +179,14 @@ def assert_same_cache(a, b):
 @pytest.fixture(scope="module")
 def one_process_cache(tmp_path_factory, shapes, clip_dir):
     out = tmp_path_factory.mktemp("extract") / "one.h5"
-    run_cli(*extract_args(shapes, clip_dir, out), check=0)
+    run_cli(*shard_args(shapes, clip_dir, out), check=0)
     return out
 
 
 def test_two_process_extraction_equals_one_process(tmp_path, shapes, clip_dir, one_process_cache):
     # Ranks encode alternate shards with the same batches, so on the CPU the rows are equal.
     out = tmp_path / "two.h5"
-    result = torchrun(*extract_args(shapes, clip_dir, out))
+    result = torchrun(*shard_args(shapes, clip_dir, out))
     assert_same_cache(one_process_cache, out)
     assert not (tmp_path / "two.h5.parts").exists()
     assert result.stdout.count("wrote ") == 1  # only rank 0 reports
@@ -211,7 +198,7 @@ def test_a_killed_two_process_extraction_finishes_as_one_process(
     out = tmp_path / "resumed.h5"
     parts = tmp_path / "resumed.h5.parts"
     process = subprocess.Popen(
-        torchrun_command(*extract_args(shapes, clip_dir, out)),
+        torchrun_command(*shard_args(shapes, clip_dir, out)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -225,6 +212,6 @@ def test_a_killed_two_process_extraction_finishes_as_one_process(
     done_before = len(list(parts.glob("shard-*.safetensors")))
     assert 0 < done_before < 52
 
-    result = run_cli(*extract_args(shapes, clip_dir, out), check=0)  # no torchrun this time
+    result = run_cli(*shard_args(shapes, clip_dir, out), check=0)  # no torchrun this time
     assert "resumed after" in result.stdout
     assert_same_cache(one_process_cache, out)

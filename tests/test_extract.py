@@ -39,8 +39,9 @@ def mixed_dataset(tmp_path):
     return annotations, root
 
 
-def extract(annotations, root, out, clip_dir, *extra, check=None):
-    return run_cli(
+def extract_args(annotations, root, out, clip_dir, *extra, batch_size=4):
+    """The `clipcap extract-features` arguments of these tests, one process's worth of work."""
+    return [
         "extract-features",
         annotations,
         "--images",
@@ -50,12 +51,15 @@ def extract(annotations, root, out, clip_dir, *extra, check=None):
         "--clip-model",
         clip_dir,
         "--batch-size",
-        "4",
+        str(batch_size),
         "--num-workers",
         "0",
         *extra,
-        check=check,
-    )
+    ]
+
+
+def extract(annotations, root, out, clip_dir, *extra, check=None):
+    return run_cli(*extract_args(annotations, root, out, clip_dir, *extra), check=check)
 
 
 def test_extract_writes_one_row_per_image_and_records_bad_images(tmp_path, mixed_dataset, clip_dir):
