@@ -78,11 +78,25 @@ BertscoreLayers = Annotated[int | None, typer.Option(help="BERTScore layer, for 
 
 @app.command("extract-features")
 def extract_features(
-    annotations: Annotated[Path, typer.Argument(help="COCO, Karpathy, JSON lines or CSV file.")],
-    images: Annotated[Path, typer.Option(help="Image root; annotation paths are relative to it.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Annotation file (COCO, Karpathy, JSON lines, CSV), or WebDataset tar shards: "
+            "a quoted brace pattern such as 'shards/{00000..00099}.tar', or a directory of tars."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="HDF5 cache to write.")],
-    format: Annotated[str, typer.Option(help="auto | coco | karpathy | jsonl | csv")] = "auto",
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Image root of an annotation file (not used with tars)."),
+    ] = None,
+    format: Annotated[
+        str, typer.Option(help="auto | coco | karpathy | jsonl | csv | webdataset")
+    ] = "auto",
     split: Annotated[str, typer.Option(help="train | val | test | all")] = "all",
+    split_default: Annotated[
+        str, typer.Option(help="WebDataset: split of samples whose json names none.")
+    ] = "train",
     clip_model: Annotated[
         str, typer.Option(help="CLIP hub name or directory.")
     ] = "openai/clip-vit-base-patch32",
@@ -90,12 +104,16 @@ def extract_features(
     num_workers: Annotated[int | None, typer.Option(help="Decoding workers.")] = None,
     device: Device = "auto",
     dtype: Annotated[str, typer.Option(help="Storage dtype: float16 | float32")] = "float16",
-    limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N images (annotation files).")
+    ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad image.")] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing cache.")
     ] = False,
-    shard_size: Annotated[int, typer.Option(help="Images per crash-safe progress shard.")] = 2048,
+    shard_size: Annotated[
+        int, typer.Option(help="Images per crash-safe progress shard (a tar is one shard).")
+    ] = 2048,
 ):
     """Run frozen CLIP over a dataset once and cache the image embeddings in HDF5."""
     from clipcap_cache.features import FeatureConfig, summary_dict
@@ -104,11 +122,12 @@ def extract_features(
 
     def go():
         config = FeatureConfig(
-            annotations=str(annotations),
-            images=str(images),
+            annotations=source,
+            images=None if images is None else str(images),
             out=str(out),
             format=format,
             split=split,
+            split_default=split_default,
             clip_model=clip_model,
             batch_size=batch_size,
             num_workers=default_num_workers() if num_workers is None else num_workers,

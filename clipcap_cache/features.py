@@ -3,11 +3,15 @@
     clipcap extract-features data/coco/dataset_coco.json --images data/coco --out data/coco_vitb32.h5
     torchrun --nproc-per-node 8 --no-python clipcap extract-features ...   # every GPU of a node
 
-Images are decoded and preprocessed in DataLoader workers (`images.ImageDataset`) while the
-encoder runs in the main process, in half precision under `torch.inference_mode()` on a GPU.
+    clipcap extract-features 'shards/{00000..00099}.tar' --out cc3m.h5   # WebDataset tars
+
+Images are decoded and preprocessed in DataLoader workers (`images.ImageDataset`, or
+`webdataset.TarShardDataset` streaming tars) while the encoder runs in the main process, in half
+precision under `torch.inference_mode()` on a GPU.
 
 Progress is crash-safe. Work goes to a folder beside the output, `FEATURES.h5.parts/`, as shards
-of `shard_size` images, each written to a temporary name and renamed. Rerunning the same command
+of `shard_size` images (or one shard per tar), each written to a temporary name and renamed; a
+shard holds its embeddings and, in its metadata, its images' records and failures. Rerunning the same command
 after a crash (even kill -9) skips the finished shards. When every shard is done they are gathered
 into the HDF5 file (`cache.write_cache`, also atomic, a shard at a time) and the folder is removed,
 so the final file holds exactly the rows an uninterrupted run would. Under torchrun each rank
@@ -21,6 +25,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +36,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModelWithProjection
 
-from clipcap_cache import __version__, cache, distributed
+from clipcap_cache import __version__, cache, distributed, webdataset
 from clipcap_cache.datasets import (
     FORMATS,
     SPLITS,
@@ -45,7 +50,7 @@ from clipcap_cache.devices import DEVICES, inference_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import exclusive_lock, write_json_atomic
 from clipcap_cache.hub import load_pretrained, resolve_name
-from clipcap_cache.images import ImageDataset, collate_images, default_num_workers
+from clipcap_cache.images import ImageDataset, ShardBatch, collate_images, default_num_workers
 from clipcap_cache.validation import at_least, check_types, one_of
 
 log = logging.getLogger(__name__)
@@ -56,11 +61,12 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 class FeatureConfig:
     """Settings of one extraction run; saved in the cache's attributes."""
 
-    annotations: str  # annotation file (COCO, Karpathy, JSON lines or CSV)
-    images: str  # image root; annotation paths are relative to it
+    annotations: str  # annotation file (COCO, Karpathy, JSON lines, CSV) or WebDataset tars
+    images: str | None  # image root of an annotation file; None for WebDataset tars
     out: str  # the HDF5 file to write
-    format: str = "auto"  # auto | coco | karpathy | jsonl | csv
+    format: str = "auto"  # auto | coco | karpathy | jsonl | csv | webdataset
     split: str = "all"  # train | val | test | all
+    split_default: str = "train"  # split of a WebDataset sample whose json names none
     clip_model: str = DEFAULT_CLIP_MODEL  # hub name or local directory
     batch_size: int = 64
     num_workers: int = field(default_factory=default_num_workers)
@@ -76,8 +82,9 @@ class FeatureConfig:
         at_least(self, 1, "batch_size", "limit", "shard_size")
         at_least(self, 0, "num_workers")
         one_of(self, "dtype", ("float16", "float32"))
-        one_of(self, "format", FORMATS)
+        one_of(self, "format", (*FORMATS, "webdataset"))
         one_of(self, "split", (*SPLITS, "all"))
+        one_of(self, "split_default", SPLITS)
         one_of(self, "device", DEVICES)
 
 
@@ -163,52 +170,169 @@ def load_clip(name_or_dir: str, device: str | torch.device = "auto") -> ClipEnco
 def extract_features(config: FeatureConfig) -> ExtractSummary:
     """Run extraction (or resume it) and write the cache; returns a summary of the run.
 
-    Every input (annotations, image root, device, output path, CLIP model) is checked before
-    anything on disk changes. With `overwrite`, an existing cache is replaced only by the renaming
-    of the complete new one, so a failed run leaves it as it was.
+    Every input (annotations or shards, image root, device, output path, CLIP model) is checked
+    before anything on disk changes. With `overwrite`, an existing cache is replaced only by the
+    renaming of the complete new one, so a failed run leaves it as it was.
     """
     out = Path(config.out)
-    image_root = Path(config.images)
-    if not image_root.is_dir():
-        raise ClipcapError(f"image root not found or not a directory: {image_root}")
     if out.is_dir():
         raise ClipcapError(f"--out {out} is a directory; give the HDF5 file to write in it")
     device = resolve_device(config.device)
-    records = select_split(read_annotations(config.annotations, config.format), config.split)
-    uncaptioned = without_captions(records)
-    if uncaptioned:
-        log.warning(
-            "%d images have no caption and are left out (first: %s)",
-            len(uncaptioned),
-            uncaptioned[0].path,
-        )
-        records = [r for r in records if r.captions]
-    if not records:
-        raise ClipcapError(
-            f"{config.annotations} has no captioned images in split '{config.split}'"
-        )
-    records = records[: config.limit] if config.limit else records
+    if webdataset.is_webdataset(config.annotations, config.format):
+        source = _TarShards.open(config)
+    else:
+        source = _AnnotatedImages.open(config)
     identity = {
-        "source": f"{Path(config.annotations).name}:{fingerprint(config.annotations)}",
+        "source": source.identity,
         "clip_model": resolve_name(config.clip_model),
         "split": config.split,
         "limit": config.limit or 0,
         "storage_dtype": config.dtype,
     }
-    summary = ExtractSummary(out=str(out), images_without_captions=len(uncaptioned))
+    summary = ExtractSummary(out=str(out), images_without_captions=source.uncaptioned)
     device = distributed.setup(device)
     try:
         with exclusive_lock(out) if distributed.is_main_process() else contextlib.nullcontext():
-            _extract(config, records, image_root, device, identity, summary)
+            _extract(config, source, device, identity, summary)
     finally:
         distributed.teardown()
     return summary
 
 
+PARTS_FORMAT = 2  # layout of the progress shards; progress of another layout is not resumed
+
+
+@dataclass
+class _AnnotatedImages:
+    """Image files under a root, listed by an annotation file; a shard is `shard_size` images."""
+
+    records: list[ImageRecord]
+    image_root: Path
+    identity: str
+    format: str
+    uncaptioned: int
+
+    @classmethod
+    def open(cls, config: FeatureConfig) -> "_AnnotatedImages":
+        if config.images is None:
+            raise ClipcapError("--images is required with an annotation file: the image root")
+        image_root = Path(config.images)
+        if not image_root.is_dir():
+            raise ClipcapError(f"image root not found or not a directory: {image_root}")
+        records = read_annotations(config.annotations, config.format)
+        records = select_split(records, config.split)
+        uncaptioned = without_captions(records)
+        if uncaptioned:
+            log.warning(
+                "%d images have no caption and are left out (first: %s)",
+                len(uncaptioned),
+                uncaptioned[0].path,
+            )
+            records = [r for r in records if r.captions]
+        if not records:
+            raise ClipcapError(
+                f"{config.annotations} has no captioned images in split '{config.split}'"
+            )
+        name = Path(config.annotations).name
+        return cls(
+            records=records[: config.limit] if config.limit else records,
+            image_root=image_root,
+            identity=f"{name}:{fingerprint(config.annotations)}",
+            format=config.format,
+            uncaptioned=len(uncaptioned),
+        )
+
+    def shards(self, shard_size: int) -> list[tuple[int, int]]:
+        """(start, stop) of each shard in the record list."""
+        n = len(self.records)
+        return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+    def images_in(self, shards: list[int], shard_size: int) -> int:
+        bounds = self.shards(shard_size)
+        return sum(bounds[s][1] - bounds[s][0] for s in shards)
+
+    def batches(self, shards: list[int], shard_size, encoder, config) -> Iterator[ShardBatch]:
+        """The images of some shards, decoded in DataLoader workers, in order."""
+        bounds = self.shards(shard_size)
+        batches, batch_shard = [], []
+        for shard in shards:
+            start, stop = bounds[shard]
+            for b in range(start, stop, config.batch_size):
+                batches.append(list(range(b, min(b + config.batch_size, stop))))
+                batch_shard.append(shard)
+        dataset = ImageDataset([self.image_root / r.path for r in self.records], encoder.processor)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=config.num_workers,
+            collate_fn=collate_images,
+            pin_memory=encoder.device.type == "cuda",
+        )
+        for i, (positions, pixel_values, failed) in enumerate(loader):
+            shard = batch_shard[i]
+            yield ShardBatch(
+                shard=shard,
+                records=[self.records[p] for p in positions],
+                pixel_values=pixel_values,
+                failures=[(self.records[p].path, reason) for p, reason in failed],
+                last=i + 1 == len(batch_shard) or batch_shard[i + 1] != shard,
+            )
+
+
+@dataclass
+class _TarShards:
+    """WebDataset tar shards (`webdataset.py`); a tar is one shard."""
+
+    tars: list[Path]
+    identity: str
+    format: str = "webdataset"
+    uncaptioned: int = 0  # counted as the tars are read
+
+    @classmethod
+    def open(cls, config: FeatureConfig) -> "_TarShards":
+        if config.images is not None:
+            raise ClipcapError(
+                "--images is not used with WebDataset shards: the images are inside the tars"
+            )
+        if config.limit is not None:
+            raise ClipcapError(
+                "--limit does not apply to WebDataset shards; for a trial run give fewer "
+                "shards, such as 'shards/{00000..00001}.tar'"
+            )
+        tars = webdataset.shard_paths(config.annotations)
+        identity = f"webdataset:{len(tars)} shards:{webdataset.fingerprint_shards(tars)}"
+        return cls(tars=tars, identity=f"{identity}:default {config.split_default}")
+
+    def shards(self, shard_size: int) -> list[Path]:
+        return self.tars
+
+    def images_in(self, shards: list[int], shard_size: int) -> None:
+        return None  # unknown until the tars are read
+
+    def batches(self, shards: list[int], shard_size, encoder, config) -> Iterator[ShardBatch]:
+        dataset = webdataset.TarShardDataset(
+            [(s, self.tars[s]) for s in shards],
+            encoder.processor,
+            config.batch_size,
+            split=config.split,
+            split_default=config.split_default,
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=min(config.num_workers, len(shards)),
+            collate_fn=_as_is,
+        )
+        yield from loader
+
+
+def _as_is(batch):
+    return batch
+
+
 def _extract(
     config: FeatureConfig,
-    records: list[ImageRecord],
-    image_root: Path,
+    source: "_AnnotatedImages | _TarShards",
     device: torch.device,
     identity: dict,
     summary: ExtractSummary,
@@ -228,18 +352,14 @@ def _extract(
             _check_same_inputs(identity, manifest, parts)
         manifest = None  # progress of other inputs, cleared once the new model has loaded
     shard_size = manifest["shard_size"] if manifest else config.shard_size
-    shards = [
-        (start, min(start + shard_size, len(records)))
-        for start in range(0, len(records), shard_size)
-    ]
+    num_shards = len(source.shards(shard_size))
     pending = [
-        i for i in range(len(shards)) if manifest is None or not _shard_path(parts, i).exists()
+        i for i in range(num_shards) if manifest is None or not _shard_path(parts, i).exists()
     ]
-    summary.resumed_images = sum(
-        shards[i][1] - shards[i][0] for i in range(len(shards)) if i not in pending
-    )
-    if summary.resumed_images:
-        log.info("resuming: %d of %d images already done", summary.resumed_images, len(records))
+    if manifest is not None and len(pending) < num_shards:
+        done = [i for i in range(num_shards) if i not in set(pending)]
+        summary.resumed_images = sum(_images_in_shard(_shard_path(parts, i)) for i in done)
+        log.info("resuming: %d of %d shards already done", len(done), num_shards)
 
     world = distributed.world()
     started = time.perf_counter()
@@ -249,9 +369,10 @@ def _extract(
         if manifest is None:
             manifest = {
                 **identity,
+                "parts_format": PARTS_FORMAT,
                 "shard_size": shard_size,
-                "num_images": len(records),
-                "format": config.format,
+                "num_shards": num_shards,
+                "format": source.format,
                 "annotations": Path(config.annotations).name,
                 "embedding_dim": encoder.embedding_dim,
                 "image_size": encoder.image_size,
@@ -262,13 +383,14 @@ def _extract(
         # Under torchrun each rank encodes every N-th pending shard; the shards are files, so a
         # rerun with any number of processes, or none, finds what is left.
         mine = pending[world.rank :: world.size]
-        _encode_shards(encoder, records, image_root, shards, mine, parts, config, summary)
+        batches = source.batches(mine, shard_size, encoder, config)
+        _encode(batches, source.images_in(mine, shard_size), encoder, parts, config, summary)
     distributed.barrier()  # every shard is written
     encoded = torch.tensor(summary.images_encoded_now, device=device)
     summary.images_encoded_now = int(distributed.all_reduce_sum(encoded).item())
     summary.seconds = time.perf_counter() - started
     if world.is_main:
-        _gather(parts, out, records, shards, manifest, summary)
+        _gather(parts, out, num_shards, manifest, summary)
         shutil.rmtree(parts, ignore_errors=True)
 
 
@@ -303,6 +425,10 @@ def _read_manifest(parts: Path) -> dict | None:
         manifest = None
     if not isinstance(manifest, dict) or "embedding_dim" not in manifest:
         raise ClipcapError(f"{path} is corrupt; pass --overwrite to start over")
+    if manifest.get("parts_format") != PARTS_FORMAT:
+        raise ClipcapError(
+            f"{parts} holds progress of an older clipcap version; pass --overwrite to start over"
+        )
     return manifest
 
 
@@ -310,34 +436,18 @@ def _shard_path(parts: Path, shard: int) -> Path:
     return parts / f"shard-{shard:06d}.safetensors"
 
 
-def _encode_shards(
+def _encode(
+    batches: Iterator[ShardBatch],
+    total: int | None,
     encoder: ClipEncoder,
-    records: list[ImageRecord],
-    image_root: Path,
-    shards,
-    pending: list[int],
     parts: Path,
     config: FeatureConfig,
     summary: ExtractSummary,
 ) -> None:
-    """Encode the pending shards, writing each one as soon as its last batch is done."""
-    batches, batch_shard = [], []
-    for shard in pending:
-        start, stop = shards[shard]
-        for b in range(start, stop, config.batch_size):
-            batches.append(list(range(b, min(b + config.batch_size, stop))))
-            batch_shard.append(shard)
-    dataset = ImageDataset([image_root / r.path for r in records], encoder.processor)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=config.num_workers,
-        collate_fn=collate_images,
-        pin_memory=encoder.device.type == "cuda",
-    )
-    total = sum(shards[s][1] - shards[s][0] for s in pending)
+    """Encode batches, writing each shard as soon as its last batch is done."""
     rows: dict[int, list] = {}
     failures: dict[int, list] = {}
+    uncaptioned: dict[int, int] = {}
     with tqdm(
         total=total,
         unit="img",
@@ -345,70 +455,78 @@ def _encode_shards(
         dynamic_ncols=True,
         disable=not distributed.is_main_process(),
     ) as bar:
-        for shard, (positions, pixel_values, failed) in zip(batch_shard, loader, strict=True):
-            if failed and config.strict:
-                position, reason = failed[0]
+        for batch in batches:
+            if batch.failures and config.strict:
+                path, reason = batch.failures[0]
                 raise ClipcapError(
-                    f"{records[position].path}: {reason} (--strict stops at the "
-                    "first unreadable image)"
+                    f"{path}: {reason} (--strict stops at the first unreadable image)"
                 )
-            if pixel_values is not None:
-                embeds = encoder.encode(pixel_values)  # (B, D)
-                rows.setdefault(shard, []).extend(zip(positions, embeds.numpy(), strict=True))
-                summary.images_encoded_now += len(positions)
-            failures.setdefault(shard, []).extend(failed)
-            bar.update(len(positions) + len(failed))
-            start, stop = shards[shard]
-            if len(rows.get(shard, [])) + len(failures.get(shard, [])) == stop - start:
+            shard = batch.shard
+            if batch.pixel_values is not None:
+                embeds = encoder.encode(batch.pixel_values)  # (B, D)
+                rows.setdefault(shard, []).extend(zip(batch.records, embeds.numpy(), strict=True))
+                summary.images_encoded_now += len(batch.records)
+            failures.setdefault(shard, []).extend(batch.failures)
+            uncaptioned[shard] = uncaptioned.get(shard, 0) + batch.uncaptioned
+            bar.update(len(batch.records) + len(batch.failures))
+            if batch.last:
                 _write_shard(
-                    parts,
-                    shard,
+                    _shard_path(parts, shard),
                     rows.pop(shard, []),
                     failures.pop(shard, []),
+                    uncaptioned.pop(shard),
                     encoder.embedding_dim,
                     config.dtype,
                 )
 
 
-def _write_shard(parts: Path, shard: int, rows, failures, dim: int, dtype: str) -> None:
+def _write_shard(path: Path, rows, failures, uncaptioned: int, dim: int, dtype: str) -> None:
+    """One finished shard: its embeddings, and in the metadata its records and failures."""
     embeddings = np.stack([e for _, e in rows]) if rows else np.zeros((0, dim), np.float32)
-    tensors = {
-        "embeddings": embeddings.astype(dtype),
-        "positions": np.array([p for p, _ in rows], dtype=np.int64),
+    records = [[r.image_id, r.path, r.split, r.captions] for r, _ in rows]
+    metadata = {
+        "records": json.dumps(records),
+        "failures": json.dumps(failures),
+        "uncaptioned": str(uncaptioned),
     }
-    path = _shard_path(parts, shard)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"failures": json.dumps(failures)})
+    save_file({"embeddings": embeddings.astype(dtype)}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
-def _gather(
-    parts: Path,
-    out: Path,
-    records: list[ImageRecord],
-    shards,
-    manifest: dict,
-    summary: ExtractSummary,
-) -> None:
+def _read_shard(path: Path) -> tuple[list[ImageRecord], list, int]:
+    """A shard's records, failures and count of uncaptioned samples, without its embeddings."""
+    with safe_open(str(path), "np") as f:
+        metadata = f.metadata()
+    records = [ImageRecord(*fields) for fields in json.loads(metadata["records"])]
+    return records, json.loads(metadata["failures"]), int(metadata["uncaptioned"])
+
+
+def _images_in_shard(path: Path) -> int:
+    records, failures, _ = _read_shard(path)
+    return len(records) + len(failures)
+
+
+def _gather(parts: Path, out: Path, num_shards: int, manifest: dict, summary: ExtractSummary):
     """Gather the finished shards into the final HDF5 cache, streaming their embeddings.
 
-    Only the row positions are read up front; the embeddings go into the file a shard at a time,
-    so the gather never holds more than one shard of them.
+    Only the records are read up front; the embeddings go into the file a shard at a time, so the
+    gather never holds more than one shard of them.
     """
-    shard_paths = [_shard_path(parts, shard) for shard in range(len(shards))]
-    positions, failed = [], []
+    shard_paths = [_shard_path(parts, shard) for shard in range(num_shards)]
+    kept, failed = [], []
     for path in shard_paths:
-        with safe_open(str(path), "np") as f:
-            positions.extend(f.get_tensor("positions").tolist())
-            failed.extend(json.loads(f.metadata()["failures"]))
-    summary.images_written = len(positions)
+        records, failures, uncaptioned = _read_shard(path)
+        kept.extend(records)
+        failed.extend(failures)
+        summary.images_without_captions += uncaptioned
+    summary.images_written = len(kept)
     summary.images_failed = len(failed)
     summary.failure_reasons = dict(Counter(reason.split(" (")[0] for _, reason in failed))
-    if not positions:
-        first = f" (first: {records[failed[0][0]].path}: {failed[0][1]})" if failed else ""
+    if not kept:
+        first = f" (first: {failed[0][0]}: {failed[0][1]})" if failed else ""
         raise ClipcapError(f"no image could be read: {len(failed)} failed{first}")
 
-    kept = [records[p] for p in positions]
     captions, caption_rows = [], []
     for row, record in enumerate(kept):
         captions.extend(record.captions)
@@ -426,7 +544,7 @@ def _gather(
     }
     try:
         embeddings = cache.EmbeddingStream(
-            rows=len(positions),
+            rows=len(kept),
             dim=manifest["embedding_dim"],
             dtype=np.dtype(manifest["storage_dtype"]),
             chunks=(load_file(str(path))["embeddings"] for path in shard_paths),
@@ -439,7 +557,7 @@ def _gather(
             splits=[r.split for r in kept],
             captions=captions,
             caption_image_index=np.array(caption_rows, dtype=np.int64),
-            failed_paths=[records[p].path for p, _ in failed],
+            failed_paths=[path for path, _ in failed],
             failed_reasons=[reason for _, reason in failed],
             attrs=attrs,
         )

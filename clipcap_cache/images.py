@@ -9,8 +9,10 @@ short reason, so that callers can record the failure and carry on.
 preprocessing run in DataLoader workers, away from the encoder.
 """
 
+import io
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ class ImageLoadError(Exception):
 
 
 def load_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image as RGB with its EXIF orientation applied; raises `ImageLoadError`."""
+    """Open an image file as RGB with its EXIF orientation applied; raises `ImageLoadError`."""
     path = Path(path)
     if not path.exists():
         raise ImageLoadError("missing file")
@@ -34,12 +36,23 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> I
         raise ImageLoadError("is a directory")
     if path.stat().st_size == 0:
         raise ImageLoadError("empty file")
+    return _decode(path, max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """`load_image` for an image held in memory, such as a member of a tar shard."""
+    if not data:
+        raise ImageLoadError("empty file")
+    return _decode(io.BytesIO(data), max_pixels)
+
+
+def _decode(source, max_pixels: int | None) -> Image.Image:
     # Never decode a partial file into a half-grey image: truncation is a failure.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageLoadError(
@@ -117,6 +130,18 @@ def collate_images(items):
     failed = [(pos, reason) for pos, pixels, reason in items if pixels is None]
     pixel_values = torch.stack([p for _, p in good]) if good else None
     return [pos for pos, _ in good], pixel_values, failed
+
+
+@dataclass
+class ShardBatch:
+    """A batch of decoded images that all belong to one progress shard of an extraction."""
+
+    shard: int
+    records: list = field(default_factory=list)  # ImageRecords, one per row of pixel_values
+    pixel_values: torch.Tensor | None = None  # (B, 3, S, S), None when no image decoded
+    failures: list = field(default_factory=list)  # (image path, reason)
+    uncaptioned: int = 0  # samples skipped for having no caption
+    last: bool = False  # the shard's final batch: once encoded, the shard can be written
 
 
 def default_num_workers() -> int:

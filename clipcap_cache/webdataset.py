@@ -1,0 +1,247 @@
+"""WebDataset input: image-caption samples streamed out of tar shards, never unpacked to disk.
+
+    clipcap extract-features 'shards/{00000..00099}.tar' --out cc3m.h5
+
+This is the layout img2dataset writes. A sample is the consecutive members of a tar that share a
+key, the member name up to the first dot of its file name: `000012345.jpg`, `000012345.txt`,
+`000012345.json`. For each sample:
+
+- the image is its first member with an image extension (jpg, png, webp, ...);
+- the captions are the json sidecar's `captions` list if it has one, else the `.txt` member (one
+  caption), else the json's `caption` string;
+- the split is the json's `split` if it has one, else the default split (`--split-default`);
+- the image id is the key, and the image path is `SHARD.tar/MEMBER`.
+
+Shards are given as a brace pattern (`shards/{00000..00099}.tar`), a glob, or a directory of tars.
+A tar is a unit of work: each one is read by one DataLoader worker of one rank, in order, and its
+samples become one crash-safe progress shard of the extraction. A bad member (an image that does
+not decode, an unreadable sidecar, a sample with no image) or a truncated tar becomes a recorded
+failure; a sample with no caption is skipped and counted.
+"""
+
+import glob
+import hashlib
+import json
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from braceexpand import UnbalancedBracesError, braceexpand
+
+from clipcap_cache.datasets import SPLIT_ALIASES, SPLITS, ImageRecord
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.images import IMAGE_EXTENSIONS, ImageLoadError, ShardBatch, decode_image
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+# WebDataset's own rule: the key is everything up to the first dot of the file name.
+_KEY_AND_EXTENSION = re.compile(r"^((?:.*/)?[^./][^.]*)\.([^/]+)$")
+
+
+def is_webdataset(source: str, format: str = "auto") -> bool:
+    """Whether an extraction source names tar shards rather than an annotation file."""
+    if format == "webdataset":
+        return True
+    if format != "auto":
+        return False
+    if Path(source).is_dir():
+        return True
+    try:
+        first = next(iter(braceexpand(source)))
+    except (UnbalancedBracesError, StopIteration):
+        return False
+    return first.lower().endswith(TAR_SUFFIXES)
+
+
+def shard_paths(source: str) -> list[Path]:
+    """The tar shards a brace pattern, glob or directory names, in order; all must exist."""
+    directory = Path(source)
+    if directory.is_dir():
+        shards = sorted(
+            p for p in directory.iterdir() if p.is_file() and p.name.lower().endswith(TAR_SUFFIXES)
+        )
+        if not shards:
+            raise ClipcapError(f"{source} holds no tar shards (*.tar, *.tar.gz, *.tgz)")
+        return shards
+    try:
+        names = list(braceexpand(source))
+    except UnbalancedBracesError:
+        raise ClipcapError(f"'{source}' is not a valid brace pattern: unbalanced braces") from None
+    shards, missing = [], []
+    for name in names:
+        if glob.has_magic(name):
+            shards.extend(Path(p) for p in sorted(glob.glob(name)) if Path(p).is_file())
+        elif Path(name).is_file():
+            shards.append(Path(name))
+        else:
+            missing.append(name)
+    if not shards:
+        raise ClipcapError(f"'{source}' matches no tar shard (no file {names[0]})")
+    if missing:
+        raise ClipcapError(
+            f"{len(missing)} of {len(names)} shards of '{source}' do not exist (first: "
+            f"{missing[0]}); give a pattern that names only existing shards"
+        )
+    return shards
+
+
+def fingerprint_shards(shards: list[Path]) -> str:
+    """A short hash of the shards' names and sizes: hashing terabytes of content is too slow."""
+    digest = hashlib.sha256()
+    for path in shards:
+        digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Sample:
+    """The members of one sample, as bytes, keyed by extension."""
+
+    key: str
+    shard: str  # the tar's file name
+    members: dict[str, bytes] = field(default_factory=dict)
+    failure: str | None = None  # why the sample (or the rest of its tar) could not be read
+
+    def path(self) -> str:
+        """`SHARD.tar/KEY.jpg` (or `SHARD.tar/KEY` with no image): how failures and the cache name it."""
+        if not self.key:
+            return self.shard
+        extension = self.image_extension()
+        return f"{self.shard}/{self.key}" + (f".{extension}" if extension else "")
+
+    def image_extension(self) -> str | None:
+        return next((e for e in self.members if e in _IMAGE_EXTENSIONS), None)
+
+
+def read_samples(path: Path) -> Iterator[Sample]:
+    """Stream the samples of one tar in order, reading only image, txt and json members.
+
+    A tar that is not a tar, or that ends in the middle of a member, yields one last sample whose
+    `failure` says so; the samples before it are complete.
+    """
+    wanted = (*_IMAGE_EXTENSIONS, "txt", "json")
+    current: Sample | None = None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                match = _KEY_AND_EXTENSION.match(member.name)
+                if match is None:
+                    continue
+                key, extension = match.group(1), match.group(2).lower()
+                if current is not None and key != current.key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = Sample(key, path.name)
+                if extension in wanted and extension not in current.members:
+                    current.members[extension] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        reason = f"truncated or corrupt tar ({str(e) or type(e).__name__})"
+        failed = current or Sample("", path.name)
+        failed.failure = reason
+        yield failed
+        return
+    if current is not None:
+        yield current
+
+
+def parse_sample(sample: Sample, split_default: str) -> ImageRecord:
+    """The sample's captions and split; raises `ImageLoadError` for an unreadable sidecar."""
+    sidecar = {}
+    if "json" in sample.members:
+        try:
+            sidecar = json.loads(sample.members["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ImageLoadError(f"{sample.key}.json is not valid JSON ({e})") from None
+        if not isinstance(sidecar, dict):
+            raise ImageLoadError(f"{sample.key}.json is not a JSON object")
+    if "captions" in sidecar:
+        captions = sidecar["captions"]
+        if not isinstance(captions, list):
+            raise ImageLoadError(f"{sample.key}.json: 'captions' is not a list")
+    elif "txt" in sample.members:
+        try:
+            captions = [sample.members["txt"].decode("utf-8-sig")]
+        except UnicodeDecodeError:
+            raise ImageLoadError(f"{sample.key}.txt is not UTF-8 text") from None
+    else:
+        captions = [sidecar["caption"]] if sidecar.get("caption") is not None else []
+    if not all(isinstance(c, str) for c in captions):
+        raise ImageLoadError(f"{sample.key}: a caption is not a string")
+    split = str(sidecar.get("split", split_default)).strip().lower()
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in SPLITS:
+        raise ImageLoadError(f"{sample.key}.json has unknown split {sidecar['split']!r}")
+    captions = [c.strip() for c in captions if c.strip()]
+    return ImageRecord(image_id=sample.key, path=sample.path(), split=split, captions=captions)
+
+
+class TarShardDataset(torch.utils.data.IterableDataset):
+    """Decoded, preprocessed batches of tar shards, one shard after another in each worker.
+
+    DataLoader workers share the shards out (worker w reads every W-th), and each yields
+    `ShardBatch`es of at most `batch_size` images that belong to one shard; the last batch of a
+    shard has `last=True`, even when it holds nothing, so the shard can be written.
+    """
+
+    def __init__(
+        self,
+        shards: list[tuple[int, Path]],  # (progress shard number, tar path)
+        processor,
+        batch_size: int,
+        split: str = "all",
+        split_default: str = "train",
+    ):
+        self.shards = shards
+        self.processor = processor
+        self.batch_size = batch_size
+        self.split = split
+        self.split_default = split_default
+
+    def __iter__(self) -> Iterator[ShardBatch]:
+        worker = torch.utils.data.get_worker_info()
+        shards = self.shards if worker is None else self.shards[worker.id :: worker.num_workers]
+        for number, path in shards:
+            yield from self._batches(number, path)
+
+    def _batches(self, number: int, path: Path) -> Iterator[ShardBatch]:
+        batch = ShardBatch(number)
+        pixels = []
+        for sample in read_samples(path):
+            if sample.failure is not None:
+                batch.failures.append((sample.path(), sample.failure))
+                break
+            try:
+                record = parse_sample(sample, self.split_default)
+            except ImageLoadError as e:
+                batch.failures.append((sample.path(), str(e)))
+                continue
+            if self.split != "all" and record.split != self.split:
+                continue
+            if not record.captions:
+                batch.uncaptioned += 1
+                continue
+            extension = sample.image_extension()
+            try:
+                if extension is None:
+                    raise ImageLoadError("no image in the sample")
+                image = decode_image(sample.members[extension])
+                pixel_values = self.processor(images=image, return_tensors="pt")["pixel_values"]
+            except ImageLoadError as e:
+                batch.failures.append((record.path, str(e)))
+                continue
+            batch.records.append(record)
+            pixels.append(pixel_values[0])
+            if len(pixels) == self.batch_size:
+                batch.pixel_values = torch.stack(pixels)
+                yield batch
+                batch, pixels = ShardBatch(number), []
+        batch.pixel_values = torch.stack(pixels) if pixels else None
+        batch.last = True
+        yield batch

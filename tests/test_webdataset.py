@@ -1,0 +1,183 @@
+"""WebDataset input: tar shards give the same cache as the same images as files plus JSON lines."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from clipcap_cache.cache import read_cache
+from clipcap_cache.datasets import read_annotations
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(records, root: Path, directory: Path, per_shard: int):
+    """img2dataset's layout: KEY.png with a KEY.json sidecar (captions and split), or a KEY.txt.
+
+    Returns the tars and the keys of the samples with a .txt, which name no split.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    shards, plain = [], []
+    for number, start in enumerate(range(0, len(records), per_shard)):
+        shards.append(directory / f"{number:05d}.tar")
+        with tarfile.open(shards[-1], "w") as tar:
+            for i, record in enumerate(records[start : start + per_shard]):
+                key = Path(record.path).stem
+                add_member(tar, f"{key}.png", (root / record.path).read_bytes())
+                if i % 3 == 2 and record.split == "train":  # a plain caption, default split
+                    record.captions = record.captions[:1]
+                    plain.append(key)
+                    add_member(tar, f"{key}.txt", record.captions[0].encode())
+                else:
+                    sidecar = {"captions": record.captions, "split": record.split, "url": "x"}
+                    add_member(tar, f"{key}.json", json.dumps(sidecar).encode())
+    return shards, plain
+
+
+def extract(source, out, clip_dir, *extra, workers=0):
+    return run_cli(
+        "extract-features",
+        source,
+        "--out",
+        out,
+        "--clip-model",
+        clip_dir,
+        "--batch-size",
+        "4",
+        "--num-workers",
+        str(workers),
+        *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, shapes):
+    """20 shapes images in 3 tars, and the same images as files plus a JSON lines file."""
+    tmp_path = tmp_path_factory.mktemp("webdataset")
+    annotations, root = shapes
+    records = read_annotations(annotations)
+    records = records[:14] + [r for r in records if r.split == "val"][:6]
+    tars, plain = write_shards(records, root, tmp_path / "shards", per_shard=8)
+    rows = [{"image": r.path, "caption": c, "split": r.split} for r in records for c in r.captions]
+    jsonl = tmp_path / "same.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return tars, jsonl, root, plain
+
+
+def test_webdataset_gives_the_same_cache_as_files_and_jsonl(tmp_path, shards, clip_dir):
+    tars, jsonl, root, _ = shards
+    pattern = str(tars[0].parent / "{00000..00002}.tar")
+    # Two workers read alternate tars; the cache keeps the tars' order.
+    result = extract(pattern, tmp_path / "wds.h5", clip_dir, workers=2)
+    assert result.returncode == 0, result.stderr
+    assert extract(jsonl, tmp_path / "files.h5", clip_dir, "--images", root).returncode == 0
+    wds, files = read_cache(tmp_path / "wds.h5"), read_cache(tmp_path / "files.h5")
+
+    assert wds.image_ids == [Path(i).stem for i in files.image_ids]
+    np.testing.assert_array_equal(wds.embeddings, files.embeddings)
+    assert wds.captions == files.captions
+    np.testing.assert_array_equal(wds.caption_image_index, files.caption_image_index)
+    np.testing.assert_array_equal(wds.splits, files.splits)
+    assert wds.image_paths[9] == "00001.tar/000009.png"
+    assert wds.attrs["annotation_format"] == "webdataset"
+    # A directory of tars is the same input as the pattern: the finished cache is recognised.
+    again = extract(tars[0].parent, tmp_path / "wds.h5", clip_dir)
+    assert "already complete" in again.stdout
+
+
+def test_webdataset_split_and_split_default(tmp_path, shards, clip_dir):
+    tars, _, _, plain = shards
+    source = tars[0].parent
+    assert extract(source, tmp_path / "val.h5", clip_dir, "--split", "val").returncode == 0
+    assert list(read_cache(tmp_path / "val.h5").splits) == ["val"] * 6
+    # The .txt samples name no split: --split-default puts them in test.
+    result = extract(source, tmp_path / "t.h5", clip_dir, "--split-default", "test")
+    assert result.returncode == 0, result.stderr
+    cache = read_cache(tmp_path / "t.h5")
+    splits = dict(zip(cache.image_ids, cache.splits, strict=True))
+    assert plain and all(splits[key] == "test" for key in plain)
+    assert sum(s == "train" for s in splits.values()) == 14 - len(plain)
+
+
+def test_bad_tar_members_are_failures_and_uncaptioned_samples_are_counted(
+    tmp_path, shapes, clip_dir
+):
+    annotations, root = shapes
+    good = (root / read_annotations(annotations)[0].path).read_bytes()
+    shard = tmp_path / "shards" / "00000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        add_member(tar, "a.png", good)
+        add_member(tar, "a.txt", b"a good one")
+        add_member(tar, "b.jpg", b"not a jpeg at all")  # corrupt member
+        add_member(tar, "b.txt", b"a corrupt image")
+        add_member(tar, "c.png", good)  # no caption
+        add_member(tar, "d.png", good)
+        add_member(tar, "d.json", b"{not json")  # unreadable sidecar
+        add_member(tar, "e.txt", b"a caption with no image")
+        add_member(tar, "f.png", good)
+        add_member(tar, "f.txt", b"the last complete sample")
+        add_member(tar, "g.png", good)
+        add_member(tar, "g.txt", b"cut off")
+    data = shard.read_bytes()
+    cut = data.index(b"cut off") + 3  # the last member ends early: a truncated tar
+    shard.write_bytes(data[:cut])
+
+    result = extract(shard, tmp_path / "bad.h5", clip_dir)
+    assert result.returncode == 0, result.stderr
+    assert "1 without captions left out" in result.stdout
+    cache = read_cache(tmp_path / "bad.h5")
+    assert cache.image_ids == ["a", "f"]
+    reasons = dict(zip(cache.failed_paths, cache.failed_reasons, strict=True))
+    assert sorted(reasons) == [
+        "00000.tar/b.jpg",
+        "00000.tar/d.png",
+        "00000.tar/e",
+        "00000.tar/g.png",
+    ]
+    assert reasons["00000.tar/b.jpg"] == "not an image"
+    assert reasons["00000.tar/e"] == "no image in the sample"
+    assert reasons["00000.tar/g.png"].startswith("truncated or corrupt tar")
+
+    strict = extract(shard, tmp_path / "strict.h5", clip_dir, "--strict")
+    assert "00000.tar/b.jpg: not an image" in assert_one_line_error(strict)
+
+
+@pytest.mark.bad_input("parsing")
+@pytest.mark.parametrize(
+    "source, extra, message",
+    [
+        ("{00010..00019}.tar", [], "matches no tar shard"),
+        ("{00000..00003}.tar", [], "1 of 4 shards"),
+        ("{00000..00002", ["--format", "webdataset"], "unbalanced braces"),
+        ("{00000..00002}.tar", ["--images", "."], "--images is not used"),
+        ("{00000..00002}.tar", ["--limit", "3"], "--limit does not apply"),
+        ("{00000..00002}.tar", ["--split-default", "dev"], "--split-default must be one of"),
+    ],
+)
+def test_bad_webdataset_input_is_one_line(tmp_path, shards, clip_dir, source, extra, message):
+    tars, _, _, plain = shards
+    out = tmp_path / "x.h5"
+    result = extract(str(tars[0].parent / source), out, clip_dir, *extra)
+    assert message in assert_one_line_error(result)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_divide_the_tars_and_write_the_same_cache(tmp_path, shards, clip_dir):
+    from test_distributed import assert_same_cache, torchrun
+
+    tars, _, _, _ = shards
+    assert extract(tars[0].parent, tmp_path / "one.h5", clip_dir).returncode == 0
+    args = ["extract-features", tars[0].parent, "--out", tmp_path / "two.h5"]
+    result = torchrun(*args, "--clip-model", clip_dir, "--batch-size", "4", "--num-workers", "0")
+    assert result.stdout.count("wrote ") == 1
+    assert_same_cache(tmp_path / "one.h5", tmp_path / "two.h5")
