@@ -6,7 +6,7 @@ Same samples (every caption of every image), same model (ViT-B/32 + GPT-2 124M, 
 same batches, and the same step functions as `clipcap train`: `train.forward_backward` for the
 micro-batch and `train.Optimization.step` (fused AdamW, clipping, schedule). The
 on-the-fly design decodes the JPEG and runs CLIP in each sample's __getitem__, as the seed
-implementation does; the cached design reads embeddings from memory (`train.CaptionData`).
+implementation does; the cached design reads the memory-mapped embeddings and tokens (`train.CaptionData`).
 Also reports the share of step time spent outside the model's forward and backward passes.
 """
 
@@ -20,16 +20,11 @@ import numpy as np
 import torch
 from common import build_gpt2_124m, build_vit_b32, make_coco_images, save_result
 
-from clipcap_cache.cache import read_cache
+from clipcap_cache.cache import open_cache, read_cache
 from clipcap_cache.features import FeatureConfig, extract_features, load_clip
 from clipcap_cache.images import load_image
 from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
-from clipcap_cache.train import (
-    TrainConfig,
-    forward_backward,
-    make_optimization,
-    tokenize_captions,
-)
+from clipcap_cache.train import TrainConfig, caption_data, forward_backward, make_optimization
 
 
 def main():
@@ -50,11 +45,10 @@ def main():
             num_workers=0,
         )
     )
-    cache = read_cache(features)
+    cache = open_cache(features)
     tokenizer = load_tokenizer(str(gpt2_dir))
-    data = tokenize_captions(
-        tokenizer, cache.captions, cache.caption_image_index, cache.embeddings, 40
-    )
+    data, _ = caption_data(cache, cache.rows_of_split("all"), tokenizer, 40)
+    image_paths = read_cache(features).image_paths
     torch.manual_seed(0)
     model = build_model(ModelConfig(gpt2_model=str(gpt2_dir), clip_embedding_dim=512)).train()
     encoder = load_clip(str(clip_dir), "cpu")
@@ -89,11 +83,11 @@ def main():
         timings = {"model": 0.0, "optimizer": 0.0}
         start = time.perf_counter()
         for samples in batches:
-            rows = data.caption_rows[samples]
+            rows = data.caption_rows[data.captions[samples]]
             # Each sample decodes its image and runs CLIP, once per caption.
             pixels = [
                 encoder.processor(
-                    images=load_image(work / "images" / cache.image_paths[r]), return_tensors="pt"
+                    images=load_image(work / "images" / image_paths[r]), return_tensors="pt"
                 )["pixel_values"]
                 for r in rows
             ]

@@ -153,21 +153,10 @@ STRING_DATASETS = (
 def read_cache(path: str | Path, require_complete: bool = True) -> FeatureCache:
     """Read a whole cache into memory, checking its format version, completeness and contents."""
     path = Path(path)
-    attrs = read_attrs(path)
-    if attrs["format_version"] != FORMAT_VERSION:
-        raise ClipcapError(
-            f"{path} has cache format version {attrs['format_version']!r}, but this version "
-            f"of clipcap-cache reads only version {FORMAT_VERSION}"
-        )
-    if require_complete and not attrs.get("complete", False):
-        raise ClipcapError(f"{path} is an incomplete cache: rerun extract-features to finish it")
+    attrs = _check_version(path, require_complete)
     try:
         with h5py.File(path, "r") as f:
-            missing = [
-                n for n in ("embeddings", "caption_image_index", *STRING_DATASETS) if n not in f
-            ]
-            if missing:
-                raise ClipcapError(f"{path} is not a complete feature cache: no /{missing[0]}")
+            _check_present(path, f)
             strings = {name: list(f[name].asstr()[()]) for name in STRING_DATASETS}
             found = FeatureCache(
                 embeddings=f["embeddings"][()],
@@ -182,36 +171,167 @@ def read_cache(path: str | Path, require_complete: bool = True) -> FeatureCache:
     return found
 
 
+def _check_version(path: Path, require_complete: bool) -> dict:
+    """The attributes of a cache this version reads; refuses other versions and unfinished files."""
+    attrs = read_attrs(path)
+    if attrs["format_version"] != FORMAT_VERSION:
+        raise ClipcapError(
+            f"{path} has cache format version {attrs['format_version']!r}, but this version "
+            f"of clipcap-cache reads only version {FORMAT_VERSION}"
+        )
+    if require_complete and not attrs.get("complete", False):
+        raise ClipcapError(f"{path} is an incomplete cache: rerun extract-features to finish it")
+    return attrs
+
+
+def _check_present(path: Path, f: h5py.File) -> None:
+    missing = [n for n in ("embeddings", "caption_image_index", *STRING_DATASETS) if n not in f]
+    if missing:
+        raise ClipcapError(f"{path} is not a complete feature cache: no /{missing[0]}")
+
+
 def _check_contents(path: Path, found: FeatureCache) -> None:
     """Refuse a cache whose datasets disagree with each other or hold non-finite embeddings."""
-    embeddings = found.embeddings
+    lengths = {name: len(getattr(found, name)) for name in STRING_DATASETS}
+    _check_datasets(
+        path, found.attrs, lengths, found.embeddings, found.caption_image_index, found.image_ids
+    )
+
+
+def _check_datasets(path: Path, attrs: dict, lengths: dict, embeddings, index, image_ids) -> None:
+    """The checks of `read_cache` and `open_cache`, on arrays in memory or memory-mapped.
+
+    `lengths` holds the length of each string dataset; `image_ids` is anything indexable by row.
+    The embeddings are scanned in blocks, so a mapped file is never copied whole.
+    """
     if embeddings.ndim != 2 or embeddings.shape[1] == 0:
         raise ClipcapError(f"{path}: /embeddings has shape {embeddings.shape}, expected (N, D)")
-    dim = found.attrs.get("embedding_dim")
+    dim = attrs.get("embedding_dim")
     if dim is not None and dim != embeddings.shape[1]:
         raise ClipcapError(
             f"{path}: embedding_dim is {dim}, but /embeddings is {embeddings.shape[1]}-d"
         )
     rows = len(embeddings)
     for name in ("image_ids", "image_paths", "splits"):
-        if len(getattr(found, name)) != rows:
-            raise ClipcapError(
-                f"{path}: /{name} has {len(getattr(found, name))} rows, /embeddings {rows}"
-            )
-    index = found.caption_image_index
-    if index.ndim != 1 or len(index) != len(found.captions):
+        if lengths[name] != rows:
+            raise ClipcapError(f"{path}: /{name} has {lengths[name]} rows, /embeddings {rows}")
+    if index.ndim != 1 or len(index) != lengths["captions"]:
         raise ClipcapError(f"{path}: /caption_image_index does not match /captions")
     if len(index) and (index.min() < 0 or index.max() >= rows):
         raise ClipcapError(f"{path}: /caption_image_index points outside /embeddings")
-    if len(found.failed_paths) != len(found.failed_reasons):
+    if lengths["failed_paths"] != lengths["failed_reasons"]:
         raise ClipcapError(f"{path}: /failed_paths does not match /failed_reasons")
-    finite = np.isfinite(embeddings).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
+    bad = []
+    for start in range(0, rows, CHECK_BLOCK):
+        finite = np.isfinite(embeddings[start : start + CHECK_BLOCK]).all(axis=1)
+        bad.extend((start + np.flatnonzero(~finite)).tolist())
+    if bad:
         raise ClipcapError(
             f"{path}: {len(bad)} embeddings hold NaN or inf (first: row {bad[0]}, image "
-            f"{found.image_ids[bad[0]]}); extract them again"
+            f"{image_ids[bad[0]]}); extract them again"
         )
+
+
+CHECK_BLOCK = 2048  # rows checked at a time: the temporaries stay small
+
+
+@dataclass
+class MappedCache:
+    """A cache opened for training: its big arrays memory-mapped, its captions read on demand.
+
+    /embeddings and /caption_image_index are mapped straight from the file (`np.memmap` at the
+    dataset's offset in it). The operating system then keeps one copy of their pages for every
+    process of a node, and can drop them under memory pressure: under DDP the data is not copied
+    once per rank, and a cache may be bigger than RAM. The caption strings stay in the file.
+    """
+
+    path: Path
+    attrs: dict
+    embeddings: np.ndarray  # (N, D) read-only memmap (an in-memory array for chunked files)
+    caption_image_index: np.ndarray  # (M,) int64, likewise
+    splits: np.ndarray  # (N,) of str
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def num_images(self) -> int:
+        return len(self.embeddings)
+
+    def rows_of_split(self, split: str) -> np.ndarray:
+        """Row indices of one split, or of every row for `all`."""
+        if split == "all":
+            return np.arange(self.num_images)
+        return np.flatnonzero(self.splits == split)
+
+    def captions_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Indices of the captions that belong to some rows, in file order."""
+        wanted = np.zeros(self.num_images, dtype=bool)
+        wanted[rows] = True
+        indices = np.flatnonzero(wanted[self.caption_image_index])
+        # int32 halves this per-process array, the one part of the data that is not shared.
+        return indices.astype(np.int32) if len(self.caption_image_index) < 2**31 else indices
+
+    def captions(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """Captions start..stop, read from the file."""
+        with h5py.File(self.path, "r") as f:
+            return list(f["captions"].asstr()[start:stop])
+
+    def references(self, rows: np.ndarray) -> list[list[str]]:
+        """All captions of each of some rows, in the order of `rows`."""
+        indices = self.captions_of_rows(rows)
+        with h5py.File(self.path, "r") as f:
+            texts = list(f["captions"].asstr()[indices]) if len(indices) else []
+        refs: dict[int, list[str]] = {int(r): [] for r in rows}
+        for caption, row in zip(texts, self.caption_image_index[indices].tolist(), strict=True):
+            refs[row].append(caption)
+        return [refs[int(r)] for r in rows]
+
+
+def open_cache(path: str | Path) -> MappedCache:
+    """Open a complete cache for training, with the same checks as `read_cache`."""
+    path = Path(path)
+    attrs = _check_version(path, require_complete=True)
+    try:
+        with h5py.File(path, "r") as f:
+            _check_present(path, f)
+            lengths = {name: len(f[name]) for name in STRING_DATASETS}
+            embeddings = map_dataset(path, f["embeddings"])
+            index = map_dataset(path, f["caption_image_index"]).astype(np.int64, copy=False)
+            splits = _read_strings_in_blocks(f["splits"])
+            image_ids = f["image_ids"].asstr()
+            _check_datasets(path, attrs, lengths, embeddings, index, _Lazy(image_ids))
+    except (OSError, TypeError, ValueError) as e:
+        raise ClipcapError(f"{path}: cannot read the cache's datasets ({e})") from None
+    return MappedCache(path, attrs, embeddings, index, splits)
+
+
+def _read_strings_in_blocks(dataset) -> np.ndarray:
+    """A short-string dataset as a numpy str array, never holding every row as a Python str."""
+    blocks = [
+        np.array(dataset.asstr()[start : start + CHECK_BLOCK], dtype=str)
+        for start in range(0, len(dataset), CHECK_BLOCK)
+    ]
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=str)
+
+
+class _Lazy:
+    """Rows of an open h5py dataset, read one at a time (for error messages)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, row):
+        return self.dataset[int(row)]
+
+
+def map_dataset(path: Path, dataset) -> np.ndarray:
+    """A read-only memmap of a contiguous, uncompressed dataset; else the dataset read whole."""
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.chunks is not None or len(dataset) == 0:
+        return dataset[()]
+    return np.memmap(path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
 
 
 def describe(path: str | Path) -> dict:

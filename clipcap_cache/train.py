@@ -3,9 +3,10 @@
     clipcap train data/coco_vitb32.h5 --out runs/coco
     torchrun --nproc-per-node 8 --no-python clipcap train data/coco_vitb32.h5 --out runs/coco
 
-CLIP is never loaded: the cached embeddings are read into memory once and every caption is
-tokenized once, before the first epoch. Each caption of an image is a sample; samples are shuffled
-every epoch and each batch is padded only to its longest caption.
+CLIP is never loaded. The cached embeddings are memory-mapped, and every caption is tokenized
+once into a file beside the cache that is memory-mapped too (`tokens.py`), so the processes of a
+node share one copy of the data and a cache may be bigger than RAM. Each caption of an image is a
+sample; samples are shuffled every epoch and each batch is padded only to its longest caption.
 
 The loop is a few named parts. `train` sets a run up and runs its epochs. `train_one_epoch` makes
 one pass over the shuffled captions from `forward_backward` (one micro-batch) and
@@ -23,7 +24,6 @@ weights as a run that was never interrupted.
 """
 
 import contextlib
-import itertools
 import logging
 import math
 import shutil
@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from clipcap_cache import cache as feature_cache
-from clipcap_cache import checkpoint, distributed
+from clipcap_cache import checkpoint, distributed, tokens
 from clipcap_cache.devices import DEVICES, PRECISIONS, autocast_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import exclusive_lock, write_json_atomic
@@ -103,72 +103,54 @@ class TrainConfig:
 
 @dataclass
 class CaptionData:
-    """Tokenized captions and the embeddings they belong to, all in memory."""
+    """Some captions of a cache, tokenized, and the embeddings of their images.
 
-    embeddings: torch.Tensor  # (N, D) as stored (float16 by default)
-    token_ids: np.ndarray  # (T,) int32: all captions' tokens, EOS included, concatenated
+    The arrays span the whole cache and are memory-mapped in training (`cache.open_cache`,
+    `tokens.load_token_table`); `captions` picks the ones this set uses. A sample is a position
+    in `captions`.
+    """
+
+    embeddings: np.ndarray  # (N, D) every row of the cache, as stored (float16 by default)
+    token_ids: np.ndarray  # (T,) every caption's tokens, EOS included, concatenated
     offsets: np.ndarray  # (M+1,) caption m is token_ids[offsets[m]:offsets[m+1]]
     caption_rows: np.ndarray  # (M,) embedding row of each caption
-    truncated: int  # captions cut to max_caption_tokens
+    captions: np.ndarray  # (C,) the captions of this set, as indices into the M
 
     def __len__(self) -> int:
-        return len(self.caption_rows)
+        return len(self.captions)
 
     def count_tokens(self, samples: np.ndarray) -> int:
-        """Labelled tokens (caption tokens plus EOS) of some captions."""
-        return int((self.offsets[samples + 1] - self.offsets[samples]).sum())
+        """Labelled tokens (caption tokens plus EOS) of some samples."""
+        m = self.captions[samples]
+        return int((self.offsets[m + 1] - self.offsets[m]).sum())
 
     def batch(self, samples: np.ndarray, pad_id: int):
-        """Embeddings (B, D) and right-padded input_ids, labels (B, T) for caption indices."""
-        lengths = self.offsets[samples + 1] - self.offsets[samples]
-        input_ids = np.full((len(samples), int(lengths.max())), pad_id, dtype=np.int64)
+        """Embeddings (B, D) and right-padded input_ids, labels (B, T) of some samples."""
+        m = self.captions[samples]
+        lengths = self.offsets[m + 1] - self.offsets[m]
+        input_ids = np.full((len(m), int(lengths.max())), pad_id, dtype=np.int64)
         labels = np.full_like(input_ids, IGNORE_INDEX)
-        for j, (m, n) in enumerate(zip(samples, lengths, strict=True)):
-            tokens = self.token_ids[self.offsets[m] : self.offsets[m] + n]
+        for j, (start, n) in enumerate(zip(self.offsets[m], lengths, strict=True)):
+            tokens = self.token_ids[start : start + n]
             input_ids[j, :n] = tokens
             labels[j, :n] = tokens
-        rows = torch.from_numpy(self.caption_rows[samples])
-        return self.embeddings[rows].float(), torch.from_numpy(input_ids), torch.from_numpy(labels)
+        embeddings = torch.from_numpy(np.asarray(self.embeddings[self.caption_rows[m]]))
+        return embeddings.float(), torch.from_numpy(input_ids), torch.from_numpy(labels)
 
 
-def tokenize_captions(
-    tokenizer,
-    captions: list[str],
-    caption_rows: np.ndarray,
-    embeddings: np.ndarray,
-    max_tokens: int,
-    chunk_size: int = 8192,
-) -> CaptionData:
-    """Tokenize every caption once, truncate, and append EOS.
-
-    Captions are tokenized a chunk at a time and packed into one flat int32 array, so the
-    tokenizer's per-caption Python objects never exist for more than one chunk.
-    """
-    eos = tokenizer.eos_token_id
-    token_chunks, length_chunks, truncated = [], [], 0
-    for start in range(0, len(captions), chunk_size):
-        encoded = tokenizer(
-            captions[start : start + chunk_size],
-            add_special_tokens=False,
-            return_attention_mask=False,
-        )["input_ids"]
-        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-        truncated += int((lengths > max_tokens).sum())
-        token_chunks.append(
-            np.fromiter(
-                itertools.chain.from_iterable(ids[:max_tokens] + [eos] for ids in encoded),
-                np.int32,
-            )
-        )
-        length_chunks.append(np.minimum(lengths, max_tokens) + 1)
-    lengths = np.concatenate(length_chunks) if length_chunks else np.zeros(0, np.int64)
-    return CaptionData(
-        embeddings=torch.from_numpy(np.ascontiguousarray(embeddings)),
-        token_ids=np.concatenate(token_chunks) if token_chunks else np.zeros(0, np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        caption_rows=np.asarray(caption_rows, dtype=np.int64),
-        truncated=truncated,
+def caption_data(
+    cache: feature_cache.MappedCache, rows: np.ndarray, tokenizer, max_tokens: int
+) -> tuple[CaptionData, int]:
+    """The captions of some rows of a cache, and how many of the cache's captions were cut."""
+    table = tokens.load_token_table(cache, tokenizer, max_tokens)
+    data = CaptionData(
+        embeddings=cache.embeddings,
+        token_ids=table.token_ids,
+        offsets=table.offsets,
+        caption_rows=cache.caption_image_index,
+        captions=cache.captions_of_rows(rows),
     )
+    return data, table.truncated
 
 
 @dataclass
@@ -178,15 +160,6 @@ class ValidationSet:
     data: CaptionData  # every caption of the validation images
     embeddings: torch.Tensor  # (E, D) the images captioned for BERTScore
     references: list[list[str]]
-
-
-def _subset(cache: feature_cache.FeatureCache, rows: np.ndarray):
-    """Captions and embeddings of some rows, with caption rows renumbered."""
-    new_row = np.full(len(cache.image_ids), -1, dtype=np.int64)
-    new_row[rows] = np.arange(len(rows))
-    keep = np.flatnonzero(new_row[cache.caption_image_index] >= 0)
-    captions = [cache.captions[i] for i in keep]
-    return captions, new_row[cache.caption_image_index[keep]], cache.embeddings[rows]
 
 
 @dataclass
@@ -507,7 +480,7 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         val_features=config.val_features and str(Path(config.val_features).resolve()),
         bertscore_model=resolve_name(config.bertscore_model),
     )
-    train_cache = feature_cache.read_cache(config.features)
+    train_cache = feature_cache.open_cache(config.features)
     model_config = replace(
         model_config,
         clip_embedding_dim=train_cache.embedding_dim,
@@ -554,14 +527,12 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         model.gpt2.config.n_layer,
     )
 
-    data = tokenize_captions(
-        tokenizer, *_subset(train_cache, train_rows), config.max_caption_tokens
-    )
+    data, truncated = caption_data(train_cache, train_rows, tokenizer, config.max_caption_tokens)
     log.info(
-        "train: %d images, %d captions; %d captions truncated to %d tokens",
+        "train: %d images, %d captions; %d of the cache's captions truncated to %d tokens",
         len(train_rows),
         len(data),
-        data.truncated,
+        truncated,
         config.max_caption_tokens,
     )
     validation = None
@@ -650,14 +621,14 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
 
 
 def _validation_set(
-    val_cache, val_rows: np.ndarray, tokenizer, config: TrainConfig
+    val_cache: feature_cache.MappedCache, val_rows: np.ndarray, tokenizer, config: TrainConfig
 ) -> ValidationSet:
-    captions, rows, embeddings = _subset(val_cache, val_rows)
-    all_refs = val_cache.references()
+    data, _ = caption_data(val_cache, val_rows, tokenizer, config.max_caption_tokens)
+    scored = val_rows[: config.eval_images]
     return ValidationSet(
-        tokenize_captions(tokenizer, captions, rows, embeddings, config.max_caption_tokens),
-        torch.from_numpy(embeddings[: config.eval_images]),
-        [all_refs[r] for r in val_rows[: config.eval_images]],
+        data,
+        torch.from_numpy(np.asarray(val_cache.embeddings[scored])),
+        val_cache.references(scored),
     )
 
 
@@ -666,7 +637,7 @@ def _validation_source(config: TrainConfig, train_cache):
     if not config.validate:
         return None, None
     if config.val_features:
-        val_cache = feature_cache.read_cache(config.val_features)
+        val_cache = feature_cache.open_cache(config.val_features)
         if (
             val_cache.attrs.get("clip_model") != train_cache.attrs.get("clip_model")
             or val_cache.embedding_dim != train_cache.embedding_dim
@@ -679,7 +650,7 @@ def _validation_source(config: TrainConfig, train_cache):
         val_cache, rows = train_cache, train_cache.rows_of_split("val")
     # Images without a reference caption (possible in caches of older versions) give no loss
     # and cannot be scored, so validation leaves them out.
-    captioned = np.zeros(len(val_cache.image_ids), dtype=bool)
+    captioned = np.zeros(val_cache.num_images, dtype=bool)
     captioned[val_cache.caption_image_index] = True
     if not captioned[rows].any():
         what = (

@@ -219,12 +219,12 @@ def test_loss_covers_caption_and_eos_only_and_learns_token_zero(gpt2_dir):
         )
     ).eval()  # no dropout, so the losses below are exact
     data = CaptionData(
-        embeddings=torch.randn(2, 64),
+        embeddings=torch.randn(2, 64).numpy(),
         # caption 0: three 0 tokens and EOS (also 0); caption 1: tokens 7 and 9, then EOS
-        token_ids=np.array([0, 0, 0, 0, 7, 9, 0], np.int32),
+        token_ids=np.array([0, 0, 0, 0, 7, 9, 0], np.uint16),
         offsets=np.array([0, 4, 7]),
         caption_rows=np.array([0, 1]),
-        truncated=0,
+        captions=np.array([0, 1]),
     )
     embeds, ids, labels = data.batch(np.array([0, 1]), pad_id)
     assert ids.tolist() == [[0, 0, 0, 0], [7, 9, 0, pad_id]]
