@@ -37,32 +37,6 @@ def _run(function, *args, **kwargs):
         raise typer.Exit(130) from None
 
 
-def _decode_config(
-    beams: int,
-    greedy: bool,
-    sample: bool,
-    num_captions: int,
-    max_tokens: int,
-    top_p: float,
-    temperature: float,
-    seed: int,
-):
-    from clipcap_cache.generate import DecodeConfig
-
-    if greedy and sample:
-        raise ClipcapError("--greedy and --sample contradict each other: choose one")
-    strategy = "greedy" if greedy else "sample" if sample else "beam"
-    return DecodeConfig(
-        strategy=strategy,
-        beams=beams,
-        num_captions=num_captions,
-        max_tokens=max_tokens,
-        top_p=top_p,
-        temperature=temperature,
-        seed=seed,
-    )
-
-
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | mps")]
 Beams = Annotated[int, typer.Option(help="Beam width.")]
 Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy decoding.")]
@@ -114,6 +88,9 @@ def extract_features(
     shard_size: Annotated[
         int, typer.Option(help="Images per crash-safe progress shard (a tar is one shard).")
     ] = 2048,
+    image_processor: Annotated[
+        str, typer.Option(help="CLIP preprocessing backend: torchvision (faster) | pil")
+    ] = "torchvision",
 ):
     """Run frozen CLIP over a dataset once and cache the image embeddings in HDF5."""
     from clipcap_cache.features import FeatureConfig, summary_dict
@@ -137,6 +114,7 @@ def extract_features(
             strict=strict,
             overwrite=overwrite,
             shard_size=shard_size,
+            image_processor=image_processor,
         )
         return run(config)
 
@@ -313,9 +291,10 @@ def caption(
         format_results,
         write_output,
     )
+    from clipcap_cache.generate import decode_config
 
     def go():
-        decode = _decode_config(
+        decode = decode_config(
             beams, greedy, sample, num_captions, max_tokens, top_p, temperature, seed
         )
         check_output(None if out is None else str(out), format)
@@ -356,9 +335,10 @@ def evaluate(
     """Score a checkpoint with BLEU, METEOR, ROUGE-L, CIDEr (SPICE) and BERTScore."""
     from clipcap_cache.evaluate import EvalConfig, format_table
     from clipcap_cache.evaluate import evaluate as run
+    from clipcap_cache.generate import decode_config
 
     def go():
-        decode = _decode_config(beams, greedy, sample, 1, max_tokens, top_p, temperature, seed)
+        decode = decode_config(beams, greedy, sample, 1, max_tokens, top_p, temperature, seed)
         return run(
             EvalConfig(
                 checkpoint=str(checkpoint),

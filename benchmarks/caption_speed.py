@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from common import build_gpt2_124m, save_result, timed
 
-from clipcap_cache.devices import inference_dtype, resolve_device
+from clipcap_cache.devices import inference_autocast, resolve_device
 from clipcap_cache.generate import DecodeConfig, generate_captions
 from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
 
@@ -62,7 +62,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    autocast = inference_dtype(device) if device.type != "cpu" else None  # as `clipcap caption`
+    autocast = inference_autocast(device)  # as `clipcap caption`
     work = Path(tempfile.mkdtemp(prefix="clipcap-bench-"))
     gpt2_dir = build_gpt2_124m(work / "gpt2")
     torch.manual_seed(0)

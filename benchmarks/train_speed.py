@@ -21,7 +21,8 @@ import torch
 from common import build_gpt2_124m, build_vit_b32, make_coco_images, save_result
 
 from clipcap_cache.cache import open_cache, read_cache
-from clipcap_cache.features import FeatureConfig, extract_features, load_clip
+from clipcap_cache.encoder import load_clip
+from clipcap_cache.features import FeatureConfig, extract_features
 from clipcap_cache.images import load_image
 from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
 from clipcap_cache.train import TrainConfig, caption_data, forward_backward, make_optimization

@@ -11,7 +11,8 @@ Layout (format version 1; documented in the README):
     /failed_paths         [F]     UTF-8
     /failed_reasons       [F]     UTF-8
     attributes: format_version, clip_model, embedding_dim, image_size, source, complete,
-                package_version, plus split, limit, annotation_format and storage_dtype
+                package_version, plus split, limit, annotation_format, image_processor and
+                storage_dtype
 
 A cache file only ever appears complete: it is written under a temporary name and renamed.
 """

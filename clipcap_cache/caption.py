@@ -2,9 +2,9 @@
 
     clipcap caption photos/ cat.jpg "shots/*.png" --checkpoint runs/coco
 
-CLIP and GPT-2 are loaded from the names recorded in the checkpoint. Images go through the same
-decoding, preprocessing and encoding code as extraction (`images.ImageDataset`,
-`features.ClipEncoder`), then through `generate.generate_captions`. An unreadable image becomes an
+CLIP and GPT-2 are loaded from the names recorded in the checkpoint, by `captioner.Captioner`.
+Images are decoded and preprocessed in DataLoader workers by the same code as extraction
+(`images.ImageDataset`), then captioned a batch at a time by the `Captioner`. An unreadable image becomes an
 error entry in the output; the others are still captioned.
 """
 
@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from clipcap_cache import checkpoint
-from clipcap_cache.devices import resolve_device
+from clipcap_cache.captioner import Captioner
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.features import load_clip
 from clipcap_cache.files import write_text_atomic
-from clipcap_cache.generate import DecodeConfig, generate_captions
+from clipcap_cache.generate import DecodeConfig
 from clipcap_cache.images import IMAGE_EXTENSIONS, ImageDataset, collate_images, find_images
 
 OUTPUT_FORMATS = ("text", "json", "jsonl", "csv")
@@ -76,20 +74,10 @@ def caption_images(
     """Caption image files with a checkpoint; returns one result per path, in order."""
     if batch_size < 1 or num_workers < 0:
         raise ClipcapError("--batch-size must be at least 1 and --num-workers at least 0")
-    torch_device = resolve_device(device)
-    model, tokenizer, config = checkpoint.load_checkpoint(checkpoint_path, torch_device)
-    if not config.get("clip_model"):
-        raise ClipcapError(f"{checkpoint_path}: the checkpoint names no CLIP model")
-    encoder = load_clip(config["clip_model"], torch_device)
-    if encoder.embedding_dim != model.config.clip_embedding_dim:
-        raise ClipcapError(
-            f"CLIP model {config['clip_model']} gives {encoder.embedding_dim}-d "
-            f"embeddings; the checkpoint expects {model.config.clip_embedding_dim}"
-        )
-    autocast = encoder.dtype if torch_device.type != "cpu" else None
+    captioner = Captioner.from_checkpoint(checkpoint_path, device)
     results = [CaptionResult(image=str(p)) for p in paths]
     loader = torch.utils.data.DataLoader(
-        ImageDataset(paths, encoder.processor),
+        ImageDataset(paths, captioner.encoder.processor),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_images,
@@ -99,17 +87,9 @@ def caption_images(
             for position, reason in failed:
                 results[position].error = reason
             if pixel_values is not None:
-                embeddings = encoder.encode(pixel_values)  # (B, D)
-                captions = generate_captions(
-                    model,
-                    tokenizer,
-                    embeddings,
-                    decode,
-                    batch_size=len(positions),
-                    autocast=autocast,
-                )
-                for position, texts in zip(positions, captions, strict=True):
-                    results[position].captions = texts
+                captions = captioner.caption_pixels(pixel_values, decode)
+                for position, found in zip(positions, captions, strict=True):
+                    results[position].captions = [c["caption"] for c in found]
             bar.update(len(positions) + len(failed))
     return results
 

@@ -132,6 +132,28 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
+def check_clip_match(
+    expected: dict, clip_model: str | None, embedding_dim: int, what: str, trained: str
+) -> None:
+    """Refuse image embeddings of another CLIP model, or another size, than a model was trained on.
+
+    `expected` holds the `clip_model` and `embedding_dim` recorded with the model (a checkpoint's
+    config.json, or a training cache's). `what` names the embeddings' source (a cache file, a CLIP
+    model) and `trained` what they are checked against. Training, evaluation, captioning and
+    serving all call this one check.
+    """
+    if embedding_dim != expected.get("embedding_dim"):
+        raise ClipcapError(
+            f"{what} holds {embedding_dim}-d CLIP embeddings, but {trained} expects "
+            f"{expected.get('embedding_dim')}-d"
+        )
+    if clip_model != expected.get("clip_model"):
+        raise ClipcapError(
+            f"{what} comes from CLIP model {clip_model}, but {trained} was trained on "
+            f"{expected.get('clip_model')} features; use features of that CLIP model"
+        )
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     """Build the model from a checkpoint's config and load its trained tensors.
 

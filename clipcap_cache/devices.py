@@ -44,5 +44,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
-    """Weights dtype for frozen inference: half precision on a GPU, fp32 on the CPU."""
+    """The one rule for inference precision: half precision on a GPU, fp32 on the CPU.
+
+    CLIP's weights are loaded in this dtype, and caption decoding runs under autocast to it
+    (`inference_autocast`).
+    """
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def inference_autocast(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for decoding with a trained model, or None for plain fp32."""
+    dtype = inference_dtype(device)
+    return None if dtype == torch.float32 else dtype

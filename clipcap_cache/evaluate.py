@@ -20,10 +20,11 @@ import torch
 
 from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint
-from clipcap_cache.devices import DEVICES, inference_dtype, resolve_device
+from clipcap_cache.captioner import Captioner
+from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import read_json, write_json_atomic
-from clipcap_cache.generate import DecodeConfig, generate_captions
+from clipcap_cache.generate import DecodeConfig
 from clipcap_cache.hub import quiet_transformers
 from clipcap_cache.logs import setup_logging, third_party_output_to_log
 from clipcap_cache.validation import at_least, check_types, one_of
@@ -201,17 +202,13 @@ def evaluate(config: EvalConfig) -> dict:
     directory = checkpoint.resolve(config.checkpoint)
     ckpt_config = checkpoint.read_config(directory)
     cache = feature_cache.read_cache(config.features)
-    if ckpt_config.get("embedding_dim") != cache.embedding_dim:
-        raise ClipcapError(
-            f"{config.features} holds {cache.embedding_dim}-d embeddings; the "
-            f"checkpoint expects {ckpt_config.get('embedding_dim')}-d"
-        )
-    if ckpt_config.get("clip_model") != cache.attrs.get("clip_model"):
-        log.warning(
-            "the checkpoint was trained on %s features, this cache holds %s features",
-            ckpt_config.get("clip_model"),
-            cache.attrs.get("clip_model"),
-        )
+    checkpoint.check_clip_match(
+        ckpt_config,
+        cache.attrs.get("clip_model"),
+        cache.embedding_dim,
+        config.features,
+        f"the checkpoint {directory}",
+    )
     rows = cache.rows_of_split(config.split)
     all_refs = cache.references()
     unreferenced = [r for r in rows if not all_refs[r]]
@@ -242,18 +239,17 @@ def evaluate(config: EvalConfig) -> dict:
     if config.bertscore:
         scorer = make_bertscorer(config.bertscore_model, config.bertscore_layers, device)
     if predictions is None:
-        model, tokenizer, _ = checkpoint.load_checkpoint(directory, device)
-        autocast = inference_dtype(device) if device.type != "cpu" else None
-        captions = generate_captions(
-            model,
-            tokenizer,
+        # Cached embeddings need no CLIP model: only the caption model is loaded.
+        captioner = Captioner.from_checkpoint(directory, device, load_encoder=False)
+        captions = captioner.caption_embeddings(
             torch.from_numpy(cache.embeddings[rows]),
             config.decode,
             config.batch_size,
-            autocast,
             progress=True,
         )
-        predictions = {image_id: c[0] for image_id, c in zip(image_ids, captions, strict=True)}
+        predictions = {
+            image_id: c[0]["caption"] for image_id, c in zip(image_ids, captions, strict=True)
+        }
     scored_refs = {k: references[k] for k in predictions}
     metrics, skipped = coco_metrics(predictions, scored_refs, config.spice)
     if scorer is not None:

@@ -34,7 +34,6 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModelWithProjection
 
 from clipcap_cache import __version__, cache, distributed, webdataset
 from clipcap_cache.datasets import (
@@ -46,15 +45,20 @@ from clipcap_cache.datasets import (
     select_split,
     without_captions,
 )
-from clipcap_cache.devices import DEVICES, inference_dtype, resolve_device
+from clipcap_cache.devices import DEVICES, resolve_device
+from clipcap_cache.encoder import (
+    DEFAULT_CLIP_MODEL,
+    IMAGE_PROCESSORS,
+    ClipEncoder,
+    load_clip,
+)
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import exclusive_lock, write_json_atomic
-from clipcap_cache.hub import load_pretrained, resolve_name
+from clipcap_cache.hub import resolve_name
 from clipcap_cache.images import ImageDataset, ShardBatch, collate_images, default_num_workers
 from clipcap_cache.validation import at_least, check_types, one_of
 
 log = logging.getLogger(__name__)
-DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 
 @dataclass
@@ -76,6 +80,7 @@ class FeatureConfig:
     strict: bool = False  # stop at the first unreadable image
     overwrite: bool = False  # replace an existing cache made from other inputs
     shard_size: int = 2048  # images per crash-safe progress shard
+    image_processor: str = "torchvision"  # backend of the CLIP image processor: torchvision | pil
 
     def __post_init__(self):
         check_types(self)
@@ -85,6 +90,7 @@ class FeatureConfig:
         one_of(self, "format", (*FORMATS, "webdataset"))
         one_of(self, "split", (*SPLITS, "all"))
         one_of(self, "split_default", SPLITS)
+        one_of(self, "image_processor", IMAGE_PROCESSORS)
         one_of(self, "device", DEVICES)
 
 
@@ -105,66 +111,6 @@ class ExtractSummary:
     @property
     def images_per_second(self) -> float:
         return self.images_encoded_now / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class ClipEncoder:
-    """A frozen CLIP vision tower with its projection, and the matching image processor."""
-
-    name: str
-    model: CLIPVisionModelWithProjection
-    processor: object
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.model.config.projection_dim)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.model.config.image_size)
-
-    @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) pixels -> (B, D) float32 `image_embeds` on the CPU."""
-        pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
-        return self.model(pixel_values=pixel_values).image_embeds.float().cpu()
-
-
-def load_clip(name_or_dir: str, device: str | torch.device = "auto") -> ClipEncoder:
-    """Load the vision tower and projection of a CLIP checkpoint, and its image processor.
-
-    A full `CLIPModel` checkpoint works: only the vision weights are loaded, and the top-level
-    `projection_dim` is carried into the vision config.
-    """
-    device = resolve_device(device) if isinstance(device, str) else device
-    config = load_pretrained(AutoConfig.from_pretrained, name_or_dir, "CLIP model")
-    if config.model_type == "clip":
-        vision_config = config.vision_config
-        vision_config.projection_dim = config.projection_dim
-    elif config.model_type == "clip_vision_model":
-        vision_config = config
-    else:
-        raise ClipcapError(f"'{name_or_dir}' is a '{config.model_type}' model, not a CLIP model")
-    dtype = inference_dtype(device)
-    model = load_pretrained(
-        CLIPVisionModelWithProjection.from_pretrained,
-        name_or_dir,
-        "CLIP model",
-        config=vision_config,
-        dtype=dtype,
-    )
-    # The torchvision backend preprocesses about 2x faster than the PIL one on the CPU, with the
-    # same embeddings to a cosine of 0.9999999 (benchmarks/image_processor.py).
-    processor = load_pretrained(
-        AutoImageProcessor.from_pretrained,
-        name_or_dir,
-        "CLIP image processor",
-        backend="torchvision",
-    )
-    model.to(device).eval().requires_grad_(False)
-    return ClipEncoder(resolve_name(name_or_dir), model, processor, device, dtype)
 
 
 def extract_features(config: FeatureConfig) -> ExtractSummary:
@@ -188,6 +134,7 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
         "split": config.split,
         "limit": config.limit or 0,
         "storage_dtype": config.dtype,
+        "image_processor": config.image_processor,
     }
     summary = ExtractSummary(out=str(out), images_without_captions=source.uncaptioned)
     device = distributed.setup(device)
@@ -364,7 +311,7 @@ def _extract(
     world = distributed.world()
     started = time.perf_counter()
     if pending:
-        encoder = load_clip(config.clip_model, device)
+        encoder = load_clip(config.clip_model, device, config.image_processor)
         started = time.perf_counter()  # throughput counts encoding, not model loading
         if manifest is None:
             manifest = {
@@ -407,7 +354,9 @@ def _start_parts(parts: Path, manifest: dict, out: Path) -> None:
 def _check_same_inputs(identity: dict, found: dict, where: Path) -> None:
     """Refuse to mix a cache or its progress with different inputs."""
     for key, wanted in identity.items():
-        if found.get(key) != wanted:
+        # Caches of earlier versions do not name their image processor: it was torchvision's.
+        default = "torchvision" if key == "image_processor" else None
+        if found.get(key, default) != wanted:
             raise ClipcapError(
                 f"{where} was made with {key}={found.get(key)!r}, not {wanted!r}; choose another "
                 "--out, or pass --overwrite to replace it"
@@ -540,6 +489,7 @@ def _gather(parts: Path, out: Path, num_shards: int, manifest: dict, summary: Ex
         "limit": manifest["limit"],
         "storage_dtype": manifest["storage_dtype"],
         "annotation_format": manifest["format"],
+        "image_processor": manifest["image_processor"],
         "package_version": __version__,
     }
     try:

@@ -71,6 +71,30 @@ class DecodeConfig:
         )
 
 
+def decode_config(
+    beams: int = 5,
+    greedy: bool = False,
+    sample: bool = False,
+    num_captions: int = 1,
+    max_tokens: int = 30,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> DecodeConfig:
+    """A `DecodeConfig` from options named like the command line's and the server's fields."""
+    if greedy and sample:
+        raise ClipcapError("--greedy and --sample contradict each other: choose one")
+    return DecodeConfig(
+        strategy="greedy" if greedy else "sample" if sample else "beam",
+        beams=beams,
+        num_captions=num_captions,
+        max_tokens=max_tokens,
+        top_p=top_p,
+        temperature=temperature,
+        seed=seed,
+    )
+
+
 def clean_caption(text: str) -> str:
     """One line of text: control characters dropped, whitespace runs collapsed to one space."""
     text = "".join(
@@ -90,8 +114,13 @@ def generate_captions(
     batch_size: int = 64,
     autocast: torch.dtype | None = None,
     progress: bool = False,
-) -> list[list[str]]:
-    """Caption each (D,) embedding of `clip_embeddings` (N, D); returns N lists of captions."""
+    with_scores: bool = False,
+) -> list[list]:
+    """Caption each (D,) embedding of `clip_embeddings` (N, D); returns N lists of captions.
+
+    With `with_scores`, each caption comes as `(text, score)`: its mean log-probability per token
+    under the model, the caption's tokens and its EOS counted (see `sequence_scores`).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -121,6 +150,29 @@ def generate_captions(
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         texts = [clean_caption(t) for t in texts]
         n = decode.num_captions
+        if with_scores:
+            with amp:
+                scores = sequence_scores(model, prefix.repeat_interleave(n, dim=0), tokens, eos)
+            texts = list(zip(texts, scores.tolist(), strict=True))
         captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
     model.train(was_training)
     return captions
+
+
+def sequence_scores(
+    model: ClipCaptionModel, prefix: torch.Tensor, tokens: torch.Tensor, eos: int
+) -> torch.Tensor:
+    """Mean log-probability per token of generated captions, EOS included: (B,) floats.
+
+    `prefix` (B, K, H) is each caption's prefix and `tokens` (B, T) its generated tokens, which
+    end at the first EOS (the rest is padding). One forward pass scores every strategy alike.
+    """
+    k = prefix.shape[1]
+    embeds = torch.cat([prefix, model.gpt2.transformer.wte(tokens)], dim=1)
+    logits = model.gpt2(inputs_embeds=embeds).logits[:, k - 1 : k - 1 + tokens.shape[1]]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    token_log_probs = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    is_eos = tokens == eos
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), tokens.shape[1] - 1)
+    counted = torch.arange(tokens.shape[1], device=tokens.device)[None] <= first_eos[:, None]
+    return (token_log_probs * counted).sum(1) / counted.sum(1)

@@ -638,13 +638,16 @@ def _validation_source(config: TrainConfig, train_cache):
         return None, None
     if config.val_features:
         val_cache = feature_cache.open_cache(config.val_features)
-        if (
-            val_cache.attrs.get("clip_model") != train_cache.attrs.get("clip_model")
-            or val_cache.embedding_dim != train_cache.embedding_dim
-        ):
-            raise ClipcapError(
-                f"{config.val_features} was made with another CLIP model than {config.features}"
-            )
+        checkpoint.check_clip_match(
+            {
+                "clip_model": train_cache.attrs.get("clip_model"),
+                "embedding_dim": train_cache.embedding_dim,
+            },
+            val_cache.attrs.get("clip_model"),
+            val_cache.embedding_dim,
+            config.val_features,
+            f"the model trained on {config.features}",
+        )
         val_cache, rows = val_cache, val_cache.rows_of_split("all")
     else:
         val_cache, rows = train_cache, train_cache.rows_of_split("val")
@@ -678,11 +681,13 @@ def _check_run_dir(
         train_state = checkpoint.load_train_state(last)
         saved = checkpoint.read_config(last)
         saved_model = saved["model"]
-        if saved.get("embedding_dim") != train_cache.embedding_dim:
-            raise ClipcapError(
-                f"{config.features} has {train_cache.embedding_dim}-d embeddings, "
-                f"but the run being resumed used {saved.get('embedding_dim')}"
-            )
+        checkpoint.check_clip_match(
+            saved,
+            train_cache.attrs.get("clip_model"),
+            train_cache.embedding_dim,
+            config.features,
+            "the run being resumed",
+        )
         for field_ in fields(ModelConfig):
             new, old = getattr(model_config, field_.name), saved_model.get(field_.name)
             if field_.name == "gpt2_model":

@@ -93,6 +93,26 @@ def test_extract_writes_one_row_per_image_and_records_bad_images(tmp_path, mixed
     assert "clip model" in run_cli("inspect", out, check=0).stdout
 
 
+def test_pil_image_processor_agrees_with_torchvision_and_is_not_mixed(
+    tmp_path, mixed_dataset, clip_dir
+):
+    annotations, root = mixed_dataset
+    fast, pil = tmp_path / "fast.h5", tmp_path / "pil.h5"
+    extract(annotations, root, fast, clip_dir, "--dtype", "float32", check=0)
+    extract(annotations, root, pil, clip_dir, "--dtype", "float32", "--image-processor", "pil")
+    a, b = read_cache(fast), read_cache(pil)
+    assert (a.attrs["image_processor"], b.attrs["image_processor"]) == ("torchvision", "pil")
+    cosine = torch.nn.functional.cosine_similarity(
+        torch.from_numpy(a.embeddings), torch.from_numpy(b.embeddings)
+    )
+    assert cosine.min() >= 0.999
+    assert not np.array_equal(a.embeddings, b.embeddings)  # two real backends ran
+    again = extract(
+        annotations, root, fast, clip_dir, "--dtype", "float32", "--image-processor", "pil"
+    )
+    assert "image_processor='torchvision', not 'pil'" in assert_one_line_error(again)
+
+
 def test_cached_rows_equal_the_hugging_face_reference(tmp_path, clip_dir):
     root = tmp_path / "images"
     root.mkdir()

@@ -417,7 +417,7 @@ def test_val_features_validates_on_another_cache(tmp_path, shapes_cache, gpt2_di
     error = assert_one_line_error(
         run_cli(*train_args(shapes_cache, tmp_path / "bad", gpt2_dir, "--val-features", other_clip))
     )
-    assert "another CLIP model" in error
+    assert "comes from CLIP model openai/clip-vit-large-patch14" in error
 
 
 def test_config_file_with_command_line_override(tmp_path, shapes_cache, gpt2_dir):
