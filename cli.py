@@ -312,6 +312,43 @@ def caption(
 
 
 @app.command()
+def serve(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder or run directory.")],
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    device: Device = "auto",
+    max_batch: Annotated[int, typer.Option(help="Images per batched model call.")] = 16,
+    batch_window_ms: Annotated[
+        float, typer.Option(help="How long a request waits for others to batch with.")
+    ] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Images waiting at most; then 503.")] = 64,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest image upload, in MB.")] = 20.0,
+    max_images: Annotated[int, typer.Option(help="Images per request at most.")] = 16,
+):
+    """Serve captions over HTTP (POST /caption, GET /health, a web page at /, API docs at /docs)."""
+    from clipcap_cache.serve import ServeConfig
+    from clipcap_cache.serve import serve as run
+
+    def go():
+        config = ServeConfig(
+            checkpoint=str(checkpoint),
+            host=host,
+            port=port,
+            device=device,
+            max_batch=max_batch,
+            batch_window_ms=batch_window_ms,
+            max_queue=max_queue,
+            max_upload_mb=max_upload_mb,
+            max_images=max_images,
+        )
+        run(config)
+
+    _run(go)
+
+
+@app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder or run directory.")],
     features: Annotated[Path, typer.Option(help="HDF5 cache with the images and references.")],

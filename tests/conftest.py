@@ -133,6 +133,14 @@ def trained_run(tmp_path_factory, shapes_cache, gpt2_dir):
 
 
 @pytest.fixture(scope="session")
+def captioner(trained_run):
+    """The trained run's best checkpoint, loaded once with its CLIP encoder."""
+    from clipcap_cache import Captioner
+
+    return Captioner.from_checkpoint(trained_run, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def minilm_dir():
     path = offline_bertscore_model()
     if path is None:

@@ -15,11 +15,6 @@ from clipcap_cache.generate import decode_config
 
 
 @pytest.fixture(scope="module")
-def captioner(trained_run):
-    return Captioner.from_checkpoint(trained_run, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def image_paths(shapes):
     annotations, root = shapes
     return sorted((root / "images").iterdir())[:3]

@@ -1,0 +1,321 @@
+"""`clipcap serve`: a captioning HTTP API with dynamic batching, and a web page.
+
+    clipcap serve --checkpoint runs/coco --host 127.0.0.1 --port 8000
+
+Endpoints (FastAPI; the OpenAPI UI is at /docs):
+
+- `POST /caption`: multipart uploads in the repeatable field `images`, and decoding options as
+  form fields named like the command line's (`beams`, `greedy`, `sample`, `num_captions`,
+  `max_tokens`, `top_p`, `temperature`, `seed`). Answers
+  `{"results": [{"filename", "captions": [{"caption", "score"}], "error"}]}` in the order sent:
+  200 when at least one image was captioned (a bad image gets its `error`), 400 when none was,
+  413 for an upload over `max_upload_mb`, 422 for no images or bad options, and 503 with
+  Retry-After when the queue is full.
+- `GET /health`: the models, the device and the queue depth.
+- `GET /`: the web page (`static/index.html`).
+
+Dynamic batching: images are decoded in a thread pool, then queued. One batching task waits
+`batch_window_ms` after the first waiting request, and another window whenever the last one
+brought more or a request is still decoding its images (up to 100 windows). It then takes the
+oldest request and the waiting ones with the same decoding options, up to `max_batch` images, and
+runs them as one CLIP forward and one `generate()` call in a thread of its own, so the event loop
+(and /health) stays responsive. Sampling requests are never merged with others: a request's seed
+then gives the same captions however busy the server is. The server never fetches a URL: images
+arrive as uploads only.
+"""
+
+import asyncio
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple, dataclass
+from importlib import resources
+
+import torch
+
+from clipcap_cache.captioner import Captioner
+from clipcap_cache.devices import DEVICES
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.generate import DecodeConfig, decode_config
+from clipcap_cache.images import ImageLoadError
+from clipcap_cache.validation import at_least, check_types, one_of, positive
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    """Settings of `clipcap serve`."""
+
+    checkpoint: str
+    host: str = "127.0.0.1"  # other interfaces only when asked for
+    port: int = 8000
+    device: str = "auto"
+    max_batch: int = 16  # images per CLIP forward and generate() call
+    batch_window_ms: float = 5.0  # how long the first request of a batch waits for company
+    max_queue: int = 64  # images waiting at most; beyond that, 503
+    max_upload_mb: float = 20.0  # per image
+    max_images: int = 16  # per request
+
+    def __post_init__(self):
+        check_types(self)
+        one_of(self, "device", DEVICES)
+        at_least(self, 1, "max_batch", "max_queue", "max_images")
+        at_least(self, 0, "batch_window_ms")
+        positive(self, "max_upload_mb")
+        if not 0 < self.port < 65536:
+            raise ClipcapError(f"--port must be between 1 and 65535, not {self.port}")
+
+
+MAX_WINDOWS = 100  # the longest a request waits for company, in batch windows
+
+
+class QueueFull(Exception):
+    """The batcher holds `max_queue` images already."""
+
+
+@dataclass(eq=False)  # jobs are told apart by identity: their tensors have no single truth value
+class _Job:
+    pixels: torch.Tensor  # (n, 3, S, S)
+    decode: DecodeConfig
+    future: asyncio.Future
+    key: tuple  # jobs with equal keys may share a batch
+
+
+class Batcher:
+    """Merges concurrent requests into batches and runs them off the event loop."""
+
+    def __init__(self, captioner: Captioner, max_batch: int, window_ms: float, max_queue: int):
+        self.captioner = captioner
+        self.max_batch = max_batch
+        self.window = window_ms / 1000
+        self.max_queue = max_queue
+        self.waiting: list[_Job] = []
+        self.queued_images = 0
+        self.arrived = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption")
+        self.unique = itertools.count()
+        self.task: asyncio.Task | None = None
+        self.incoming = 0  # requests still decoding their images, soon to be queued
+        self.batches = 0  # model calls so far
+        self.images = 0  # images captioned so far
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        return self.queued_images
+
+    async def submit(self, pixels: torch.Tensor, decode: DecodeConfig) -> list[list[dict]]:
+        """Caption preprocessed images; raises `QueueFull` when the queue has no room."""
+        if self.queued_images + len(pixels) > self.max_queue:
+            raise QueueFull
+        # Sampling draws from one random stream per generate() call: never merge it.
+        key = astuple(decode) + ((next(self.unique),) if decode.strategy == "sample" else ())
+        job = _Job(pixels, decode, asyncio.get_running_loop().create_future(), key)
+        self.waiting.append(job)
+        self.queued_images += len(pixels)
+        self.arrived.set()
+        return await job.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.arrived.wait()
+            await self._gather_company(loop)
+            batch, size = self._take()
+            if not self.waiting:
+                self.arrived.clear()
+            try:
+                results = await loop.run_in_executor(self.executor, self._caption, batch)
+            except Exception as e:  # a failure of the model, not of the client's input
+                log.exception("captioning a batch failed")
+                results = [e] * len(batch)  # those requests fail; the loop serves the next
+            self.queued_images -= size
+            for job, result in zip(batch, results, strict=True):
+                if job.future.done():
+                    continue  # the client went away
+                if isinstance(result, Exception):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+
+    async def _gather_company(self, loop) -> None:
+        """Wait a window for other requests to join, longer while more are on their way.
+
+        Requests of a burst reach the queue spread out by their image decoding. The wait goes on
+        while a window brings one more or a request is still decoding its images, up to
+        `MAX_WINDOWS` windows or a full batch.
+        """
+        deadline = loop.time() + self.window * MAX_WINDOWS
+        seen = -1
+        while loop.time() < deadline:
+            if sum(len(job.pixels) for job in self.waiting) >= self.max_batch:
+                return
+            if len(self.waiting) == seen and self.incoming == 0:
+                return
+            seen = len(self.waiting)
+            await asyncio.sleep(self.window)
+
+    def _take(self) -> tuple[list[_Job], int]:
+        """The oldest job and every waiting job of its key, up to `max_batch` images."""
+        first = self.waiting[0]
+        batch, size = [], 0
+        for job in list(self.waiting):
+            if job.key != first.key:
+                continue
+            if batch and size + len(job.pixels) > self.max_batch:
+                break
+            batch.append(job)
+            size += len(job.pixels)
+            self.waiting.remove(job)
+        return batch, size
+
+    def _caption(self, batch: list[_Job]) -> list[list[list[dict]]]:
+        """One CLIP forward and one generate() for all the images of the batch."""
+        pixels = torch.cat([job.pixels for job in batch])
+        captions = self.captioner.caption_pixels(pixels, batch[0].decode)
+        self.batches += 1
+        self.images += len(pixels)
+        results, start = [], 0
+        for job in batch:
+            results.append(captions[start : start + len(job.pixels)])
+            start += len(job.pixels)
+        return results
+
+
+def create_app(captioner: Captioner, config: ServeConfig):
+    """The FastAPI application around a loaded `Captioner`."""
+    from contextlib import asynccontextmanager
+    from typing import Annotated
+
+    from fastapi import FastAPI, File, Form, Request, UploadFile
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    batcher = Batcher(captioner, config.max_batch, config.batch_window_ms, config.max_queue)
+    max_bytes = int(config.max_upload_mb * 2**20)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(
+        title="clipcap",
+        summary="Image captions from a CLIP prefix and GPT-2.",
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+
+    @app.middleware("http")
+    async def limit_request_size(request: Request, call_next):
+        # Refuse an oversized body before reading it; each file is checked again below.
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_bytes * config.max_images + 2**20:
+            return _error(
+                413, f"the request is over {config.max_images} x {config.max_upload_mb} MB"
+            )
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return resources.files("clipcap_cache").joinpath("static/index.html").read_text()
+
+    @app.get("/health")
+    async def health():
+        """The loaded models, the device and how many images wait in the queue."""
+        return {
+            "status": "ok",
+            "checkpoint": captioner.name,
+            "clip_model": captioner.config.get("clip_model"),
+            "gpt2_model": captioner.config.get("model", {}).get("gpt2_model"),
+            "device": str(captioner.device),
+            "queue_depth": batcher.depth,
+            "max_batch": config.max_batch,
+            "batches": batcher.batches,
+            "images": batcher.images,
+        }
+
+    @app.post("/caption")
+    async def caption(
+        images: Annotated[list[UploadFile], File(description="One or more image files.")],
+        beams: Annotated[int, Form()] = 5,
+        greedy: Annotated[bool, Form()] = False,
+        sample: Annotated[bool, Form()] = False,
+        num_captions: Annotated[int, Form()] = 1,
+        max_tokens: Annotated[int, Form()] = 30,
+        top_p: Annotated[float, Form()] = 0.9,
+        temperature: Annotated[float, Form()] = 1.0,
+        seed: Annotated[int, Form()] = 0,
+    ):
+        """Caption uploaded images; the results keep the order of the uploads."""
+        if not images:
+            return _error(422, "send at least one image in the field 'images'")
+        if len(images) > config.max_images:
+            return _error(422, f"at most {config.max_images} images per request")
+        try:
+            decode = decode_config(
+                beams, greedy, sample, num_captions, max_tokens, top_p, temperature, seed
+            )
+        except ClipcapError as e:
+            return _error(422, str(e).replace("--", "").replace("-", "_"))
+        results, good, pixels = [], [], []
+        batcher.incoming += 1  # the batcher waits for this request's images
+        try:
+            for i, upload in enumerate(images):
+                results.append({"filename": upload.filename, "captions": [], "error": None})
+                if upload.size is not None and upload.size > max_bytes:
+                    return _error(413, f"{upload.filename} is over {config.max_upload_mb} MB")
+                data = await upload.read()
+                try:
+                    pixels.append(await run_in_threadpool(captioner.preprocess, data))
+                    good.append(i)
+                except ImageLoadError as e:
+                    results[i]["error"] = str(e)
+        finally:
+            batcher.incoming -= 1
+        if not good:
+            first = results[0]
+            return JSONResponse(
+                {
+                    "detail": f"no image could be read ({first['filename']}: {first['error']})",
+                    "results": results,
+                },
+                status_code=400,
+            )
+        started = time.perf_counter()
+        try:
+            captions = await batcher.submit(torch.stack(pixels), decode)
+        except QueueFull:
+            return _error(503, "the server is busy: try again shortly", {"Retry-After": "1"})
+        for i, found in zip(good, captions, strict=True):
+            results[i]["captions"] = found
+        log.info("captioned %d image(s) in %.3f s", len(good), time.perf_counter() - started)
+        return {"results": results}
+
+    return app
+
+
+def _error(status: int, detail: str, headers: dict | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def serve(config: ServeConfig) -> None:
+    """Load the checkpoint once and serve until interrupted."""
+    import uvicorn
+
+    captioner = Captioner.from_checkpoint(config.checkpoint, config.device)
+    app = create_app(captioner, config)
+    log.info("serving %s on http://%s:%d", captioner.name, config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
