@@ -353,7 +353,7 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder or run directory.")],
     features: Annotated[Path, typer.Option(help="HDF5 cache with the images and references.")],
     split: Annotated[str, typer.Option(help="train | val | test | all")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Output folder [CHECKPOINT/eval-SPLIT].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder [RUN/eval-SPLIT].")] = None,
     predictions: Annotated[Path | None, typer.Option(help="Score this COCO results file.")] = None,
     beams: Beams = 5,
     greedy: Greedy = False,
@@ -368,6 +368,9 @@ def evaluate(
     bertscore: Annotated[bool, typer.Option("--bertscore/--no-bertscore")] = True,
     bertscore_model: BertscoreModel = "roberta-large",
     bertscore_layers: BertscoreLayers = None,
+    clipscore: Annotated[
+        bool, typer.Option("--clipscore", help="Also CLIPScore and RefCLIPScore.")
+    ] = False,
 ):
     """Score a checkpoint with BLEU, METEOR, ROUGE-L, CIDEr (SPICE) and BERTScore."""
     from clipcap_cache.evaluate import EvalConfig, format_table
@@ -390,6 +393,7 @@ def evaluate(
                 bertscore=bertscore,
                 bertscore_model=bertscore_model,
                 bertscore_layers=bertscore_layers,
+                clipscore=clipscore,
             )
         )
 

@@ -140,13 +140,46 @@ def build_tiny_clip(
         ),
         projection_dim=projection_dim,
     )
+    model = CLIPModel(config)
+    # The text tower gets a CLIP tokenizer of its own (for CLIPScore). Its embedding table is
+    # made after the model, from another seed, so the vision weights stay those of `seed`.
+    from clipcap_cache.clipscore import PROMPT
+
+    tokenizer = build_tiny_clip_tokenizer(all_demo_captions() + [PROMPT])
+    generator = torch.Generator().manual_seed(seed + 1)
+    embedding = torch.nn.Embedding(len(tokenizer), config.text_config.hidden_size)
+    torch.nn.init.normal_(embedding.weight, std=0.02, generator=generator)
+    model.text_model.embeddings.token_embedding = embedding
+    model.config.text_config.vocab_size = len(tokenizer)
     with quiet_transformers():
-        CLIPModel(config).save_pretrained(directory)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
         CLIPImageProcessor(
             size={"shortest_edge": image_size},
             crop_size={"height": image_size, "width": image_size},
         ).save_pretrained(directory)
     return Path(directory)
+
+
+def build_tiny_clip_tokenizer(captions: list[str], vocab_size: int = 400):
+    """A CLIP text tokenizer trained on `captions`: a byte-level BPE whose words end in </w>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],  # ids 0 and 1, as the config says
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator(captions, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return CLIPTokenizer(vocab=model["vocab"], merges=merges)
 
 
 def build_tiny_tokenizer(captions: list[str], vocab_size: int = 320):
@@ -328,7 +361,7 @@ def run_demo(
         echo(f"skipped: {', '.join(result['skipped'])}")
     echo(
         f"\nEverything is in {workdir}: features.h5, run/ (checkpoints, metrics.jsonl, plots/, "
-        "train.log) and run/checkpoints/best/eval-test/."
+        "train.log) and run/eval-test/."
     )
     echo(
         "\nNext, on COCO with the real models (see data/README.md):\n"

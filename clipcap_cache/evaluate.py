@@ -4,14 +4,11 @@
 
 Captions are generated from the cached embeddings (no CLIP, no JPEG decoding) with the same
 decoding code as `clipcap caption`, or read from an existing COCO results file (`--predictions`).
-BLEU-1..4, METEOR, ROUGE-L and CIDEr come from pycocoevalcap after its PTB tokenizer, SPICE on
-request; BERTScore comes from bert-score, each candidate scored against all its references.
+The scores themselves are `metrics.py`'s: BLEU-1..4, METEOR, ROUGE-L and CIDEr from pycocoevalcap
+after its PTB tokenizer, SPICE on request, and BERTScore, each candidate against all its references.
 """
 
 import logging
-import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,36 +18,16 @@ import torch
 from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint
 from clipcap_cache.captioner import Captioner
+from clipcap_cache.clipscore import clipscore, load_clip_text
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import read_json, write_json_atomic
 from clipcap_cache.generate import DecodeConfig
-from clipcap_cache.hub import quiet_transformers
-from clipcap_cache.logs import setup_logging, third_party_output_to_log
+from clipcap_cache.logs import setup_logging
+from clipcap_cache.metrics import bertscore, check_spice, coco_metrics, make_bertscorer
 from clipcap_cache.validation import at_least, check_types, one_of
 
 log = logging.getLogger(__name__)
-COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-# The punctuation pycocoevalcap's PTB tokenizer drops, used when Java is missing.
-_PUNCTUATION = {
-    "''",
-    "'",
-    "``",
-    "`",
-    "-LRB-",
-    "-RRB-",
-    "-LCB-",
-    "-RCB-",
-    ".",
-    "?",
-    "!",
-    ",",
-    ":",
-    "-",
-    "--",
-    "...",
-    ";",
-}
 
 
 @dataclass
@@ -60,7 +37,7 @@ class EvalConfig:
     checkpoint: str  # checkpoint folder or run directory
     features: str  # HDF5 cache holding the images and references
     split: str = "test"  # train | val | test | all
-    out: str | None = None  # output folder; default CHECKPOINT/eval-SPLIT
+    out: str | None = None  # output folder; default RUN/eval-SPLIT (see `default_out`)
     predictions: str | None = None  # score this COCO results file instead of generating
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     batch_size: int = 64
@@ -69,132 +46,13 @@ class EvalConfig:
     bertscore: bool = True
     bertscore_model: str = "roberta-large"
     bertscore_layers: int | None = None
+    clipscore: bool = False  # CLIPScore and RefCLIPScore with the cache's CLIP text tower
 
     def __post_init__(self):
         check_types(self)
         one_of(self, "split", ("train", "val", "test", "all"))
         one_of(self, "device", DEVICES)
         at_least(self, 1, "batch_size", "bertscore_layers")
-
-
-def java_available() -> bool:
-    return shutil.which("java") is not None
-
-
-def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Tokenize like the COCO evaluation: PTB tokenizer through Java, else a close fallback."""
-    if java_available():
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        return PTBTokenizer().tokenize(
-            {k: [{"caption": c} for c in v] for k, v in captions.items()}
-        )
-    tokenized = {}
-    for key, texts in captions.items():
-        tokenized[key] = [
-            " ".join(w for w in re.findall(r"[\w']+|[^\w\s]", t.lower()) if w not in _PUNCTUATION)
-            for t in texts
-        ]
-    return tokenized
-
-
-def coco_metrics(
-    predictions: dict[str, str], references: dict[str, list[str]], spice: bool = False
-) -> tuple[dict[str, float], list[str]]:
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE) of one caption per image.
-
-    Returns the scores and the names of metrics that could not run here.
-    """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    skipped = []
-    if spice:
-        _check_spice()
-    with third_party_output_to_log("pycocoevalcap"):
-        gts = ptb_tokenize(references)
-        res = ptb_tokenize({k: [v] for k, v in predictions.items()})
-    scorers = [
-        (Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]),
-        (Rouge(), ["ROUGE_L"]),
-        (Cider(), ["CIDEr"]),
-    ]
-    if java_available():
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        scorers.insert(1, (Meteor(), ["METEOR"]))
-        if spice:
-            from pycocoevalcap.spice.spice import Spice
-
-            scorers.append((Spice(), ["SPICE"]))
-    else:
-        skipped += ["METEOR", "PTB tokenizer"] + (["SPICE"] if spice else [])
-        log.warning("Java not found: METEOR skipped, simple tokenization used instead of PTB")
-    scores = {}
-    for scorer, names in scorers:
-        with third_party_output_to_log("pycocoevalcap"):
-            score, _ = scorer.compute_score(gts, res)
-        values = score if isinstance(score, list) else [score]
-        scores.update({n: float(v) for n, v in zip(names, values, strict=True)})
-        if hasattr(scorer, "close"):
-            scorer.close()
-    return scores, skipped
-
-
-def _check_spice() -> None:
-    import pycocoevalcap.spice as spice_package
-
-    jar = Path(spice_package.__file__).parent / "lib" / "stanford-corenlp-3.6.0.jar"
-    if not java_available():
-        raise ClipcapError("--spice needs Java 8 on the PATH; install it or drop --spice")
-    if not jar.is_file():
-        raise ClipcapError(
-            '--spice needs Stanford CoreNLP 3.6.0, a one-time download: run `python -c "from '
-            'pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()"` '
-            "where the network is reachable, or drop --spice"
-        )
-    version = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
-    if '"1.8' not in version:
-        log.warning("SPICE is known to work with Java 8; found %s", version.splitlines()[0])
-
-
-def make_bertscorer(model: str, layers: int | None, device: torch.device | str):
-    """A reusable bert-score scorer; a local model directory needs `layers`."""
-    from bert_score import BERTScorer
-    from bert_score.utils import model2layers
-
-    if layers is None and model not in model2layers:
-        raise ClipcapError(
-            f"bert-score does not know '{model}': pass --bertscore-layers N (the "
-            "layer whose embeddings to use, e.g. 6 for all-MiniLM-L6-v2)"
-        )
-    is_dir = Path(model).expanduser().is_dir()
-    try:
-        with quiet_transformers():
-            return BERTScorer(
-                model_type=str(Path(model).expanduser()) if is_dir else model,
-                num_layers=layers,
-                device=str(device),
-                batch_size=64,
-            )
-    except OSError:
-        raise ClipcapError(
-            f"cannot load BERTScore model '{model}': not a local directory and not reachable on "
-            "the Hugging Face hub. Pass a local directory with --bertscore-model and "
-            "--bertscore-layers, or --no-bertscore"
-        ) from None
-
-
-def bertscore(scorer, candidates: list[str], references: list[list[str]]) -> dict[str, float]:
-    """Mean BERTScore P/R/F1, each candidate against all of its references."""
-    with quiet_transformers():
-        precision, recall, f1 = scorer.score(candidates, references)
-    return {
-        "bertscore_precision": precision.mean().item(),
-        "bertscore_recall": recall.mean().item(),
-        "bertscore_f1": f1.mean().item(),
-    }
 
 
 def evaluate(config: EvalConfig) -> dict:
@@ -224,10 +82,10 @@ def evaluate(config: EvalConfig) -> dict:
         predictions = read_predictions(config.predictions, set(image_ids))
     device = resolve_device(config.device)
     if config.spice:
-        _check_spice()
+        check_spice()
 
     # Everything that can be checked is checked before the captioning work: the output folder too.
-    out = Path(config.out) if config.out else directory / f"eval-{config.split}"
+    out = Path(config.out) if config.out else default_out(directory, config.split)
     if out.exists() and not out.is_dir():
         raise ClipcapError(f"--out {out} is a file; give a folder for the results")
     try:
@@ -238,6 +96,7 @@ def evaluate(config: EvalConfig) -> dict:
     scorer = None
     if config.bertscore:
         scorer = make_bertscorer(config.bertscore_model, config.bertscore_layers, device)
+    clip_text = load_clip_text(cache.attrs["clip_model"], device) if config.clipscore else None
     if predictions is None:
         # Cached embeddings need no CLIP model: only the caption model is loaded.
         captioner = Captioner.from_checkpoint(directory, device, load_encoder=False)
@@ -259,6 +118,17 @@ def evaluate(config: EvalConfig) -> dict:
         )
     else:
         skipped.append("BERTScore")
+    if clip_text is not None:
+        row_of = dict(zip(image_ids, rows.tolist(), strict=True))
+        keys = list(predictions)
+        metrics.update(
+            clipscore(
+                clip_text,
+                cache.embeddings[[row_of[k] for k in keys]],
+                [predictions[k] for k in keys],
+                [scored_refs[k] for k in keys],
+            )
+        )
     result = {
         "split": config.split,
         "images": len(predictions),
@@ -274,6 +144,20 @@ def evaluate(config: EvalConfig) -> dict:
     write_json_atomic(out / "metrics.json", result)
     result["out"] = str(out)
     return result
+
+
+def default_out(directory: Path, split: str) -> Path:
+    """Where results go without --out: never inside a checkpoint, which the next save replaces.
+
+    `RUN/eval-SPLIT` for a run's best checkpoint, `RUN/eval-SPLIT-NAME` for its others (such as
+    `last`), and `FOLDER-eval-SPLIT` beside a checkpoint folder that is not in a run.
+    """
+    if directory.parent.name == "checkpoints":
+        run = directory.parent.parent
+        return run / (
+            f"eval-{split}" if directory.name == "best" else f"eval-{split}-{directory.name}"
+        )
+    return directory.with_name(f"{directory.name}-eval-{split}")
 
 
 def read_predictions(path: str | Path, known_ids: set[str]) -> dict[str, str]:

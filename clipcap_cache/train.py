@@ -44,6 +44,7 @@ from clipcap_cache.files import exclusive_lock, write_json_atomic
 from clipcap_cache.generate import DecodeConfig, generate_captions
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.logs import setup_logging, write_jsonl
+from clipcap_cache.metrics import bertscore, make_bertscorer
 from clipcap_cache.model import (
     IGNORE_INDEX,
     ClipCaptionModel,
@@ -771,8 +772,6 @@ def _warmup_then_decay(warmup_steps: int, total_steps: int):
 def _make_scorer(config: TrainConfig, device: torch.device):
     if not config.bertscore or config.eval_images == 0:
         return None
-    from clipcap_cache.evaluate import make_bertscorer
-
     return make_bertscorer(config.bertscore_model, config.bertscore_layers, device)
 
 
@@ -801,8 +800,6 @@ def validate(
         tokens += n
     row = {"val_loss": total / max(tokens, 1)}
     if scorer is not None and len(validation.embeddings):
-        from clipcap_cache.evaluate import bertscore
-
         captions = generate_captions(
             model,
             tokenizer,

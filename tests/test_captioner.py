@@ -85,6 +85,7 @@ def test_evaluate_refuses_a_cache_of_another_clip_model(tmp_path, trained_run, s
     with h5py.File(cache, "r+") as f:
         f.attrs["clip_model"] = "openai/clip-vit-large-patch14"
     assert read_cache(cache).attrs["clip_model"] == "openai/clip-vit-large-patch14"
-    result = run_cli("evaluate", trained_run, "--features", cache, "--no-bertscore")
+    out = tmp_path / "eval"
+    result = run_cli("evaluate", trained_run, "--features", cache, "--no-bertscore", "--out", out)
     assert "comes from CLIP model openai/clip-vit-large-patch14" in assert_one_line_error(result)
-    assert not (tmp_path / "eval-test").exists()
+    assert not out.exists()

@@ -13,7 +13,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from clipcap_cache.cache import read_cache
-from clipcap_cache.evaluate import java_available
+from clipcap_cache.metrics import java_available
 
 needs_java = pytest.mark.skipif(not java_available(), reason="the COCO metrics need Java")
 

@@ -1,0 +1,87 @@
+"""CLIPScore and RefCLIPScore (Hessel et al., 2021), from cached image embeddings.
+
+    scorer = load_clip_text(cache.attrs["clip_model"])
+    clipscore(scorer, image_embeddings, candidates, references)
+
+CLIP-S = 2.5 * max(cos(image, "A photo depicts " + caption), 0): the image vector is the cache's
+`image_embeds` (CLIP's projected image features), the caption vector the text tower's projected
+features. RefCLIP-S is the harmonic mean of CLIP-S and the caption's best cosine with any of its
+references (each with the same prompt), floored at 0. Only the text tower of the cache's CLIP
+model is loaded; no image is decoded.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection
+
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.hub import load_pretrained
+
+WEIGHT = 2.5  # Hessel et al.'s rescaling of the cosine
+PROMPT = "A photo depicts"  # put before every caption and reference, as Hessel et al. do
+
+
+@dataclass
+class ClipText:
+    """CLIP's text tower with its projection, and its tokenizer."""
+
+    model: CLIPTextModelWithProjection
+    tokenizer: object
+    device: torch.device
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised text embeddings (N, D) of `PROMPT + text`, float32, CPU."""
+        limit = self.model.config.max_position_embeddings
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = [f"{PROMPT} {t}" for t in texts[start : start + batch_size]]
+            tokens = self.tokenizer(
+                batch, padding=True, truncation=True, max_length=limit, return_tensors="pt"
+            ).to(self.device)
+            embeds = self.model(**tokens).text_embeds.float()
+            out.append(torch.nn.functional.normalize(embeds, dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.projection_dim)
+
+
+def load_clip_text(name_or_dir: str, device: torch.device | str = "cpu") -> ClipText:
+    """Load only the text tower and projection of a CLIP checkpoint, with its tokenizer."""
+    config = load_pretrained(AutoConfig.from_pretrained, name_or_dir, "CLIP model")
+    if config.model_type != "clip":
+        raise ClipcapError(f"'{name_or_dir}' is a '{config.model_type}' model, not a full CLIP")
+    text_config = config.text_config
+    text_config.projection_dim = config.projection_dim
+    model = load_pretrained(
+        CLIPTextModelWithProjection.from_pretrained,
+        name_or_dir,
+        "CLIP text tower",
+        config=text_config,
+    )
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_dir, "CLIP tokenizer")
+    device = torch.device(device)
+    return ClipText(model.to(device).eval(), tokenizer, device)
+
+
+def clipscore(
+    text: ClipText,
+    image_embeddings: np.ndarray | torch.Tensor,
+    candidates: list[str],
+    references: list[list[str]] | None = None,
+) -> dict[str, float]:
+    """Mean CLIP-S of the candidates, and mean RefCLIP-S when references are given."""
+    images = torch.as_tensor(np.asarray(image_embeddings), dtype=torch.float32)
+    images = torch.nn.functional.normalize(images, dim=-1)
+    captions = text.encode(candidates)
+    per_image = WEIGHT * torch.clamp((images * captions).sum(-1), min=0)
+    result = {"clipscore": per_image.mean().item()}
+    if references is not None:
+        flat = [r for refs in references for r in refs]
+        owner = torch.tensor([i for i, refs in enumerate(references) for _ in refs])
+        similarity = (captions[owner] * text.encode(flat)).sum(-1)  # (R,)
+        best = torch.full((len(candidates),), -1.0).scatter_reduce(0, owner, similarity, "amax")
+        best = torch.clamp(best, min=0)
+        harmonic = 2 * per_image * best / (per_image + best)
+        result["refclipscore"] = torch.nan_to_num(harmonic, nan=0.0).mean().item()
+    return result

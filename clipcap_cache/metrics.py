@@ -1,0 +1,136 @@
+"""Caption metrics shared by evaluation and training: the COCO metrics and BERTScore.
+
+BLEU-1..4, METEOR, ROUGE-L and CIDEr come from pycocoevalcap after its PTB tokenizer (Java), SPICE
+on request. Without Java, METEOR is skipped and `cider.ptb_tokenize`, a Python copy of the PTB
+rules, tokenizes instead. BERTScore comes from bert-score, each candidate scored against all of its
+references.
+"""
+
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from clipcap_cache.cider import ptb_tokenize as ptb_tokens
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.hub import quiet_transformers
+from clipcap_cache.logs import third_party_output_to_log
+
+log = logging.getLogger(__name__)
+COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def coco_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Tokenize like the COCO evaluation: PTB tokenizer through Java, else a close fallback."""
+    if java_available():
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        return PTBTokenizer().tokenize(
+            {k: [{"caption": c} for c in v] for k, v in captions.items()}
+        )
+    return {key: [" ".join(ptb_tokens(t)) for t in texts] for key, texts in captions.items()}
+
+
+def coco_metrics(
+    predictions: dict[str, str], references: dict[str, list[str]], spice: bool = False
+) -> tuple[dict[str, float], list[str]]:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE) of one caption per image.
+
+    Returns the scores and the names of metrics that could not run here.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    skipped = []
+    if spice:
+        check_spice()
+    with third_party_output_to_log("pycocoevalcap"):
+        gts = coco_tokenize(references)
+        res = coco_tokenize({k: [v] for k, v in predictions.items()})
+    scorers = [
+        (Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]),
+        (Rouge(), ["ROUGE_L"]),
+        (Cider(), ["CIDEr"]),
+    ]
+    if java_available():
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorers.insert(1, (Meteor(), ["METEOR"]))
+        if spice:
+            from pycocoevalcap.spice.spice import Spice
+
+            scorers.append((Spice(), ["SPICE"]))
+    else:
+        skipped += ["METEOR", "PTB tokenizer"] + (["SPICE"] if spice else [])
+        log.warning("Java not found: METEOR skipped, simple tokenization used instead of PTB")
+    scores = {}
+    for scorer, names in scorers:
+        with third_party_output_to_log("pycocoevalcap"):
+            score, _ = scorer.compute_score(gts, res)
+        values = score if isinstance(score, list) else [score]
+        scores.update({n: float(v) for n, v in zip(names, values, strict=True)})
+        if hasattr(scorer, "close"):
+            scorer.close()
+    return scores, skipped
+
+
+def check_spice() -> None:
+    import pycocoevalcap.spice as spice_package
+
+    jar = Path(spice_package.__file__).parent / "lib" / "stanford-corenlp-3.6.0.jar"
+    if not java_available():
+        raise ClipcapError("--spice needs Java 8 on the PATH; install it or drop --spice")
+    if not jar.is_file():
+        raise ClipcapError(
+            '--spice needs Stanford CoreNLP 3.6.0, a one-time download: run `python -c "from '
+            'pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()"` '
+            "where the network is reachable, or drop --spice"
+        )
+    version = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
+    if '"1.8' not in version:
+        log.warning("SPICE is known to work with Java 8; found %s", version.splitlines()[0])
+
+
+def make_bertscorer(model: str, layers: int | None, device: torch.device | str):
+    """A reusable bert-score scorer; a local model directory needs `layers`."""
+    from bert_score import BERTScorer
+    from bert_score.utils import model2layers
+
+    if layers is None and model not in model2layers:
+        raise ClipcapError(
+            f"bert-score does not know '{model}': pass --bertscore-layers N (the "
+            "layer whose embeddings to use, e.g. 6 for all-MiniLM-L6-v2)"
+        )
+    is_dir = Path(model).expanduser().is_dir()
+    try:
+        with quiet_transformers():
+            return BERTScorer(
+                model_type=str(Path(model).expanduser()) if is_dir else model,
+                num_layers=layers,
+                device=str(device),
+                batch_size=64,
+            )
+    except OSError:
+        raise ClipcapError(
+            f"cannot load BERTScore model '{model}': not a local directory and not reachable on "
+            "the Hugging Face hub. Pass a local directory with --bertscore-model and "
+            "--bertscore-layers, or --no-bertscore"
+        ) from None
+
+
+def bertscore(scorer, candidates: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Mean BERTScore P/R/F1, each candidate against all of its references."""
+    with quiet_transformers():
+        precision, recall, f1 = scorer.score(candidates, references)
+    return {
+        "bertscore_precision": precision.mean().item(),
+        "bertscore_recall": recall.mean().item(),
+        "bertscore_f1": f1.mean().item(),
+    }
