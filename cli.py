@@ -406,6 +406,62 @@ def evaluate(
 
 
 @app.command()
+def score(
+    predictions: Annotated[
+        Path, typer.Argument(help='COCO results file: [{"image_id", "caption"}].')
+    ],
+    references: Annotated[
+        Path,
+        typer.Option(help="COCO captions, Karpathy, JSON lines or CSV file, or a feature cache."),
+    ],
+    split: Annotated[str, typer.Option(help="train | val | test | all")] = "all",
+    format: Annotated[str, typer.Option(help="auto | coco | karpathy | jsonl | csv")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Write OUT/metrics.json.")] = None,
+    features: Annotated[
+        Path | None, typer.Option(help="Feature cache with the images, for --clipscore.")
+    ] = None,
+    clipscore: Annotated[
+        bool, typer.Option("--clipscore", help="Also CLIPScore and RefCLIPScore.")
+    ] = False,
+    spice: Annotated[bool, typer.Option("--spice", help="Also compute SPICE.")] = False,
+    bertscore: Annotated[bool, typer.Option("--bertscore/--no-bertscore")] = True,
+    bertscore_model: BertscoreModel = "roberta-large",
+    bertscore_layers: BertscoreLayers = None,
+    device: Device = "auto",
+):
+    """Score any captions against references: no checkpoint, no images."""
+    from clipcap_cache.evaluate import format_table
+    from clipcap_cache.score import ScoreConfig
+    from clipcap_cache.score import score as run
+
+    def go():
+        return run(
+            ScoreConfig(
+                predictions=str(predictions),
+                references=str(references),
+                split=split,
+                format=format,
+                out=None if out is None else str(out),
+                features=None if features is None else str(features),
+                clipscore=clipscore,
+                spice=spice,
+                bertscore=bertscore,
+                bertscore_model=bertscore_model,
+                bertscore_layers=bertscore_layers,
+                device=device,
+            )
+        )
+
+    result = _run(go)
+    typer.echo(f"{result['images']} images, split {result['split']}")
+    typer.echo(format_table(result["metrics"]))
+    if result["skipped"]:
+        typer.echo(f"skipped: {', '.join(result['skipped'])}")
+    if "out" in result:
+        typer.echo(f"wrote {result['out']}/metrics.json")
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo builds everything.")] = Path(
         "data/demo"

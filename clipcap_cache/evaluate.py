@@ -18,13 +18,14 @@ import torch
 from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint
 from clipcap_cache.captioner import Captioner
-from clipcap_cache.clipscore import clipscore, load_clip_text
+from clipcap_cache.clipscore import load_clip_text
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.files import read_json, write_json_atomic
+from clipcap_cache.files import make_output_dir, write_json_atomic
 from clipcap_cache.generate import DecodeConfig
 from clipcap_cache.logs import setup_logging
-from clipcap_cache.metrics import bertscore, check_spice, coco_metrics, make_bertscorer
+from clipcap_cache.metrics import check_spice, make_bertscorer, score_captions
+from clipcap_cache.score import read_predictions
 from clipcap_cache.validation import at_least, check_types, one_of
 
 log = logging.getLogger(__name__)
@@ -79,19 +80,16 @@ def evaluate(config: EvalConfig) -> dict:
     references = {image_id: all_refs[r] for image_id, r in zip(image_ids, rows, strict=True)}
     predictions = None
     if config.predictions:
-        predictions = read_predictions(config.predictions, set(image_ids))
+        predictions = read_predictions(
+            config.predictions, image_ids, "the evaluated split", partial=True
+        )
     device = resolve_device(config.device)
     if config.spice:
         check_spice()
 
     # Everything that can be checked is checked before the captioning work: the output folder too.
     out = Path(config.out) if config.out else default_out(directory, config.split)
-    if out.exists() and not out.is_dir():
-        raise ClipcapError(f"--out {out} is a file; give a folder for the results")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ClipcapError(f"cannot create --out {out}: {e.strerror or e}") from None
+    make_output_dir(out)
     setup_logging(out / "evaluate.log")
     scorer = None
     if config.bertscore:
@@ -109,26 +107,18 @@ def evaluate(config: EvalConfig) -> dict:
         predictions = {
             image_id: c[0]["caption"] for image_id, c in zip(image_ids, captions, strict=True)
         }
-    scored_refs = {k: references[k] for k in predictions}
-    metrics, skipped = coco_metrics(predictions, scored_refs, config.spice)
-    if scorer is not None:
-        keys = list(predictions)
-        metrics.update(
-            bertscore(scorer, [predictions[k] for k in keys], [scored_refs[k] for k in keys])
-        )
-    else:
-        skipped.append("BERTScore")
+    embeddings = None
     if clip_text is not None:
         row_of = dict(zip(image_ids, rows.tolist(), strict=True))
-        keys = list(predictions)
-        metrics.update(
-            clipscore(
-                clip_text,
-                cache.embeddings[[row_of[k] for k in keys]],
-                [predictions[k] for k in keys],
-                [scored_refs[k] for k in keys],
-            )
-        )
+        embeddings = cache.embeddings[[row_of[k] for k in predictions]]
+    metrics, skipped = score_captions(
+        predictions,
+        references,
+        spice=config.spice,
+        bertscorer=scorer,
+        clip_text=clip_text,
+        image_embeddings=embeddings,
+    )
     result = {
         "split": config.split,
         "images": len(predictions),
@@ -158,36 +148,6 @@ def default_out(directory: Path, split: str) -> Path:
             f"eval-{split}" if directory.name == "best" else f"eval-{split}-{directory.name}"
         )
     return directory.with_name(f"{directory.name}-eval-{split}")
-
-
-def read_predictions(path: str | Path, known_ids: set[str]) -> dict[str, str]:
-    """Read a COCO results file `[{"image_id", "caption"}]`, keyed by image id as a string."""
-    path = Path(path)
-    rows = read_json(path, "predictions file")
-    if not isinstance(rows, list):
-        raise ClipcapError(f'{path}: expected a list of {{"image_id", "caption"}} objects')
-    predictions = {}
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "image_id" not in row or "caption" not in row:
-            raise ClipcapError(f"{path}: entry {i} needs 'image_id' and 'caption'")
-        key = str(row["image_id"])
-        if key not in known_ids:
-            raise ClipcapError(f"{path}: image_id {row['image_id']} is not in the evaluated split")
-        if not isinstance(row["caption"], str):
-            raise ClipcapError(f"{path}: entry {i} has a caption that is not text")
-        if key in predictions:
-            raise ClipcapError(f"{path}: image_id {row['image_id']} has more than one caption")
-        predictions[key] = row["caption"]
-    if not predictions:
-        raise ClipcapError(f"{path}: no predictions")
-    if len(predictions) < len(known_ids):
-        log.warning(
-            "%s covers %d of the split's %d images: only those are scored",
-            path,
-            len(predictions),
-            len(known_ids),
-        )
-    return predictions
 
 
 def _coco_id(image_id: str):

@@ -114,3 +114,13 @@ def _inode(path: Path) -> int | None:
         return os.stat(path).st_ino
     except FileNotFoundError:
         return None
+
+
+def make_output_dir(out: Path) -> None:
+    """Create a results folder (parents too), refusing a file in its place, with one-line errors."""
+    if out.exists() and not out.is_dir():
+        raise ClipcapError(f"--out {out} is a file; give a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClipcapError(f"cannot create --out {out}: {e.strerror or e}") from None

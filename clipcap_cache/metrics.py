@@ -134,3 +134,42 @@ def bertscore(scorer, candidates: list[str], references: list[list[str]]) -> dic
         "bertscore_recall": recall.mean().item(),
         "bertscore_f1": f1.mean().item(),
     }
+
+
+def score_captions(
+    predictions: dict[str, str],
+    references: dict[str, list[str]],
+    *,
+    spice: bool = False,
+    bertscorer=None,
+    clip_text=None,
+    image_embeddings=None,
+) -> tuple[dict[str, float], list[str]]:
+    """Every metric whose inputs are here, for one caption per image; `evaluate` and `score` use it.
+
+    The COCO metrics always run. BERTScore runs with a `bertscorer` (`make_bertscorer`), and
+    CLIPScore with a `clip_text` tower and the images' embeddings in the order of `predictions`.
+    Returns the metrics and the names of those that could not run.
+    """
+    from clipcap_cache.clipscore import clipscore
+
+    keys = list(predictions)
+    candidates = [predictions[k] for k in keys]
+    refs = [references[k] for k in keys]
+    metrics, skipped = coco_metrics(predictions, {k: references[k] for k in keys}, spice)
+    if bertscorer is not None:
+        metrics.update(bertscore(bertscorer, candidates, refs))
+    else:
+        skipped.append("BERTScore")
+    if clip_text is not None:
+        metrics.update(clipscore(clip_text, image_embeddings, candidates, refs))
+    return metrics, skipped
+
+
+def load_or_skip(loader, name: str, *args):
+    """A metric's model, or None with a warning naming the metric when it cannot be loaded."""
+    try:
+        return loader(*args)
+    except ClipcapError as e:
+        log.warning("%s skipped: %s", name, e)
+        return None

@@ -1,0 +1,174 @@
+"""`clipcap score`: score any system's captions, with no checkpoint and no images.
+
+    clipcap score results.json --references captions_val2014.json
+    clipcap score results.json --references dataset_coco.json --split test --out scores/
+    clipcap score results.json --references data/coco_vitb32.h5 --features data/coco_vitb32.h5 --clipscore
+
+PREDICTIONS is a COCO results file, `[{"image_id", "caption"}]`. REFERENCES is an official COCO
+captions file, a Karpathy file (`--split` picks its part), JSON lines or CSV, or a feature cache.
+Image ids are matched as the reference file writes them: integers for COCO and Karpathy files, the
+image path for JSON lines and CSV. Every image must have exactly one prediction and every
+prediction a reference image; anything else is refused with one line.
+
+The metrics are `metrics.score_captions`'s, the same as `clipcap evaluate`'s. A metric whose model
+cannot be loaded (offline, say) is skipped with a warning naming it; the others are still
+computed and written.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clipcap_cache import cache as feature_cache
+from clipcap_cache.clipscore import load_clip_text
+from clipcap_cache.datasets import FORMATS, SPLITS, read_annotations, select_split
+from clipcap_cache.devices import DEVICES, resolve_device
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import make_output_dir, read_json, write_json_atomic
+from clipcap_cache.metrics import check_spice, load_or_skip, make_bertscorer, score_captions
+from clipcap_cache.validation import check_types, one_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreConfig:
+    """Settings of `clipcap score`."""
+
+    predictions: str  # COCO results file
+    references: str  # COCO, Karpathy, JSON lines, CSV, or a feature cache
+    split: str = "all"  # train | val | test | all
+    format: str = "auto"  # of a references annotation file
+    out: str | None = None  # folder for metrics.json; none: print only
+    features: str | None = None  # feature cache with the images' embeddings, for CLIPScore
+    clipscore: bool = False
+    spice: bool = False
+    bertscore: bool = True
+    bertscore_model: str = "roberta-large"
+    bertscore_layers: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        check_types(self)
+        one_of(self, "split", (*SPLITS, "all"))
+        one_of(self, "format", FORMATS)
+        one_of(self, "device", DEVICES)
+        if self.clipscore and not self.features:
+            raise ClipcapError("--clipscore needs --features CACHE: the images' CLIP embeddings")
+
+
+def read_references(path: str, split: str = "all", format: str = "auto") -> dict[str, list[str]]:
+    """Reference captions by image id (as text), from an annotation file or a feature cache."""
+    if Path(path).suffix in (".h5", ".hdf5"):
+        cache = feature_cache.read_cache(path)
+        all_refs = cache.references()
+        rows = cache.rows_of_split(split)
+        references = {cache.image_ids[r]: all_refs[r] for r in rows if all_refs[r]}
+    else:
+        records = select_split(read_annotations(path, format), split)
+        references = {r.image_id: r.captions for r in records if r.captions}
+    if not references:
+        raise ClipcapError(f"{path} has no captioned images in split '{split}'")
+    return references
+
+
+def read_predictions(
+    path: str | Path, image_ids, where: str = "the references", partial: bool = False
+) -> dict[str, str]:
+    """A COCO results file `[{"image_id", "caption"}]`, keyed by image id as text.
+
+    Every prediction must name one of `image_ids` (text), once, with a text caption. Where all
+    of those are digits, as COCO's are, the file must give integers. Images without a prediction
+    are an error, or with `partial` a warning (only the predicted ones are then scored).
+    """
+    path = Path(path)
+    rows = read_json(path, "predictions file")
+    if not isinstance(rows, list):
+        raise ClipcapError(f'{path}: expected a list of {{"image_id", "caption"}} objects')
+    image_ids = set(image_ids)
+    integer_ids = all(key.isdigit() for key in image_ids)
+    predictions: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "image_id" not in row or "caption" not in row:
+            raise ClipcapError(f"{path}: entry {i} needs 'image_id' and 'caption'")
+        image_id = row["image_id"]
+        if integer_ids and (not isinstance(image_id, int) or isinstance(image_id, bool)):
+            raise ClipcapError(
+                f"{path}: entry {i} has image_id {image_id!r}; {where} use integer ids"
+            )
+        key = str(image_id)
+        if key not in image_ids:
+            raise ClipcapError(f"{path}: image_id {image_id} is not in {where}")
+        if not isinstance(row["caption"], str):
+            raise ClipcapError(f"{path}: entry {i} has a caption that is not text")
+        if key in predictions:
+            raise ClipcapError(f"{path}: image_id {image_id} has more than one caption")
+        predictions[key] = row["caption"]
+    if not predictions:
+        raise ClipcapError(f"{path}: no predictions")
+    missing = [k for k in image_ids if k not in predictions]
+    if missing and not partial:
+        raise ClipcapError(
+            f"{path}: {len(missing)} of the {len(image_ids)} images of {where} have no "
+            f"prediction (first: {sorted(missing)[0]}); use --split to score a part"
+        )
+    if missing:
+        log.warning(
+            "%s covers %d of the split's %d images: only those are scored",
+            path,
+            len(predictions),
+            len(image_ids),
+        )
+    return predictions
+
+
+def score(config: ScoreConfig) -> dict:
+    """Score a predictions file; writes `OUT/metrics.json` when `out` is given."""
+    references = read_references(config.references, config.split, config.format)
+    predictions = read_predictions(config.predictions, references)
+    device = resolve_device(config.device)
+    if config.spice:
+        check_spice()
+    out = Path(config.out) if config.out else None
+    if out is not None:
+        make_output_dir(out)
+    embeddings = clip_text = None
+    if config.clipscore:
+        cache = feature_cache.read_cache(config.features)
+        row_of = {image_id: row for row, image_id in enumerate(cache.image_ids)}
+        unknown = [k for k in predictions if k not in row_of]
+        if unknown:
+            raise ClipcapError(
+                f"{config.features} has no image {unknown[0]}: it cannot give CLIPScore"
+            )
+        embeddings = cache.embeddings[np.array([row_of[k] for k in predictions])]
+        clip_text = load_or_skip(load_clip_text, "CLIPScore", cache.attrs["clip_model"], device)
+    bertscorer = None
+    if config.bertscore:
+        bertscorer = load_or_skip(
+            make_bertscorer, "BERTScore", config.bertscore_model, config.bertscore_layers, device
+        )
+    metrics, skipped = score_captions(
+        predictions,
+        references,
+        spice=config.spice,
+        bertscorer=bertscorer,
+        clip_text=clip_text,
+        image_embeddings=embeddings,
+    )
+    if config.clipscore and clip_text is None:
+        skipped.append("CLIPScore")
+    result = {
+        "predictions": str(config.predictions),
+        "references": str(config.references),
+        "split": config.split,
+        "images": len(predictions),
+        "metrics": metrics,
+        "skipped": skipped,
+    }
+    if out is not None:
+        write_json_atomic(out / "metrics.json", result)
+        result["out"] = str(out)
+    return result

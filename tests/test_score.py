@@ -1,0 +1,124 @@
+"""`clipcap score`: captions of any system against COCO, Karpathy or cache references."""
+
+import json
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from clipcap_cache.datasets import read_annotations
+
+
+@pytest.fixture(scope="module")
+def test_split(shapes, tmp_path_factory):
+    """The shapes test split as an official-style COCO captions file, and predictions for it."""
+    annotations, _ = shapes
+    records = [r for r in read_annotations(annotations) if r.split == "test"]
+    folder = tmp_path_factory.mktemp("score")
+    coco = {
+        "images": [{"id": int(r.image_id), "file_name": r.path} for r in records],
+        "annotations": [
+            {"id": i, "image_id": int(r.image_id), "caption": c}
+            for i, (r, c) in enumerate((r, c) for r in records for c in r.captions)
+        ],
+    }
+    (folder / "captions_test.json").write_text(json.dumps(coco))
+    predictions = [
+        {"image_id": int(r.image_id), "caption": r.captions[0] if i % 2 else "a photo of a thing"}
+        for i, r in enumerate(records)
+    ]
+    (folder / "results.json").write_text(json.dumps(predictions))
+    return folder, annotations
+
+
+def score(*args, check=None):
+    return run_cli("score", *args, check=check)
+
+
+def test_coco_karpathy_and_cache_references_give_the_same_scores(
+    test_split, shapes_cache, tmp_path
+):
+    folder, karpathy = test_split
+    results = folder / "results.json"
+    sources = {
+        "coco": [folder / "captions_test.json"],
+        "karpathy": [karpathy, "--split", "test"],
+        "cache": [shapes_cache, "--split", "test"],
+    }
+    found = {}
+    for name, source in sources.items():
+        out = tmp_path / name
+        score(results, "--references", *source, "--no-bertscore", "--out", out, check=0)
+        found[name] = json.loads((out / "metrics.json").read_text())
+    assert found["coco"]["images"] == 24
+    assert found["coco"]["metrics"] == found["karpathy"]["metrics"] == found["cache"]["metrics"]
+    # Half the captions are references, half are wrong: a middling CIDEr, far from 0 and 10.
+    assert 1.0 < found["coco"]["metrics"]["CIDEr"] < 8.0
+
+
+def test_offline_bertscore_is_skipped_and_the_rest_is_written(test_split, tmp_path):
+    folder, _ = test_split
+    out = tmp_path / "out"
+    # The default BERTScore model (roberta-large) cannot be fetched: the hub is off in tests.
+    result = score(
+        folder / "results.json",
+        "--references",
+        folder / "captions_test.json",
+        "--out",
+        out,
+        check=0,
+    )
+    assert "BERTScore skipped" in result.stderr
+    written = json.loads((out / "metrics.json").read_text())
+    assert "BERTScore" in written["skipped"] and "CIDEr" in written["metrics"]
+
+
+def test_clipscore_comes_from_the_cache(test_split, shapes_cache, tmp_path):
+    folder, _ = test_split
+    result = score(
+        folder / "results.json",
+        "--references",
+        folder / "captions_test.json",
+        "--no-bertscore",
+        "--features",
+        shapes_cache,
+        "--clipscore",
+        "--out",
+        tmp_path,
+        check=0,
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert metrics["refclipscore"] >= 0 and 0 <= metrics["clipscore"] <= 2.5
+    assert "clipscore" in result.stdout
+
+
+@pytest.mark.bad_input("message")
+@pytest.mark.parametrize(
+    "predictions, message",
+    [
+        (
+            '[{"image_id": "184", "caption": "x"}]',
+            "has image_id '184'; the references use integer ids",
+        ),
+        ('[{"image_id": 5, "caption": "x"}]', "image_id 5 is not in the references"),
+        (
+            '[{"image_id": 184, "caption": "x"}]',
+            "23 of the 24 images of the references have no prediction",
+        ),
+    ],
+    ids=["string-id", "unknown-image", "missing-images"],
+)
+def test_bad_predictions_get_one_line(test_split, tmp_path, predictions, message):
+    folder, _ = test_split
+    path = tmp_path / "results.json"
+    path.write_text(predictions)
+    result = score(path, "--references", folder / "captions_test.json", "--no-bertscore")
+    assert message in assert_one_line_error(result)
+
+
+@pytest.mark.bad_input("message")
+def test_clipscore_without_features_is_refused(test_split):
+    folder, _ = test_split
+    result = score(
+        folder / "results.json", "--references", folder / "captions_test.json", "--clipscore"
+    )
+    assert "--clipscore needs --features" in assert_one_line_error(result)
