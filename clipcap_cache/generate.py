@@ -167,12 +167,24 @@ def sequence_scores(
     `prefix` (B, K, H) is each caption's prefix and `tokens` (B, T) its generated tokens, which
     end at the first EOS (the rest is padding). One forward pass scores every strategy alike.
     """
+    log_probs, counted = token_log_probs(model, prefix, tokens, eos)
+    return (log_probs * counted).sum(1) / counted.sum(1)
+
+
+def token_log_probs(
+    model: ClipCaptionModel, prefix: torch.Tensor, tokens: torch.Tensor, eos: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (B, T) of generated tokens after their prefix, and which of them count.
+
+    A token counts up to and including the sequence's first EOS; what follows is padding.
+    Differentiable: self-critical training takes its gradient (`scst.py`).
+    """
     k = prefix.shape[1]
     embeds = torch.cat([prefix, model.gpt2.transformer.wte(tokens)], dim=1)
     logits = model.gpt2(inputs_embeds=embeds).logits[:, k - 1 : k - 1 + tokens.shape[1]]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    token_log_probs = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    chosen = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
     is_eos = tokens == eos
     first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), tokens.shape[1] - 1)
     counted = torch.arange(tokens.shape[1], device=tokens.device)[None] <= first_eos[:, None]
-    return (token_log_probs * counted).sum(1) / counted.sum(1)
+    return chosen, counted
