@@ -24,7 +24,7 @@ from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import make_output_dir, write_json_atomic
 from clipcap_cache.generate import DecodeConfig
 from clipcap_cache.logs import setup_logging
-from clipcap_cache.metrics import check_spice, make_bertscorer, score_captions
+from clipcap_cache.metrics import check_spice, load_or_skip, make_bertscorer, score_captions
 from clipcap_cache.score import read_predictions
 from clipcap_cache.validation import at_least, check_types, one_of
 
@@ -91,10 +91,14 @@ def evaluate(config: EvalConfig) -> dict:
     out = Path(config.out) if config.out else default_out(directory, config.split)
     make_output_dir(out)
     setup_logging(out / "evaluate.log")
-    scorer = None
+    # A metric whose model cannot be loaded (offline, say) is skipped with a warning naming it.
+    scorer = clip_text = None
     if config.bertscore:
-        scorer = make_bertscorer(config.bertscore_model, config.bertscore_layers, device)
-    clip_text = load_clip_text(cache.attrs["clip_model"], device) if config.clipscore else None
+        scorer = load_or_skip(
+            make_bertscorer, "BERTScore", config.bertscore_model, config.bertscore_layers, device
+        )
+    if config.clipscore:
+        clip_text = load_or_skip(load_clip_text, "CLIPScore", cache.attrs["clip_model"], device)
     if predictions is None:
         # Cached embeddings need no CLIP model: only the caption model is loaded.
         captioner = Captioner.from_checkpoint(directory, device, load_encoder=False)
@@ -119,6 +123,8 @@ def evaluate(config: EvalConfig) -> dict:
         clip_text=clip_text,
         image_embeddings=embeddings,
     )
+    if config.clipscore and clip_text is None:
+        skipped.append("CLIPScore")
     result = {
         "split": config.split,
         "images": len(predictions),

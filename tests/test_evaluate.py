@@ -203,3 +203,26 @@ def test_without_java_meteor_is_skipped_and_the_rest_match(
         run_cli("evaluate", trained_run, "--features", shapes_cache, "--spice", "--no-bertscore")
     )
     assert "Java" in error
+
+
+def test_offline_bertscore_is_skipped_and_the_coco_metrics_are_written(
+    trained_run, shapes_cache, tmp_path
+):
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps([{"image_id": 184, "caption": "a red circle"}]))
+    out = tmp_path / "out"
+    # The default BERTScore model, roberta-large, cannot be fetched: the hub is off in tests.
+    result = run_cli(
+        "evaluate",
+        trained_run,
+        "--features",
+        shapes_cache,
+        "--predictions",
+        predictions,
+        "--out",
+        out,
+        check=0,
+    )
+    assert "BERTScore skipped" in result.stderr
+    written = json.loads((out / "metrics.json").read_text())
+    assert "BERTScore" in written["skipped"] and "CIDEr" in written["metrics"]
