@@ -202,6 +202,9 @@ def train(
     bertscore_layers: BertscoreLayers = None,
     save_every_steps: Annotated[int, typer.Option(help="Steps between resume points.")] = 1000,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    init: Annotated[
+        Path | None, typer.Option(help="Start a new run from this checkpoint's weights.")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing run.")
@@ -216,7 +219,7 @@ def train(
         values = _resolve_options(ctx, out, config, resume)
         model_keys = {f.name for f in fields(ModelConfig)} - {"clip_embedding_dim"}
         train_keys = {f.name for f in fields(TrainConfig)}
-        for key in ("features", "out", "val_features"):
+        for key in ("features", "out", "val_features", "init"):
             values[key] = None if values[key] is None else str(values[key])
         model_config = ModelConfig(**{k: v for k, v in values.items() if k in model_keys})
         train_config = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
@@ -227,7 +230,7 @@ def train(
 
 
 def _resolve_options(ctx: typer.Context, out: Path, config_file: Path | None, resume: bool):
-    """Defaults < the resumed run's config < --config file < flags given on the command line."""
+    """Defaults < the resumed run's config, or the --init checkpoint's model < --config file < flags."""
     values = dict(ctx.params)
     values.pop("config")
     # Compared by name: typer may ship its own copy of click's ParameterSource enum.
@@ -238,6 +241,12 @@ def _resolve_options(ctx: typer.Context, out: Path, config_file: Path | None, re
     saved = out / "config.json"
     if resume and saved.is_file():
         base.update(_flatten_config(saved))
+    init = base.get("init", values.get("init"))
+    if init is not None and not resume:
+        # The model is the --init checkpoint's, unless a flag or --config says otherwise.
+        from clipcap_cache.checkpoint import read_config
+
+        base.update(read_config(init)["model"])
     if config_file is not None:
         base.update(_flatten_config(config_file))
     unknown = set(base) - set(values) - {"clip_embedding_dim"}

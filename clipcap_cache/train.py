@@ -87,6 +87,7 @@ class TrainConfig:
     bertscore_layers: int | None = None  # needed for models bert-score does not know
     save_every_steps: int = 1000  # optimizer steps between mid-epoch resume points; 0 = epoch ends
     compile: bool = False  # torch.compile the model
+    init: str | None = None  # start a new run from this checkpoint's weights (ignored on resume)
     resume: bool = False
     overwrite: bool = False
 
@@ -479,6 +480,7 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         config,
         features=str(Path(config.features).resolve()),
         val_features=config.val_features and str(Path(config.val_features).resolve()),
+        init=config.init and resolve_name(config.init),
         bertscore_model=resolve_name(config.bertscore_model),
     )
     train_cache = feature_cache.open_cache(config.features)
@@ -500,10 +502,15 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
             "the batch across all of them"
         )
     resume_state, model_config = _check_run_dir(run_dir, config, model_config, train_cache)
+    init_dir = None
+    if config.init and resume_state is None:  # a resumed run continues from its own weights
+        init_dir, model_config = _check_init(config, model_config, train_cache)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(model_config.gpt2_model)
     device = distributed.setup(device)
     model = build_model(model_config).to(device)
+    if init_dir is not None:
+        checkpoint.load_weights(model, init_dir / checkpoint.WEIGHTS)
 
     # Everything is checked: only now is the directory changed, by the main process alone.
     if world.is_main:
@@ -513,6 +520,8 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
     else:
         setup_logging(level=logging.WARNING)
     log.info("run directory %s", run_dir)
+    if init_dir is not None:
+        log.info("initialised from %s", init_dir)
     log.info(
         "batch: %d captions per micro-batch across %d process(es), %d micro-batch(es) per step",
         config.batch_size,
@@ -689,16 +698,7 @@ def _check_run_dir(
             config.features,
             "the run being resumed",
         )
-        for field_ in fields(ModelConfig):
-            new, old = getattr(model_config, field_.name), saved_model.get(field_.name)
-            if field_.name == "gpt2_model":
-                new = resolve_name(new)
-            if field_.name in ("freeze_layers", "clip_embedding_dim") and new is None:
-                continue
-            if new != old:
-                raise ClipcapError(
-                    f"--resume: the run was trained with {field_.name}={old!r}, not {new!r}"
-                )
+        _check_same_model(model_config, saved_model, "--resume: the run")
         for name in ("lr", "weight_decay"):
             old = saved.get("train", {}).get(name)
             if old is not None and getattr(config, name) != old:
@@ -728,6 +728,35 @@ def _check_run_dir(
             "--overwrite to replace it"
         )
     return None, model_config
+
+
+def _check_same_model(model_config: ModelConfig, saved_model: dict, what: str) -> None:
+    """Refuse a model config that differs from a saved one (unset fields take the saved value)."""
+    for field_ in fields(ModelConfig):
+        new, old = getattr(model_config, field_.name), saved_model.get(field_.name)
+        if field_.name == "gpt2_model":
+            new = resolve_name(new)
+        if field_.name in ("freeze_layers", "clip_embedding_dim") and new is None:
+            continue
+        if new != old:
+            raise ClipcapError(f"{what} was trained with {field_.name}={old!r}, not {new!r}")
+
+
+def _check_init(
+    config: TrainConfig, model_config: ModelConfig, train_cache
+) -> tuple[Path, ModelConfig]:
+    """The checkpoint `--init` names, checked against the cache and the model; changes nothing."""
+    directory = checkpoint.resolve(config.init)
+    saved = checkpoint.read_config(directory)
+    checkpoint.check_clip_match(
+        saved,
+        train_cache.attrs.get("clip_model"),
+        train_cache.embedding_dim,
+        config.features,
+        f"the --init checkpoint {directory}",
+    )
+    _check_same_model(model_config, saved["model"], f"--init: the checkpoint {directory}")
+    return directory, replace(model_config, freeze_layers=saved["model"]["freeze_layers"])
 
 
 def _clear_run_dir(run_dir: Path, config: TrainConfig) -> None:

@@ -687,3 +687,49 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert load_train_state(out / "checkpoints" / "last")["step"] == 1
     model, _, _ = load_checkpoint(out / "checkpoints" / "last")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_init_starts_a_new_run_from_a_trained_checkpoint(tmp_path, shapes_cache, trained_run):
+    # No model flags: the checkpoint's model (its GPT-2, prefix length, frozen blocks) is used.
+    out = tmp_path / "from-init"
+    run_cli(
+        "train",
+        shapes_cache,
+        "--out",
+        out,
+        "--init",
+        trained_run,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e-6",
+        "--warmup-steps",
+        "0",
+        "--device",
+        "cpu",
+        "--no-bertscore",
+        "--seed",
+        "0",
+        check=0,
+    )
+    first = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[0])
+    last = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    row = json.loads((out / "metrics.jsonl").read_text())
+    # With a tiny learning rate the new run starts where the trained one ended, far below the
+    # loss of a first epoch from scratch.
+    assert row["val_loss"] == pytest.approx(last["val_loss"], abs=0.02)
+    assert row["train_loss"] < first["train_loss"] - 0.5
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["init"] == str(trained_run.resolve())
+    assert saved["model"]["prefix_length"] == 4
+
+
+@pytest.mark.bad_input("message")
+def test_init_refuses_another_model(tmp_path, shapes_cache, trained_run, gpt2_dir):
+    args = train_args(shapes_cache, tmp_path / "x", gpt2_dir, "--init", trained_run)
+    args[args.index("--prefix-length") + 1] = "6"
+    error = assert_one_line_error(run_cli(*args))
+    assert "was trained with prefix_length=4, not 6" in error
+    assert not (tmp_path / "x").exists()
