@@ -18,13 +18,12 @@ import torch
 from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint
 from clipcap_cache.captioner import Captioner
-from clipcap_cache.clipscore import load_clip_text
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import make_output_dir, write_json_atomic
 from clipcap_cache.generate import DecodeConfig
 from clipcap_cache.logs import setup_logging
-from clipcap_cache.metrics import check_spice, load_or_skip, make_bertscorer, score_captions
+from clipcap_cache.metrics import check_spice, load_metric_models, score_captions
 from clipcap_cache.score import read_predictions
 from clipcap_cache.validation import at_least, check_types, one_of
 
@@ -92,13 +91,13 @@ def evaluate(config: EvalConfig) -> dict:
     make_output_dir(out)
     setup_logging(out / "evaluate.log")
     # A metric whose model cannot be loaded (offline, say) is skipped with a warning naming it.
-    scorer = clip_text = None
-    if config.bertscore:
-        scorer = load_or_skip(
-            make_bertscorer, "BERTScore", config.bertscore_model, config.bertscore_layers, device
-        )
-    if config.clipscore:
-        clip_text = load_or_skip(load_clip_text, "CLIPScore", cache.attrs["clip_model"], device)
+    models = load_metric_models(
+        config.bertscore,
+        config.bertscore_model,
+        config.bertscore_layers,
+        cache.attrs["clip_model"] if config.clipscore else None,
+        device,
+    )
     if predictions is None:
         # Cached embeddings need no CLIP model: only the caption model is loaded.
         captioner = Captioner.from_checkpoint(directory, device, load_encoder=False)
@@ -111,20 +110,11 @@ def evaluate(config: EvalConfig) -> dict:
         predictions = {
             image_id: c[0]["caption"] for image_id, c in zip(image_ids, captions, strict=True)
         }
-    embeddings = None
-    if clip_text is not None:
-        row_of = dict(zip(image_ids, rows.tolist(), strict=True))
-        embeddings = cache.embeddings[[row_of[k] for k in predictions]]
+    row_of = dict(zip(image_ids, rows.tolist(), strict=True))
+    embeddings = cache.embeddings[[row_of[k] for k in predictions]]
     metrics, skipped = score_captions(
-        predictions,
-        references,
-        spice=config.spice,
-        bertscorer=scorer,
-        clip_text=clip_text,
-        image_embeddings=embeddings,
+        predictions, references, models, spice=config.spice, image_embeddings=embeddings
     )
-    if config.clipscore and clip_text is None:
-        skipped.append("CLIPScore")
     result = {
         "split": config.split,
         "images": len(predictions),

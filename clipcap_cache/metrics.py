@@ -9,11 +9,13 @@ references.
 import logging
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from clipcap_cache.cider import ptb_tokenize as ptb_tokens
+from clipcap_cache.clipscore import clipscore, load_clip_text
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.hub import quiet_transformers
 from clipcap_cache.logs import third_party_output_to_log
@@ -136,37 +138,67 @@ def bertscore(scorer, candidates: list[str], references: list[list[str]]) -> dic
     }
 
 
+@dataclass
+class MetricModels:
+    """The models of the model-based metrics; None where a metric is off or could not load."""
+
+    bertscorer: object | None = None
+    clip_text: object | None = None  # `clipscore.ClipText`
+    clipscore_wanted: bool = False
+
+
+def load_metric_models(
+    bertscore: bool,
+    bertscore_model: str,
+    bertscore_layers: int | None,
+    clip_model: str | None,
+    device,
+) -> MetricModels:
+    """Load BERTScore's model, and CLIP's text tower when `clip_model` is given for CLIPScore.
+
+    A model that cannot be loaded (offline, say) is skipped with a warning naming its metric, so
+    that no metric is lost to another's failure.
+    """
+    models = MetricModels(clipscore_wanted=clip_model is not None)
+    if bertscore:
+        models.bertscorer = _load_or_skip(
+            make_bertscorer, "BERTScore", bertscore_model, bertscore_layers, device
+        )
+    if clip_model is not None:
+        models.clip_text = _load_or_skip(load_clip_text, "CLIPScore", clip_model, device)
+    return models
+
+
 def score_captions(
     predictions: dict[str, str],
     references: dict[str, list[str]],
+    models: MetricModels,
     *,
     spice: bool = False,
-    bertscorer=None,
-    clip_text=None,
     image_embeddings=None,
 ) -> tuple[dict[str, float], list[str]]:
     """Every metric whose inputs are here, for one caption per image; `evaluate` and `score` use it.
 
-    The COCO metrics always run. BERTScore runs with a `bertscorer` (`make_bertscorer`), and
-    CLIPScore with a `clip_text` tower and the images' embeddings in the order of `predictions`.
-    Returns the metrics and the names of those that could not run.
+    The COCO metrics always run; BERTScore and CLIPScore run where `models` holds their model.
+    CLIPScore also needs the images' embeddings, in the order of `predictions`. Returns the
+    metrics and the names of those that could not run.
     """
-    from clipcap_cache.clipscore import clipscore
-
     keys = list(predictions)
     candidates = [predictions[k] for k in keys]
     refs = [references[k] for k in keys]
     metrics, skipped = coco_metrics(predictions, {k: references[k] for k in keys}, spice)
-    if bertscorer is not None:
-        metrics.update(bertscore(bertscorer, candidates, refs))
+    if models.bertscorer is not None:
+        metrics.update(bertscore(models.bertscorer, candidates, refs))
     else:
         skipped.append("BERTScore")
-    if clip_text is not None:
-        metrics.update(clipscore(clip_text, image_embeddings, candidates, refs))
+    if models.clip_text is not None:
+        metrics.update(clipscore(models.clip_text, image_embeddings, candidates, refs))
+    elif models.clipscore_wanted:
+        skipped.append("CLIPScore")
     return metrics, skipped
 
 
-def load_or_skip(loader, name: str, *args):
+def _load_or_skip(loader, name: str, *args):
     """A metric's model, or None with a warning naming the metric when it cannot be loaded."""
     try:
         return loader(*args)

@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from clipcap_cache import cache as feature_cache
-from clipcap_cache.clipscore import load_clip_text
 from clipcap_cache.datasets import FORMATS, SPLITS, read_annotations, select_split
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import make_output_dir, read_json, write_json_atomic
-from clipcap_cache.metrics import check_spice, load_or_skip, make_bertscorer, score_captions
+from clipcap_cache.metrics import check_spice, load_metric_models, score_captions
 from clipcap_cache.validation import check_types, one_of
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ def score(config: ScoreConfig) -> dict:
     out = Path(config.out) if config.out else None
     if out is not None:
         make_output_dir(out)
-    embeddings = clip_text = None
+    embeddings = clip_model = None
     if config.clipscore:
         cache = feature_cache.read_cache(config.features)
         row_of = {image_id: row for row, image_id in enumerate(cache.image_ids)}
@@ -144,22 +143,13 @@ def score(config: ScoreConfig) -> dict:
                 f"{config.features} has no image {unknown[0]}: it cannot give CLIPScore"
             )
         embeddings = cache.embeddings[np.array([row_of[k] for k in predictions])]
-        clip_text = load_or_skip(load_clip_text, "CLIPScore", cache.attrs["clip_model"], device)
-    bertscorer = None
-    if config.bertscore:
-        bertscorer = load_or_skip(
-            make_bertscorer, "BERTScore", config.bertscore_model, config.bertscore_layers, device
-        )
-    metrics, skipped = score_captions(
-        predictions,
-        references,
-        spice=config.spice,
-        bertscorer=bertscorer,
-        clip_text=clip_text,
-        image_embeddings=embeddings,
+        clip_model = cache.attrs["clip_model"]
+    models = load_metric_models(
+        config.bertscore, config.bertscore_model, config.bertscore_layers, clip_model, device
     )
-    if config.clipscore and clip_text is None:
-        skipped.append("CLIPScore")
+    metrics, skipped = score_captions(
+        predictions, references, models, spice=config.spice, image_embeddings=embeddings
+    )
     result = {
         "predictions": str(config.predictions),
         "references": str(config.references),

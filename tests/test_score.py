@@ -72,9 +72,12 @@ def test_offline_bertscore_is_skipped_and_the_rest_is_written(test_split, tmp_pa
     assert "BERTScore" in written["skipped"] and "CIDEr" in written["metrics"]
 
 
-def test_clipscore_comes_from_the_cache(test_split, shapes_cache, tmp_path):
+def test_clipscore_comes_from_the_cache(test_split, shapes_cache, clip_dir, tmp_path):
+    from clipcap_cache.cache import read_cache
+    from clipcap_cache.clipscore import clipscore, load_clip_text
+
     folder, _ = test_split
-    result = score(
+    score(
         folder / "results.json",
         "--references",
         folder / "captions_test.json",
@@ -87,8 +90,19 @@ def test_clipscore_comes_from_the_cache(test_split, shapes_cache, tmp_path):
         check=0,
     )
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
-    assert metrics["refclipscore"] >= 0 and 0 <= metrics["clipscore"] <= 2.5
-    assert "clipscore" in result.stdout
+    # The same scores as CLIPScore computed directly from the cache's rows of those images.
+    predictions = json.loads((folder / "results.json").read_text())
+    cache = read_cache(shapes_cache)
+    rows = [cache.image_ids.index(str(p["image_id"])) for p in predictions]
+    all_refs = cache.references()
+    expected = clipscore(
+        load_clip_text(str(clip_dir)),
+        cache.embeddings[rows],
+        [p["caption"] for p in predictions],
+        [all_refs[r] for r in rows],
+    )
+    assert metrics["clipscore"] == pytest.approx(expected["clipscore"], rel=1e-6)
+    assert metrics["refclipscore"] == pytest.approx(expected["refclipscore"], rel=1e-6)
 
 
 @pytest.mark.bad_input("message")
