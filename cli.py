@@ -183,7 +183,10 @@ def train(
     projector_heads: Annotated[int, typer.Option(help="Transformer projector heads.")] = 8,
     epochs: Annotated[int, typer.Option()] = 10,
     batch_size: Annotated[
-        int, typer.Option(help="Captions per micro-batch, in total across torchrun processes.")
+        int,
+        typer.Option(
+            help="Captions (images under scst) per micro-batch, in total across torchrun processes."
+        ),
     ] = 40,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
@@ -196,7 +199,9 @@ def train(
     seed: Seed = 42,
     val_features: Annotated[Path | None, typer.Option(help="Validate on this cache.")] = None,
     validate: Annotated[bool, typer.Option("--val/--no-val", help="Validate each epoch.")] = True,
-    eval_images: Annotated[int, typer.Option(help="Val images captioned for BERTScore.")] = 500,
+    eval_images: Annotated[
+        int, typer.Option(help="Val images captioned for CIDEr-D and BERTScore.")
+    ] = 500,
     bertscore: Annotated[bool, typer.Option("--bertscore/--no-bertscore")] = True,
     bertscore_model: BertscoreModel = "roberta-large",
     bertscore_layers: BertscoreLayers = None,
@@ -205,6 +210,16 @@ def train(
     init: Annotated[
         Path | None, typer.Option(help="Start a new run from this checkpoint's weights.")
     ] = None,
+    objective: Annotated[
+        str, typer.Option(help="xe (cross-entropy) | scst (self-critical, after xe with --init).")
+    ] = "xe",
+    samples: Annotated[int, typer.Option(help="scst: captions sampled per image.")] = 5,
+    baseline: Annotated[
+        str, typer.Option(help="scst: mean (of the other samples) | greedy.")
+    ] = "mean",
+    reward: Annotated[str, typer.Option(help="scst: cider | clip | cider+clip.")] = "cider",
+    cider_weight: Annotated[float, typer.Option(help="scst: CIDEr-D weight in cider+clip.")] = 1.0,
+    clip_weight: Annotated[float, typer.Option(help="scst: CLIP-S weight in cider+clip.")] = 1.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing run.")

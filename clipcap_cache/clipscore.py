@@ -71,10 +71,8 @@ def clipscore(
     references: list[list[str]] | None = None,
 ) -> dict[str, float]:
     """Mean CLIP-S of the candidates, and mean RefCLIP-S when references are given."""
-    images = torch.as_tensor(np.asarray(image_embeddings), dtype=torch.float32)
-    images = torch.nn.functional.normalize(images, dim=-1)
     captions = text.encode(candidates)
-    per_image = WEIGHT * torch.clamp((images * captions).sum(-1), min=0)
+    per_image = _clip_s(image_embeddings, captions)
     result = {"clipscore": per_image.mean().item()}
     if references is not None:
         flat = [r for refs in references for r in refs]
@@ -85,3 +83,16 @@ def clipscore(
         harmonic = 2 * per_image * best / (per_image + best)
         result["refclipscore"] = torch.nan_to_num(harmonic, nan=0.0).mean().item()
     return result
+
+
+def clip_s(
+    text: ClipText, image_embeddings: np.ndarray | torch.Tensor, candidates: list[str]
+) -> torch.Tensor:
+    """CLIP-S (N,) of each candidate with its image: the self-critical reward `clip`."""
+    return _clip_s(image_embeddings, text.encode(candidates))
+
+
+def _clip_s(image_embeddings: np.ndarray | torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    images = torch.as_tensor(np.asarray(image_embeddings), dtype=torch.float32)
+    images = torch.nn.functional.normalize(images, dim=-1)
+    return WEIGHT * torch.clamp((images * captions).sum(-1), min=0)

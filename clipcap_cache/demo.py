@@ -209,8 +209,16 @@ def build_tiny_gpt2(
     n_embd: int = 64,
     n_layer: int = 2,
     n_head: int = 2,
+    embedding_std: float = 0.02,
+    dropout: float = 0.1,
 ) -> Path:
-    """Save a tiny random GPT-2 and a BPE tokenizer trained on `captions`."""
+    """Save a tiny random GPT-2 and a BPE tokenizer trained on `captions`.
+
+    Training keeps the token embeddings frozen, and GPT-2 ties its output layer to them. At the
+    default std of 0.02 a tiny model's logits then stay small and its samples near uniform. A
+    larger `embedding_std`, towards a trained GPT-2's, gives a distribution sharp enough for
+    sampling to mean something, as self-critical training needs.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = build_tiny_tokenizer(captions)
@@ -223,9 +231,17 @@ def build_tiny_gpt2(
         n_head=n_head,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
     )
+    model = GPT2LMHeadModel(config)
+    if embedding_std != config.initializer_range:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            model.transformer.wte.weight.normal_(0.0, embedding_std, generator=generator)
     with quiet_transformers():
-        GPT2LMHeadModel(config).save_pretrained(directory)
+        model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     return Path(directory)
 

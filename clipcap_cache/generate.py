@@ -176,15 +176,16 @@ def token_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities (B, T) of generated tokens after their prefix, and which of them count.
 
-    A token counts up to and including the sequence's first EOS; what follows is padding.
     Differentiable: self-critical training takes its gradient (`scst.py`).
     """
-    k = prefix.shape[1]
-    embeds = torch.cat([prefix, model.gpt2.transformer.wte(tokens)], dim=1)
-    logits = model.gpt2(inputs_embeds=embeds).logits[:, k - 1 : k - 1 + tokens.shape[1]]
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return model.token_log_probs(prefix, tokens), counted_tokens(tokens, eos)
+
+
+def counted_tokens(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """Which of the generated tokens (B, T) count: those up to and including the first EOS.
+
+    What follows a sequence's first EOS is padding; a sequence without EOS counts whole.
+    """
     is_eos = tokens == eos
     first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), tokens.shape[1] - 1)
-    counted = torch.arange(tokens.shape[1], device=tokens.device)[None] <= first_eos[:, None]
-    return chosen, counted
+    return torch.arange(tokens.shape[1], device=tokens.device)[None] <= first_eos[:, None]

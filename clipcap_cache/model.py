@@ -136,15 +136,22 @@ class ClipCaptionModel(nn.Module):
         return next(self.projector.parameters()).dtype
 
     def forward(
-        self, clip_embeddings: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
+        self,
+        clip_embeddings: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean cross-entropy over the caption tokens and EOS.
+        """Mean cross-entropy over the caption tokens and EOS; without labels, token log-probs.
 
         `input_ids` (B, T) are right-padded; `labels` (B, T) equal them with IGNORE_INDEX at the
         padding. Right padding needs no attention mask under causal attention: a real token never
-        attends to a later pad.
+        attends to a later pad. Without `labels` the result is `token_log_probs` (B, T), which
+        self-critical training differentiates (it goes through `forward` so that
+        DistributedDataParallel sees the pass).
         """
         prefix = self.prefix_embeddings(clip_embeddings)  # (B, K, H)
+        if labels is None:
+            return self.token_log_probs(prefix, input_ids)
         tokens = self.gpt2.transformer.wte(input_ids)  # (B, T, H)
         hidden = self.gpt2.transformer(
             inputs_embeds=torch.cat([prefix, tokens.to(prefix.dtype)], dim=1)
@@ -155,6 +162,15 @@ class ClipCaptionModel(nn.Module):
         keep = labels != IGNORE_INDEX
         logits = self.gpt2.lm_head(predictors[keep])  # (N, V)
         return F.cross_entropy(logits.float(), labels[keep])
+
+    def token_log_probs(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Log-probability (B, T) of each token given the prefix (B, K, H) and the tokens before it."""
+        k = prefix.shape[1]
+        embeds = torch.cat([prefix, self.gpt2.transformer.wte(tokens).to(prefix.dtype)], dim=1)
+        hidden = self.gpt2.transformer(inputs_embeds=embeds).last_hidden_state
+        logits = self.gpt2.lm_head(hidden[:, k - 1 : -1]).float()  # (B, T, V)
+        chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return chosen - logits.logsumexp(-1)
 
 
 def load_gpt2(name_or_dir: str) -> GPT2LMHeadModel:

@@ -12,7 +12,11 @@ from clipcap_cache.logs import read_jsonl  # noqa: E402
 
 
 def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
-    """Draw loss and BERTScore per epoch; returns the files written."""
+    """Draw each panel whose metrics the run has, one PNG per panel; returns the files written.
+
+    Loss and val CIDEr-D for every run; BERTScore when it was computed; under self-critical
+    training, the mean sample reward (and its terms) and the mean sampled caption length.
+    """
     rows = read_jsonl(metrics_file)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -28,6 +32,16 @@ def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
                 ("bertscore_f1", "F1"),
             ],
         ),
+        "cider.png": ("CIDEr-D", [("val_cider", "val, greedy captions")]),
+        "reward.png": (
+            "Reward",
+            [
+                ("reward", "mean sample reward"),
+                ("reward_cider", "CIDEr-D term"),
+                ("reward_clip", "CLIP-S term"),
+            ],
+        ),
+        "sample_length.png": ("Tokens", [("sample_length", "mean sampled caption length")]),
     }
     for filename, (title, series) in panels.items():
         present = [

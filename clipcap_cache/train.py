@@ -9,12 +9,15 @@ node share one copy of the data and a cache may be bigger than RAM. Each caption
 sample; samples are shuffled every epoch and each batch is padded only to its longest caption.
 
 The loop is a few named parts. `train` sets a run up and runs its epochs. `train_one_epoch` makes
-one pass over the shuffled captions from `forward_backward` (one micro-batch) and
-`Optimization.step` (one optimizer step). `validate` scores the model on the val images, and
-`save_training_checkpoint` writes a checkpoint. How far a run has got lives in a `TrainState`.
+one pass over the shuffled samples of the objective, one micro-batch at a time through the
+objective's `forward_backward`, and `Optimization.step` (one optimizer step). The objective is
+`CrossEntropy` (`--objective xe`, the default: a sample is a caption) or `scst.SelfCritical`
+(`--objective scst`: a sample is an image, whose sampled captions are rewarded with CIDEr-D).
+`validate` scores the model on the val images, and `save_training_checkpoint` writes a
+checkpoint. How far a run has got lives in a `TrainState`.
 
 Under torchrun the model is wrapped in DistributedDataParallel and `batch_size` is the global
-batch: every rank takes every N-th caption of the same shuffled batch (see `distributed.py`).
+batch: every rank takes every N-th sample of the same shuffled batch (see `distributed.py`).
 
 The run directory holds `config.json` (the resolved settings), `train.log`, `metrics.jsonl` (one row
 per epoch), `plots/*.png` and `checkpoints/{best,last}/` (see `checkpoint.py`). The last checkpoint
@@ -37,7 +40,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from clipcap_cache import cache as feature_cache
-from clipcap_cache import checkpoint, distributed, tokens
+from clipcap_cache import checkpoint, distributed, scst, tokens
+from clipcap_cache.cider import CiderD
+from clipcap_cache.clipscore import load_clip_text
 from clipcap_cache.devices import DEVICES, PRECISIONS, autocast_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import exclusive_lock, write_json_atomic
@@ -57,6 +62,7 @@ from clipcap_cache.plots import plot_metrics
 from clipcap_cache.validation import at_least, check_types, one_of, option, positive
 
 log = logging.getLogger(__name__)
+OBJECTIVES = ("xe", "scst")
 RUN_ARTEFACTS = ("checkpoints", "config.json", "train.log", "metrics.jsonl", "plots")
 SYNC_SECONDS = 0.5  # how often the host reads the loss back from the device (progress, NaN check)
 SYNC_STEPS = 20  # the same, in optimizer steps, under torchrun (where every rank must take part)
@@ -81,24 +87,44 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     seed: int = 42
-    eval_images: int = 500  # val images captioned each epoch for BERTScore
+    eval_images: int = 500  # val images captioned each epoch for CIDEr-D and BERTScore
     bertscore: bool = True
     bertscore_model: str = "roberta-large"
     bertscore_layers: int | None = None  # needed for models bert-score does not know
     save_every_steps: int = 1000  # optimizer steps between mid-epoch resume points; 0 = epoch ends
     compile: bool = False  # torch.compile the model
     init: str | None = None  # start a new run from this checkpoint's weights (ignored on resume)
+    objective: str = "xe"  # xe (cross-entropy) | scst (self-critical, see scst.py)
+    samples: int = 5  # scst: captions sampled per image
+    baseline: str = "mean"  # scst: mean (of the image's other samples) | greedy
+    reward: str = "cider"  # scst: cider | clip | cider+clip
+    cider_weight: float = 1.0  # scst: weight of CIDEr-D in cider+clip
+    clip_weight: float = 1.0  # scst: weight of CLIP-S in cider+clip
     resume: bool = False
     overwrite: bool = False
 
     def __post_init__(self):
         check_types(self)
         at_least(self, 1, "epochs", "batch_size", "grad_accum", "max_caption_tokens")
-        at_least(self, 1, "bertscore_layers")
+        at_least(self, 1, "bertscore_layers", "samples")
         at_least(self, 0, "warmup_steps", "eval_images", "save_every_steps", "weight_decay")
+        at_least(self, 0, "cider_weight", "clip_weight")
         positive(self, "lr", "max_grad_norm")
         one_of(self, "device", DEVICES)
         one_of(self, "precision", PRECISIONS)
+        one_of(self, "objective", OBJECTIVES)
+        one_of(self, "baseline", scst.BASELINES)
+        one_of(self, "reward", scst.REWARDS)
+        if self.objective == "scst":
+            if self.baseline == "mean" and self.samples < 2:
+                raise ClipcapError("--baseline mean needs --samples 2 or more")
+            if self.reward == "cider+clip" and self.cider_weight + self.clip_weight == 0:
+                raise ClipcapError("--cider-weight and --clip-weight are both 0: no reward left")
+            if self.validate and self.eval_images == 0:
+                raise ClipcapError(
+                    "--objective scst keeps the checkpoint with the best val CIDEr-D of greedy "
+                    "captions: --eval-images must be at least 1 (or pass --no-val)"
+                )
         if self.resume and self.overwrite:
             raise ClipcapError("--resume and --overwrite contradict each other: choose one")
 
@@ -171,25 +197,69 @@ class TrainState:
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches of the current epoch done
     step: int = 0  # optimizer steps so far
-    loss_sum: float = 0.0  # the current epoch's summed token loss, as read back from the device
-    tokens: int = 0  # the current epoch's labelled tokens
-    captions: int = 0  # the current epoch's captions done: the resume position in samples
+    loss_sum: float = 0.0  # the current epoch's summed loss, as read back from the device
+    tokens: int = 0  # what the loss is averaged over: labelled tokens (xe) or images (scst)
+    captions: int = 0  # the current epoch's samples done (captions, or images under scst)
     seconds: float = 0.0  # the current epoch's training time up to the last save
-    best: float = math.inf  # the best epoch score so far: val loss, else train loss
+    best: float | None = None  # the best value of the selection criterion (`selection`) so far
     history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
+    sums: dict[str, float] = field(default_factory=dict)  # scst: summed rewards and lengths
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        # A field that a run saved by an older version lacks keeps its default.
         for field_ in fields(self):
-            setattr(self, field_.name, state[field_.name])
+            if field_.name in state:
+                setattr(self, field_.name, state[field_.name])
 
     def finish_epoch(self, row: dict) -> None:
         """Record a completed epoch's metrics and reset the per-epoch counters."""
         self.epoch += 1
         self.batch, self.loss_sum, self.tokens, self.captions, self.seconds = 0, 0.0, 0, 0, 0.0
+        self.sums = {}
         self.history = [*self.history, row]
+
+
+@dataclass
+class CrossEntropy:
+    """`--objective xe`, teacher-forced captions: a sample is a caption, weighted by its tokens."""
+
+    data: CaptionData
+    pad_id: int
+    unit = "caption"
+    sums = ("loss",)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def count(self, samples: np.ndarray) -> int:
+        return self.data.count_tokens(samples)
+
+    def forward_backward(
+        self,
+        model: ClipCaptionModel,
+        forward,
+        samples: np.ndarray,
+        weight: float,
+        scaler: torch.amp.GradScaler,
+        amp_dtype: torch.dtype | None,
+        epoch: int,
+    ) -> torch.Tensor:
+        """Back-propagate some captions; returns their summed loss (1,), on the device."""
+        device = next(model.parameters()).device
+        embeddings, input_ids, labels = self.data.batch(samples, self.pad_id)
+        loss = forward_backward(
+            forward,
+            embeddings.to(device),
+            input_ids.to(device),
+            labels.to(device),
+            weight,
+            scaler,
+            amp_dtype,
+        )
+        return (loss * self.count(samples)).reshape(1)
 
 
 @dataclass
@@ -324,26 +394,26 @@ def forward_backward(
 def train_one_epoch(
     model: ClipCaptionModel,
     forward,
-    data: CaptionData,
+    objective,
     optimization: Optimization,
     state: TrainState,
     config: TrainConfig,
     amp_dtype: torch.dtype | None,
-    pad_id: int,
     run: RunDirectory,
 ) -> dict:
-    """One pass over the shuffled captions, from `state.batch` on; returns the epoch's row.
+    """One pass over the shuffled samples, from `state.batch` on; returns the epoch's row.
 
-    `forward` is the model, or its compiled form. Every `config.save_every_steps` optimizer steps
-    the run saves a resume point in `checkpoints/last`.
+    `objective` is `CrossEntropy` (a sample is a caption) or `scst.SelfCritical` (a sample is an
+    image). `forward` is the model, or its DDP or compiled form. Every `config.save_every_steps`
+    optimizer steps the run saves a resume point in `checkpoints/last`.
     """
     model.train()
     device = next(model.parameters()).device
     world = distributed.world()
     epoch = state.epoch
-    batches_per_epoch = math.ceil(len(data) / config.batch_size)
+    batches_per_epoch = math.ceil(len(objective) / config.batch_size)
     order = torch.randperm(
-        len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        len(objective), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
     ).numpy()
     bar = tqdm(
         total=batches_per_epoch,
@@ -358,7 +428,7 @@ def train_one_epoch(
     # The summed loss stays on the device between syncs, so the host does not wait for the GPU
     # at every step. Steps of a full-size model on the CPU take longer than SYNC_SECONDS, so
     # there every step syncs.
-    pending = torch.zeros((), device=device)
+    pending = torch.zeros(len(objective.sums), device=device)  # loss, then scst's sums
     first_batch = state.batch
     synced_batch, synced_at = first_batch, time.perf_counter()
     try:
@@ -369,33 +439,28 @@ def train_one_epoch(
                 # A resume with another --grad-accum may start mid-group: its group starts there.
                 start = max(group_start, first_batch)
                 group = order[start * config.batch_size : group_end * config.batch_size]
-                group_tokens = data.count_tokens(group)
-            # The batch is global: each rank takes every world.size-th caption of it.
+                group_tokens = objective.count(group)
+            # The batch is global: each rank takes every world.size-th sample of it (under scst,
+            # whole images, each with all of its sampled captions).
             samples = order[b * config.batch_size : (b + 1) * config.batch_size]
-            tokens = data.count_tokens(samples)
+            tokens = objective.count(samples)
             mine = samples[world.rank :: world.size]
-            my_tokens = data.count_tokens(mine)
+            my_tokens = objective.count(mine)
             if len(mine) == 0:
                 # A short last batch may leave a rank nothing; it still joins the gradient
-                # all-reduce, with a caption weighted zero.
+                # all-reduce, with a sample weighted zero.
                 mine = samples[:1]
-            embeddings, input_ids, labels = data.batch(mine, pad_id)
-            # Weighting each micro-batch by its share of the group's tokens makes the accumulated
-            # gradient that of the mean loss over the whole group, as one large batch would give.
-            # DDP averages over ranks, so each rank's share is scaled by their number.
+            # Weighting each micro-batch by its share of the group's tokens (images under scst)
+            # makes the accumulated gradient that of the mean loss over the whole group, as one
+            # large batch would give. DDP averages over ranks, so each rank's share is scaled by
+            # their number.
             weight = my_tokens / group_tokens * world.size
             sync_gradients = b + 1 == group_end or world.size == 1
             with contextlib.nullcontext() if sync_gradients else forward.no_sync():
-                loss = forward_backward(
-                    forward,
-                    embeddings.to(device),
-                    input_ids.to(device),
-                    labels.to(device),
-                    weight,
-                    optimization.scaler,
-                    amp_dtype,
+                sums = objective.forward_backward(
+                    model, forward, mine, weight, optimization.scaler, amp_dtype, epoch
                 )
-            pending += loss * my_tokens
+            pending += sums if my_tokens else sums * 0
             state.tokens += tokens
             state.captions += len(samples)
             bar.update(1)
@@ -417,7 +482,8 @@ def train_one_epoch(
             if saving or b + 1 == batches_per_epoch or due:
                 # Every save is preceded by this check, so a non-finite loss never reaches a
                 # checkpoint.
-                value = distributed.all_reduce_sum(pending).item()
+                values = distributed.all_reduce_sum(pending).tolist()
+                value = values[0]
                 if not math.isfinite(value):
                     last = run.path / "checkpoints" / "last"
                     kept = (
@@ -431,12 +497,15 @@ def train_one_epoch(
                         "--precision fp32"
                     )
                 state.loss_sum += value
+                for name, total in zip(objective.sums[1:], values[1:], strict=True):
+                    state.sums[name] = state.sums.get(name, 0.0) + total
                 pending.zero_()
                 synced_batch, synced_at = b + 1, time.perf_counter()
-                bar.set_postfix(
-                    loss=f"{state.loss_sum / state.tokens:.3f}",
-                    cap_s=f"{state.captions / max(synced_at - started, 1e-9):.1f}",
-                )
+                shown = {"loss": f"{state.loss_sum / state.tokens:.3f}"}
+                if "reward" in state.sums:
+                    shown["reward"] = f"{state.sums['reward'] / state.tokens:.3f}"
+                rate = state.captions / max(synced_at - started, 1e-9)
+                bar.set_postfix(**shown, **{f"{objective.unit[:3]}_s": f"{rate:.1f}"})
             optimization.step()
             state.batch = b + 1
             if saving:
@@ -449,9 +518,10 @@ def train_one_epoch(
         "epoch": epoch + 1,
         "step": state.step,
         "train_loss": state.loss_sum / max(state.tokens, 1),
+        **{name: total / max(state.tokens, 1) for name, total in state.sums.items()},
         "lr": optimization.scheduler.get_last_lr()[0],
         "seconds": round(seconds, 3),
-        "captions_per_second": round(state.captions / max(seconds, 1e-9), 2),
+        f"{objective.unit}s_per_second": round(state.captions / max(seconds, 1e-9), 2),
     }
 
 
@@ -522,9 +592,15 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
     log.info("run directory %s", run_dir)
     if init_dir is not None:
         log.info("initialised from %s", init_dir)
+    elif config.objective == "scst" and resume_state is None:
+        log.warning(
+            "--objective scst from untrained weights: self-critical training refines a trained "
+            "captioner; start from a cross-entropy run with --init RUN"
+        )
     log.info(
-        "batch: %d captions per micro-batch across %d process(es), %d micro-batch(es) per step",
+        "batch: %d %ss per micro-batch across %d process(es), %d micro-batch(es) per step",
         config.batch_size,
+        "image" if config.objective == "scst" else "caption",
         world.size,
         config.grad_accum,
     )
@@ -537,21 +613,30 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         model.gpt2.config.n_layer,
     )
 
-    data, truncated = caption_data(train_cache, train_rows, tokenizer, config.max_caption_tokens)
-    log.info(
-        "train: %d images, %d captions; %d of the cache's captions truncated to %d tokens",
-        len(train_rows),
-        len(data),
-        truncated,
-        config.max_caption_tokens,
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
+    if config.objective == "scst":
+        objective = _self_critical(config, train_cache, train_rows, tokenizer, device)
+    else:
+        data, truncated = caption_data(
+            train_cache, train_rows, tokenizer, config.max_caption_tokens
+        )
+        log.info(
+            "train: %d images, %d captions; %d of the cache's captions truncated to %d tokens",
+            len(train_rows),
+            len(data),
+            truncated,
+            config.max_caption_tokens,
+        )
+        objective = CrossEntropy(data, pad_id)
     validation = None
     if val_cache is not None:
         validation = _validation_set(val_cache, val_rows, tokenizer, config)
         log.info("val: %d images, %d captions", len(val_rows), len(validation.data))
     scorer = _make_scorer(config, device) if validation is not None else None
 
-    batches_per_epoch = math.ceil(len(data) / config.batch_size)
+    batches_per_epoch = math.ceil(len(objective) / config.batch_size)
     total_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.epochs
     optimization = make_optimization(model, config, device, total_steps, amp_dtype)
     forward = model
@@ -592,13 +677,16 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
             "train": asdict(config),
         },
     )
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    criterion, higher_is_better = selection(config)
+    log.info(
+        "best checkpoint: the epoch with the %s %s",
+        "highest" if higher_is_better else "lowest",
+        criterion,
     )
     row = state.history[-1] if state.history else {}
     for _ in range(state.epoch, config.epochs):
         row = train_one_epoch(
-            model, forward, data, optimization, state, config, amp_dtype, pad_id, run
+            model, forward, objective, optimization, state, config, amp_dtype, run
         )
         if validation is not None:
             # The main process validates, exactly as one process would; the others wait.
@@ -619,8 +707,8 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
                 if k != "epoch"
             ),
         )
-        score = row.get("val_loss", row["train_loss"])
-        if score < state.best:
+        score = row[criterion]
+        if state.best is None or (score > state.best if higher_is_better else score < state.best):
             state.best = score
             save_training_checkpoint(run, "best", model, state, metrics=row)
         save_training_checkpoint(run, "last", model, state, optimization, metrics=row)
@@ -628,6 +716,65 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
             _write_metrics(run_dir, state.history)
     log.info("done: best checkpoint %s", run_dir / "checkpoints" / "best")
     return row
+
+
+def selection(config: TrainConfig) -> tuple[str, bool]:
+    """The metrics row key that picks `checkpoints/best`, and whether higher is better.
+
+    Cross-entropy runs keep the lowest val loss (train loss without validation); self-critical
+    runs keep the highest val CIDEr-D of greedy captions (mean sample reward without validation).
+    """
+    if config.objective == "scst":
+        return ("val_cider", True) if config.validate else ("reward", True)
+    return ("val_loss", False) if config.validate else ("train_loss", False)
+
+
+def _self_critical(
+    config: TrainConfig, cache: feature_cache.MappedCache, rows: np.ndarray, tokenizer, device
+) -> scst.SelfCritical:
+    """The self-critical objective over the captioned training images, with its reward."""
+    references = cache.references(rows)
+    captioned = np.array([len(r) > 0 for r in references], dtype=bool)
+    rows = rows[captioned]
+    references = [r for r in references if r]
+    if len(rows) == 0:
+        raise ClipcapError(f"{config.features}: no train image has a caption to reward against")
+    cider = clip_text = None
+    if "cider" in config.reward:
+        started = time.perf_counter()
+        cider = CiderD(references)
+        log.info(
+            "CIDEr-D document frequencies of %d train images' references in %.1f s",
+            len(references),
+            time.perf_counter() - started,
+        )
+    if "clip" in config.reward:
+        clip_model = cache.attrs.get("clip_model")
+        if not clip_model:
+            raise ClipcapError(
+                f"{config.features} does not record its CLIP model, which --reward clip needs"
+            )
+        clip_text = load_clip_text(clip_model, device)
+    log.info(
+        "scst: %d train images, %d samples each, reward %s, baseline %s",
+        len(rows),
+        config.samples,
+        config.reward,
+        config.baseline,
+    )
+    return scst.SelfCritical(
+        embeddings=cache.embeddings,
+        rows=rows,
+        references=references,
+        reward=scst.Reward(
+            config.reward, cider, clip_text, config.cider_weight, config.clip_weight
+        ),
+        tokenizer=tokenizer,
+        samples=config.samples,
+        baseline=config.baseline,
+        max_tokens=config.max_caption_tokens,
+        seed=config.seed,
+    )
 
 
 def _validation_set(
@@ -814,7 +961,11 @@ def validate(
     batch_size: int,
     pad_id: int,
 ) -> dict:
-    """Mean val loss per token, and BERTScore of greedy captions on the first val images."""
+    """Mean val loss per token, and CIDEr-D and BERTScore of greedy captions on the first val images.
+
+    `val_cider` takes its document frequencies from the references of the images it scores, as
+    COCO evaluation's CIDEr does, so it equals pycocoevalcap's CIDEr on those images.
+    """
     model.eval()
     device = next(model.parameters()).device
     data = validation.data
@@ -828,7 +979,7 @@ def validate(
         total += loss.item() * n
         tokens += n
     row = {"val_loss": total / max(tokens, 1)}
-    if scorer is not None and len(validation.embeddings):
+    if len(validation.embeddings):
         captions = generate_captions(
             model,
             tokenizer,
@@ -837,6 +988,10 @@ def validate(
             batch_size=batch_size,
             autocast=amp_dtype,
         )
-        row.update(bertscore(scorer, [c[0] for c in captions], validation.references))
+        captions = [c[0] for c in captions]
+        cider = CiderD(validation.references).score(captions, validation.references)
+        row["val_cider"] = float(cider.mean())
+        if scorer is not None:
+            row.update(bertscore(scorer, captions, validation.references))
     model.train()
     return row

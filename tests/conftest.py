@@ -89,22 +89,29 @@ def shapes(tmp_path_factory):
     return annotations, root
 
 
-@pytest.fixture(scope="session")
-def shapes_cache(tmp_path_factory, shapes, clip_dir):
+def extract_shapes(annotations, root, out, clip_dir, batch_size: int = 64):
+    """The feature cache of a shapes dataset, made with the tiny CLIP."""
     from clipcap_cache.features import FeatureConfig, extract_features
 
-    annotations, root = shapes
-    out = tmp_path_factory.mktemp("cache") / "shapes.h5"
     extract_features(
         FeatureConfig(
             annotations=str(annotations),
             images=str(root),
             out=str(out),
             clip_model=str(clip_dir),
+            batch_size=batch_size,
             num_workers=0,
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory, shapes, clip_dir):
+    annotations, root = shapes
+    return extract_shapes(
+        annotations, root, tmp_path_factory.mktemp("cache") / "shapes.h5", clip_dir
+    )
 
 
 @pytest.fixture(scope="session")

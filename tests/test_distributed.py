@@ -215,3 +215,27 @@ def test_a_killed_two_process_extraction_finishes_as_one_process(
     result = run_cli(*shard_args(shapes, clip_dir, out), check=0)  # no torchrun this time
     assert "resumed after" in result.stdout
     assert_same_cache(one_process_cache, out)
+
+
+def test_two_processes_train_scst_like_one(tmp_path, shapes_cache, gpt2_no_dropout_dir):
+    # Each rank takes every other image of a global batch of 16 images with all 5 of its
+    # samples. The samples are keyed by image, not drawn from each rank's generator, so both
+    # layouts sample the same captions, and the weighted gradients must agree.
+    extra = [
+        "--epochs", "1", "--grad-accum", "2", "--no-val", "--save-every-steps", "0",
+        "--objective", "scst", "--max-caption-tokens", "12", "--lr", "1e-3",
+    ]  # fmt: skip
+    one = tmp_path / "one"
+    run_cli(*train_args(shapes_cache, one, gpt2_no_dropout_dir, *extra), check=0)
+    two = tmp_path / "two"
+    torchrun(*train_args(shapes_cache, two, gpt2_no_dropout_dir, *extra))
+
+    a, b = weights(one), weights(two)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=3e-5)
+    row_one = json.loads((one / "metrics.jsonl").read_text())
+    row_two = json.loads((two / "metrics.jsonl").read_text())
+    assert row_two["step"] == row_one["step"] == 5  # 160 images / (16 x 2)
+    for key in ("train_loss", "reward", "sample_length"):
+        assert row_two[key] == pytest.approx(row_one[key], rel=1e-5), key
+    assert "16 images per micro-batch across 2 process(es)" in (two / "train.log").read_text()
