@@ -7,8 +7,9 @@ A self-critical (SCST) step on a batch of 40 images samples 5 captions per image
 teacher-forced forward and backward pass over the 200 samples. This times the three parts
 separately with GPT-2 124M (random weights, the default 6 of 12 blocks frozen), on COCO-like
 references whose document frequencies come from 5,000 images, and reports the reward's share.
-Target: at most 10% of the step. (The SCST trainer itself is not built yet: the step here is the
-sum of its parts, not a measured `clipcap train --objective scst` step.)
+Target: at most 10% of the step. The step here is the sum of its parts, on a batch larger than
+`scst_speed.py` can afford on a CPU; `scst_speed.py` times the reward inside real
+`--objective scst` steps.
 """
 
 import argparse
