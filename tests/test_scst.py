@@ -287,7 +287,10 @@ def test_a_stopped_scst_run_resumes_to_the_same_weights(
         assert second[key] == first[key], key
 
 
-def test_cider_plus_clip_reward_trains_and_logs_both_terms(tmp_path, shapes_cache, trained_run):
+def test_cider_plus_clip_reward_with_the_greedy_baseline_logs_both_terms(
+    tmp_path, shapes_cache, trained_run
+):
+    # With the greedy baseline (Rennie et al.), each image's greedy caption is rewarded too.
     out = tmp_path / "run"
     run_cli(
         *scst_args(shapes_cache, out, trained_run, "--epochs", "1", "--no-val"),
@@ -297,6 +300,8 @@ def test_cider_plus_clip_reward_trains_and_logs_both_terms(tmp_path, shapes_cach
         "0.5",
         "--clip-weight",
         "2",
+        "--baseline",
+        "greedy",
         "--max-caption-tokens",
         "16",
         check=0,
