@@ -107,6 +107,28 @@ def make_coco_images(root: Path, n: int, captions_per_image: int = 5) -> Path:
     return path
 
 
+def coco_cache(work: Path, images: int) -> tuple[Path, Path, Path]:
+    """Random ViT-B/32 and GPT-2 124M, `images` COCO-like JPEGs and their feature cache.
+
+    Returns the CLIP folder, the GPT-2 folder and the cache; the JPEGs are in `work/images`.
+    """
+    from clipcap_cache.features import FeatureConfig, extract_features
+
+    clip_dir, gpt2_dir = build_vit_b32(work / "vit-b32"), build_gpt2_124m(work / "gpt2")
+    annotations = make_coco_images(work / "images", images)
+    features = work / "features.h5"
+    extract_features(
+        FeatureConfig(
+            annotations=str(annotations),
+            images=str(work / "images"),
+            out=str(features),
+            clip_model=str(clip_dir),
+            num_workers=0,
+        )
+    )
+    return clip_dir, gpt2_dir, features
+
+
 def timed(function, *args, repeat: int = 1, **kwargs) -> float:
     """Best wall time of `repeat` calls, in seconds."""
     best = float("inf")

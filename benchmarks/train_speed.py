@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import build_gpt2_124m, build_vit_b32, make_coco_images, save_result
+from common import coco_cache, save_result
 
 from clipcap_cache.cache import open_cache, read_cache
 from clipcap_cache.encoder import load_clip
-from clipcap_cache.features import FeatureConfig, extract_features
 from clipcap_cache.images import load_image
 from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
 from clipcap_cache.train import TrainConfig, caption_data, forward_backward, make_optimization
@@ -34,18 +33,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="clipcap-bench-"))
-    clip_dir, gpt2_dir = build_vit_b32(work / "vit-b32"), build_gpt2_124m(work / "gpt2")
-    annotations = make_coco_images(work / "images", args.images)
-    features = work / "features.h5"
-    extract_features(
-        FeatureConfig(
-            annotations=str(annotations),
-            images=str(work / "images"),
-            out=str(features),
-            clip_model=str(clip_dir),
-            num_workers=0,
-        )
-    )
+    clip_dir, gpt2_dir, features = coco_cache(work, args.images)
     cache = open_cache(features)
     tokenizer = load_tokenizer(str(gpt2_dir))
     data, _ = caption_data(cache, cache.rows_of_split("all"), tokenizer, 40)
