@@ -853,6 +853,13 @@ def _check_run_dir(
                     f"--resume: the run was trained with {option(name)} {old}; a resume restores "
                     f"its optimizer, so {option(name)} {getattr(config, name)} would be ignored"
                 )
+        trained_with = saved.get("train", {}).get("objective", "xe")
+        if config.objective != trained_with:
+            # Its position in the epoch counts captions under xe and images under scst.
+            raise ClipcapError(
+                f"--resume: the run trains with --objective {trained_with}, not "
+                f"{config.objective}; start a new run from its checkpoint with --init instead"
+            )
         if saved.get("cache_source") != train_cache.attrs.get("source"):
             log.warning("resuming on a cache made from other annotations than the run's")
         trained_on, world_size = train_state.get("world_size", 1), distributed.world().size

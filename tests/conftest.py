@@ -116,7 +116,7 @@ def shapes_cache(tmp_path_factory, shapes, clip_dir):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, shapes_cache, gpt2_dir):
-    """A run trained briefly on the shapes cache (no BERTScore)."""
+    """A run trained briefly on the shapes cache (val loss only: no CIDEr-D, no BERTScore)."""
     from clipcap_cache.model import ModelConfig
     from clipcap_cache.train import TrainConfig, train
 
@@ -132,6 +132,7 @@ def trained_run(tmp_path_factory, shapes_cache, gpt2_dir):
             seed=0,
             device="cpu",
             bertscore=False,
+            eval_images=0,  # val loss only: greedy captions each epoch would add 8 s
             save_every_steps=0,
         ),
         ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4, freeze_layers=0),

@@ -512,8 +512,15 @@ def one_epoch_run(tmp_path_factory, shapes_cache, gpt2_dir):
         ("shapes", ["--resume", "--prefix-length", "5"], "prefix_length"),
         ("wide", ["--resume"], "128-d"),
         ("shapes", ["--resume", "--epochs", "2", "--lr", "1e-2"], "restores its optimizer"),
+        ("shapes", ["--resume", "--epochs", "2", "--objective", "scst"], "--objective xe"),
     ],
-    ids=["no-resume-flag", "other-model-config", "other-embedding-dim", "other-lr"],
+    ids=[
+        "no-resume-flag",
+        "other-model-config",
+        "other-embedding-dim",
+        "other-lr",
+        "other-objective",
+    ],
 )
 def test_a_bad_resume_gets_one_line_and_leaves_the_run_alone(
     one_epoch_run, shapes_cache, gpt2_dir, broken_caches, cache, extra, expected
