@@ -505,7 +505,8 @@ def train_one_epoch(
                 if "reward" in state.sums:
                     shown["reward"] = f"{state.sums['reward'] / state.tokens:.3f}"
                 rate = state.captions / max(synced_at - started, 1e-9)
-                bar.set_postfix(**shown, **{f"{objective.unit[:3]}_s": f"{rate:.1f}"})
+                shown["img_s" if objective.unit == "image" else "cap_s"] = f"{rate:.1f}"
+                bar.set_postfix(**shown)
             optimization.step()
             state.batch = b + 1
             if saving:
