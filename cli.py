@@ -273,6 +273,16 @@ def _resolve_options(ctx: typer.Context, out: Path, config_file: Path | None, re
     return values
 
 
+def _echo_scores(result: dict) -> None:
+    """Print what `evaluate` and `score` measured: the image count, the table, what was skipped."""
+    from clipcap_cache.evaluate import format_table
+
+    typer.echo(f"{result['images']} images, split {result['split']}")
+    typer.echo(format_table(result["metrics"]))
+    if result["skipped"]:
+        typer.echo(f"skipped: {', '.join(result['skipped'])}")
+
+
 def _flatten_config(path: Path) -> dict:
     from clipcap_cache.files import read_json
 
@@ -397,7 +407,7 @@ def evaluate(
     ] = False,
 ):
     """Score a checkpoint with BLEU, METEOR, ROUGE-L, CIDEr (SPICE) and BERTScore."""
-    from clipcap_cache.evaluate import EvalConfig, format_table
+    from clipcap_cache.evaluate import EvalConfig
     from clipcap_cache.evaluate import evaluate as run
     from clipcap_cache.generate import decode_config
 
@@ -422,10 +432,7 @@ def evaluate(
         )
 
     result = _run(go)
-    typer.echo(f"{result['images']} images, split {result['split']}")
-    typer.echo(format_table(result["metrics"]))
-    if result["skipped"]:
-        typer.echo(f"skipped: {', '.join(result['skipped'])}")
+    _echo_scores(result)
     typer.echo(f"wrote {result['out']}/predictions.json and metrics.json")
 
 
@@ -454,7 +461,6 @@ def score(
     device: Device = "auto",
 ):
     """Score any captions against references: no checkpoint, no images."""
-    from clipcap_cache.evaluate import format_table
     from clipcap_cache.score import ScoreConfig
     from clipcap_cache.score import score as run
 
@@ -477,10 +483,7 @@ def score(
         )
 
     result = _run(go)
-    typer.echo(f"{result['images']} images, split {result['split']}")
-    typer.echo(format_table(result["metrics"]))
-    if result["skipped"]:
-        typer.echo(f"skipped: {', '.join(result['skipped'])}")
+    _echo_scores(result)
     if "out" in result:
         typer.echo(f"wrote {result['out']}/metrics.json")
 

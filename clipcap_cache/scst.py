@@ -238,8 +238,8 @@ class SelfCritical:
         return len(self.rows)
 
     @property
-    def sums(self) -> tuple[str, ...]:
-        """What a micro-batch reports, each summed over its images (row keys of the epoch)."""
+    def metrics(self) -> tuple[str, ...]:
+        """What a micro-batch reports, each a mean over its samples (row keys of the epoch)."""
         extra = (
             tuple(f"reward_{p}" for p in self.reward.parts)
             if self.reward.kind == "cider+clip"
@@ -260,7 +260,7 @@ class SelfCritical:
         amp_dtype: torch.dtype | None,
         epoch: int,
     ) -> torch.Tensor:
-        """Sample, reward and back-propagate some images; returns their sums (len(self.sums),)."""
+        """Sample, reward and back-propagate some images; returns their means (len(metrics),)."""
         device = next(model.parameters()).device
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
@@ -283,13 +283,12 @@ class SelfCritical:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = scst_loss(forward, images, tokens, advantage.flatten().to(device), eos)
         scaler.scale(loss * weight).backward()
-        n = len(samples)
         lengths = caption_lengths(tokens, eos).float()
         means = [rewards["total"].mean()]
         if self.reward.kind == "cider+clip":
             means += [rewards[p].mean() for p in self.reward.parts]
         means.append(lengths.mean().cpu())
-        return torch.stack([loss.detach().float().cpu(), *means]).to(device) * n
+        return torch.stack([loss.detach().float().cpu(), *means]).to(device)
 
     def _texts(self, tokens: torch.Tensor) -> list[str]:
         return [

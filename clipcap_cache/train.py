@@ -186,8 +186,9 @@ class ValidationSet:
     """What validation runs on: every val caption, and the val images captioned for BERTScore."""
 
     data: CaptionData  # every caption of the validation images
-    embeddings: torch.Tensor  # (E, D) the images captioned for BERTScore
+    embeddings: torch.Tensor  # (E, D) the images captioned for CIDEr-D and BERTScore
     references: list[list[str]]
+    cider: CiderD | None  # their references' document frequencies (None with --eval-images 0)
 
 
 @dataclass
@@ -229,7 +230,7 @@ class CrossEntropy:
     data: CaptionData
     pad_id: int
     unit = "caption"
-    sums = ("loss",)
+    metrics = ("loss",)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -247,7 +248,7 @@ class CrossEntropy:
         amp_dtype: torch.dtype | None,
         epoch: int,
     ) -> torch.Tensor:
-        """Back-propagate some captions; returns their summed loss (1,), on the device."""
+        """Back-propagate some captions; returns their mean loss per token (1,), on the device."""
         device = next(model.parameters()).device
         embeddings, input_ids, labels = self.data.batch(samples, self.pad_id)
         loss = forward_backward(
@@ -259,7 +260,7 @@ class CrossEntropy:
             scaler,
             amp_dtype,
         )
-        return (loss * self.count(samples)).reshape(1)
+        return loss.reshape(1)
 
 
 @dataclass
@@ -428,7 +429,7 @@ def train_one_epoch(
     # The summed loss stays on the device between syncs, so the host does not wait for the GPU
     # at every step. Steps of a full-size model on the CPU take longer than SYNC_SECONDS, so
     # there every step syncs.
-    pending = torch.zeros(len(objective.sums), device=device)  # loss, then scst's sums
+    pending = torch.zeros(len(objective.metrics), device=device)  # summed over the samples
     first_batch = state.batch
     synced_batch, synced_at = first_batch, time.perf_counter()
     try:
@@ -457,10 +458,10 @@ def train_one_epoch(
             weight = my_tokens / group_tokens * world.size
             sync_gradients = b + 1 == group_end or world.size == 1
             with contextlib.nullcontext() if sync_gradients else forward.no_sync():
-                sums = objective.forward_backward(
+                means = objective.forward_backward(
                     model, forward, mine, weight, optimization.scaler, amp_dtype, epoch
                 )
-            pending += sums if my_tokens else sums * 0
+            pending += means * my_tokens
             state.tokens += tokens
             state.captions += len(samples)
             bar.update(1)
@@ -497,7 +498,7 @@ def train_one_epoch(
                         "--precision fp32"
                     )
                 state.loss_sum += value
-                for name, total in zip(objective.sums[1:], values[1:], strict=True):
+                for name, total in zip(objective.metrics[1:], values[1:], strict=True):
                     state.sums[name] = state.sums.get(name, 0.0) + total
                 pending.zero_()
                 synced_batch, synced_at = b + 1, time.perf_counter()
@@ -783,10 +784,12 @@ def _validation_set(
 ) -> ValidationSet:
     data, _ = caption_data(val_cache, val_rows, tokenizer, config.max_caption_tokens)
     scored = val_rows[: config.eval_images]
+    references = val_cache.references(scored)
     return ValidationSet(
         data,
         torch.from_numpy(np.asarray(val_cache.embeddings[scored])),
-        val_cache.references(scored),
+        references,
+        CiderD(references) if references else None,
     )
 
 
@@ -997,7 +1000,7 @@ def validate(
             autocast=amp_dtype,
         )
         captions = [c[0] for c in captions]
-        cider = CiderD(validation.references).score(captions, validation.references)
+        cider = validation.cider.score(captions, validation.references)
         row["val_cider"] = float(cider.mean())
         if scorer is not None:
             row.update(bertscore(scorer, captions, validation.references))

@@ -92,7 +92,12 @@ def test_evaluate_reports_clipscore_of_its_predictions(
     )
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     predictions = json.loads((out / "predictions.json").read_text())
-    cache = read_cache(shapes_cache)
+    assert_clipscore_from_the_cache(metrics, predictions, shapes_cache, clip_dir)
+
+
+def assert_clipscore_from_the_cache(metrics, predictions, cache_path, clip_dir):
+    """The written CLIPScore and RefCLIPScore equal those computed directly from the cache."""
+    cache = read_cache(cache_path)
     row_of = {image_id: row for row, image_id in enumerate(cache.image_ids)}
     rows = [row_of[str(p["image_id"])] for p in predictions]
     all_refs = cache.references()

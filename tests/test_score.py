@@ -4,6 +4,7 @@ import json
 
 import pytest
 from conftest import assert_one_line_error, run_cli
+from test_clipscore import assert_clipscore_from_the_cache
 
 from clipcap_cache.datasets import read_annotations
 
@@ -73,9 +74,6 @@ def test_offline_bertscore_is_skipped_and_the_rest_is_written(test_split, tmp_pa
 
 
 def test_clipscore_comes_from_the_cache(test_split, shapes_cache, clip_dir, tmp_path):
-    from clipcap_cache.cache import read_cache
-    from clipcap_cache.clipscore import clipscore, load_clip_text
-
     folder, _ = test_split
     score(
         folder / "results.json",
@@ -92,17 +90,7 @@ def test_clipscore_comes_from_the_cache(test_split, shapes_cache, clip_dir, tmp_
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     # The same scores as CLIPScore computed directly from the cache's rows of those images.
     predictions = json.loads((folder / "results.json").read_text())
-    cache = read_cache(shapes_cache)
-    rows = [cache.image_ids.index(str(p["image_id"])) for p in predictions]
-    all_refs = cache.references()
-    expected = clipscore(
-        load_clip_text(str(clip_dir)),
-        cache.embeddings[rows],
-        [p["caption"] for p in predictions],
-        [all_refs[r] for r in rows],
-    )
-    assert metrics["clipscore"] == pytest.approx(expected["clipscore"], rel=1e-6)
-    assert metrics["refclipscore"] == pytest.approx(expected["refclipscore"], rel=1e-6)
+    assert_clipscore_from_the_cache(metrics, predictions, shapes_cache, clip_dir)
 
 
 @pytest.mark.bad_input("message")
