@@ -25,7 +25,6 @@ position it has: two processes under torchrun train like one, and a resumed run 
 was never stopped.
 """
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +37,6 @@ from clipcap_cache.errors import ClipcapError
 from clipcap_cache.generate import clean_caption, counted_tokens
 from clipcap_cache.model import ClipCaptionModel
 
-log = logging.getLogger(__name__)
 BASELINES = ("mean", "greedy")
 REWARDS = ("cider", "clip", "cider+clip")
 _MASK = 0xFFFFFFFF
