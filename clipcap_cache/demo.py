@@ -162,24 +162,35 @@ def build_tiny_clip(
 
 
 def build_tiny_clip_tokenizer(captions: list[str], vocab_size: int = 400):
-    """A CLIP text tokenizer trained on `captions`: a byte-level BPE whose words end in </w>."""
+    """A CLIP text tokenizer trained on `captions`: a byte-level BPE whose words end in </w>.
+
+    The vocabulary is laid out as CLIP's is: every byte alone and with </w>, then one token per
+    merge in merge order (the special tokens come first here, at the ids the config names). The
+    trainer's own ids for word-final characters change from process to process; these do not.
+    """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Lowercase()
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    special = ["<|startoftext|>", "<|endoftext|>"]  # ids 0 and 1, as the config says
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],  # ids 0 and 1, as the config says
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         end_of_word_suffix="</w>",
         show_progress=False,
     )
     bpe.train_from_iterator(captions, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges)
+    trained = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = special + alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    vocab = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def build_tiny_tokenizer(captions: list[str], vocab_size: int = 320):
