@@ -1,6 +1,6 @@
 """CLIPScore and RefCLIPScore (Hessel et al., 2021), from cached image embeddings.
 
-    scorer = load_clip_text(cache.attrs["clip_model"])
+    scorer = load_clip_text(cache_clip_model(cache.attrs, path, "CLIPScore"))
     clipscore(scorer, image_embeddings, candidates, references)
 
 CLIP-S = 2.5 * max(cos(image, "A photo depicts " + caption), 0): the image vector is the cache's
@@ -44,6 +44,14 @@ class ClipText:
             embeds = self.model(**tokens).text_embeds.float()
             out.append(torch.nn.functional.normalize(embeds, dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.config.projection_dim)
+
+
+def cache_clip_model(attrs: dict, path: str, needed_by: str) -> str:
+    """The CLIP model a feature cache was made with, or a one-line error naming what needs it."""
+    name = attrs.get("clip_model")
+    if not name:
+        raise ClipcapError(f"{path} does not record its CLIP model, which {needed_by} needs")
+    return name
 
 
 def load_clip_text(name_or_dir: str, device: torch.device | str = "cpu") -> ClipText:

@@ -18,6 +18,7 @@ import torch
 from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint
 from clipcap_cache.captioner import Captioner
+from clipcap_cache.clipscore import cache_clip_model
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import make_output_dir, write_json_atomic
@@ -82,6 +83,9 @@ def evaluate(config: EvalConfig) -> dict:
         predictions = read_predictions(
             config.predictions, image_ids, "the evaluated split", partial=True
         )
+    clip_model = None
+    if config.clipscore:
+        clip_model = cache_clip_model(cache.attrs, config.features, "--clipscore")
     device = resolve_device(config.device)
     if config.spice:
         check_spice()
@@ -95,7 +99,7 @@ def evaluate(config: EvalConfig) -> dict:
         config.bertscore,
         config.bertscore_model,
         config.bertscore_layers,
-        cache.attrs["clip_model"] if config.clipscore else None,
+        clip_model,
         device,
     )
     if predictions is None:

@@ -167,18 +167,8 @@ def sequence_scores(
     `prefix` (B, K, H) is each caption's prefix and `tokens` (B, T) its generated tokens, which
     end at the first EOS (the rest is padding). One forward pass scores every strategy alike.
     """
-    log_probs, counted = token_log_probs(model, prefix, tokens, eos)
-    return (log_probs * counted).sum(1) / counted.sum(1)
-
-
-def token_log_probs(
-    model: ClipCaptionModel, prefix: torch.Tensor, tokens: torch.Tensor, eos: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities (B, T) of generated tokens after their prefix, and which of them count.
-
-    Differentiable: self-critical training takes its gradient (`scst.py`).
-    """
-    return model.token_log_probs(prefix, tokens), counted_tokens(tokens, eos)
+    counted = counted_tokens(tokens, eos)
+    return (model.token_log_probs(prefix, tokens) * counted).sum(1) / counted.sum(1)
 
 
 def counted_tokens(tokens: torch.Tensor, eos: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from clipcap_cache import cache as feature_cache
+from clipcap_cache.clipscore import cache_clip_model
 from clipcap_cache.datasets import FORMATS, SPLITS, read_annotations, select_split
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
@@ -127,15 +128,10 @@ def score(config: ScoreConfig) -> dict:
     """Score a predictions file; writes `OUT/metrics.json` when `out` is given."""
     references = read_references(config.references, config.split, config.format)
     predictions = read_predictions(config.predictions, references)
-    device = resolve_device(config.device)
-    if config.spice:
-        check_spice()
-    out = Path(config.out) if config.out else None
-    if out is not None:
-        make_output_dir(out)
     embeddings = clip_model = None
     if config.clipscore:
         cache = feature_cache.read_cache(config.features)
+        clip_model = cache_clip_model(cache.attrs, config.features, "--clipscore")
         row_of = {image_id: row for row, image_id in enumerate(cache.image_ids)}
         unknown = [k for k in predictions if k not in row_of]
         if unknown:
@@ -143,7 +139,12 @@ def score(config: ScoreConfig) -> dict:
                 f"{config.features} has no image {unknown[0]}: it cannot give CLIPScore"
             )
         embeddings = cache.embeddings[np.array([row_of[k] for k in predictions])]
-        clip_model = cache.attrs["clip_model"]
+    device = resolve_device(config.device)
+    if config.spice:
+        check_spice()
+    out = Path(config.out) if config.out else None
+    if out is not None:
+        make_output_dir(out)
     models = load_metric_models(
         config.bertscore, config.bertscore_model, config.bertscore_layers, clip_model, device
     )

@@ -38,7 +38,8 @@ from clipcap_cache.generate import clean_caption, counted_tokens
 from clipcap_cache.model import ClipCaptionModel
 
 BASELINES = ("mean", "greedy")
-REWARDS = ("cider", "clip", "cider+clip")
+REWARD_TERMS = {"cider": ("cider",), "clip": ("clip",), "cider+clip": ("cider", "clip")}
+REWARDS = tuple(REWARD_TERMS)
 _MASK = 0xFFFFFFFF
 
 
@@ -191,7 +192,7 @@ class Reward:
     @property
     def parts(self) -> tuple[str, ...]:
         """Names of the reward's terms, as logged (`reward_cider`, `reward_clip`)."""
-        return {"cider": ("cider",), "clip": ("clip",), "cider+clip": ("cider", "clip")}[self.kind]
+        return REWARD_TERMS[self.kind]
 
     def __call__(
         self, captions: list[str], references: list[list[str]], images: torch.Tensor

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint, distributed, scst, tokens
 from clipcap_cache.cider import CiderD
-from clipcap_cache.clipscore import load_clip_text
+from clipcap_cache.clipscore import ClipText, cache_clip_model, load_clip_text
 from clipcap_cache.devices import DEVICES, PRECISIONS, autocast_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import exclusive_lock, write_json_atomic
@@ -583,6 +583,11 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
     model = build_model(model_config).to(device)
     if init_dir is not None:
         checkpoint.load_weights(model, init_dir / checkpoint.WEIGHTS)
+    reward_terms = scst.REWARD_TERMS[config.reward] if config.objective == "scst" else ()
+    clip_text = None
+    if "clip" in reward_terms:  # loaded here, as it may fail, before the directory is touched
+        clip_model = cache_clip_model(train_cache.attrs, config.features, "--reward clip")
+        clip_text = load_clip_text(clip_model, device)
 
     # Everything is checked: only now is the directory changed, by the main process alone.
     if world.is_main:
@@ -619,7 +624,7 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     if config.objective == "scst":
-        objective = _self_critical(config, train_cache, train_rows, tokenizer, device)
+        objective = _self_critical(config, train_cache, train_rows, tokenizer, clip_text)
     else:
         data, truncated = caption_data(
             train_cache, train_rows, tokenizer, config.max_caption_tokens
@@ -732,17 +737,24 @@ def selection(config: TrainConfig) -> tuple[str, bool]:
 
 
 def _self_critical(
-    config: TrainConfig, cache: feature_cache.MappedCache, rows: np.ndarray, tokenizer, device
+    config: TrainConfig,
+    cache: feature_cache.MappedCache,
+    rows: np.ndarray,
+    tokenizer,
+    clip_text: ClipText | None,
 ) -> scst.SelfCritical:
-    """The self-critical objective over the captioned training images, with its reward."""
+    """The self-critical objective over the captioned training images, with its reward.
+
+    `clip_text` is the cache's CLIP text tower where the reward has a CLIP-S term.
+    """
     references = cache.references(rows)
     captioned = np.array([len(r) > 0 for r in references], dtype=bool)
     rows = rows[captioned]
     references = [r for r in references if r]
     if len(rows) == 0:
         raise ClipcapError(f"{config.features}: no train image has a caption to reward against")
-    cider = clip_text = None
-    if "cider" in config.reward:
+    cider = None
+    if "cider" in scst.REWARD_TERMS[config.reward]:
         started = time.perf_counter()
         cider = CiderD(references)
         log.info(
@@ -750,13 +762,6 @@ def _self_critical(
             len(references),
             time.perf_counter() - started,
         )
-    if "clip" in config.reward:
-        clip_model = cache.attrs.get("clip_model")
-        if not clip_model:
-            raise ClipcapError(
-                f"{config.features} does not record its CLIP model, which --reward clip needs"
-            )
-        clip_text = load_clip_text(clip_model, device)
     log.info(
         "scst: %d train images, %d samples each, reward %s, baseline %s",
         len(rows),

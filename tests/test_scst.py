@@ -2,16 +2,18 @@
 
 import json
 
+import h5py
 import pytest
 import torch
 from conftest import assert_one_line_error, extract_shapes, run_cli
 from safetensors.torch import load_file
 from test_train import library_run, train_args
 
+from clipcap_cache.cache import read_cache
 from clipcap_cache.checkpoint import load_train_state, read_config
 from clipcap_cache.demo import all_demo_captions, build_tiny_gpt2, make_shapes_dataset
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.generate import counted_tokens, token_log_probs
+from clipcap_cache.generate import counted_tokens
 from clipcap_cache.model import ModelConfig, build_model
 from clipcap_cache.scst import (
     GumbelNoise,
@@ -36,10 +38,8 @@ def model(gpt2_no_dropout_dir):
 
 def sequence_log_prob(model, embeddings, tokens):
     with torch.no_grad():
-        log_probs, counted = token_log_probs(
-            model, model.prefix_embeddings(embeddings), tokens, EOS
-        )
-    return (log_probs * counted).sum(1)
+        log_probs = model.token_log_probs(model.prefix_embeddings(embeddings), tokens)
+    return (log_probs * counted_tokens(tokens, EOS)).sum(1)
 
 
 def test_mean_of_others_and_greedy_baselines():
@@ -342,3 +342,46 @@ def test_bad_scst_options_get_one_line(tmp_path, shapes_cache, gpt2_dir, extra, 
     error = assert_one_line_error(run_cli(*train_args(shapes_cache, out, gpt2_dir, *extra)))
     assert message in error
     assert not out.exists()
+
+
+@pytest.mark.bad_input("data loss")
+def test_a_cache_without_its_clip_model_is_refused_before_anything_changes(
+    tmp_path, shapes_cache, gpt2_dir
+):
+    no_clip = tmp_path / "no-clip.h5"
+    no_clip.write_bytes(shapes_cache.read_bytes())
+    with h5py.File(no_clip, "r+") as f:
+        del f.attrs["clip_model"]
+    # An earlier run in the folder survives a refused --overwrite.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    args = train_args(no_clip, out, gpt2_dir, "--objective", "scst", "--reward", "clip")
+    error = assert_one_line_error(run_cli(*args, "--no-val", "--overwrite"))
+    assert "does not record its CLIP model, which --reward clip needs" in error
+    assert (out / "metrics.jsonl").read_text() == "{}\n"
+
+    predictions = tmp_path / "results.json"
+    cache = read_cache(no_clip)
+    test_ids = [cache.image_ids[r] for r in cache.rows_of_split("test")]
+    predictions.write_text(
+        json.dumps([{"image_id": int(i), "caption": "a shape"} for i in test_ids])
+    )
+    scores = tmp_path / "scores"
+    error = assert_one_line_error(
+        run_cli(
+            "score",
+            predictions,
+            "--references",
+            no_clip,
+            "--split",
+            "test",
+            "--features",
+            no_clip,
+            "--clipscore",
+            "--out",
+            scores,
+        )
+    )
+    assert "does not record its CLIP model, which --clipscore needs" in error
+    assert not scores.exists()
