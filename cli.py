@@ -93,9 +93,9 @@ def extract_features(
     ] = "torchvision",
 ):
     """Run frozen CLIP over a dataset once and cache the image embeddings in HDF5."""
-    from clipcap_cache.features import FeatureConfig, summary_dict
-    from clipcap_cache.features import extract_features as run
-    from clipcap_cache.images import default_num_workers
+    from clipcap_cache.data.images import default_num_workers
+    from clipcap_cache.extraction.features import FeatureConfig, summary_dict
+    from clipcap_cache.extraction.features import extract_features as run
 
     def go():
         config = FeatureConfig(
@@ -144,7 +144,7 @@ def inspect(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Summarise a feature cache: model, dimension, counts per split, failures, completeness."""
-    from clipcap_cache.cache import describe
+    from clipcap_cache.data.cache import describe
 
     info = _run(describe, features)
     if json_output:
@@ -227,8 +227,8 @@ def train(
 ):
     """Train the projector and the unfrozen GPT-2 blocks from a feature cache."""
     from clipcap_cache.model import ModelConfig
-    from clipcap_cache.train import TrainConfig
-    from clipcap_cache.train import train as run
+    from clipcap_cache.training.config import TrainConfig
+    from clipcap_cache.training.train import train as run
 
     def go():
         values = _resolve_options(ctx, out, config, resume)
@@ -275,7 +275,7 @@ def _resolve_options(ctx: typer.Context, out: Path, config_file: Path | None, re
 
 def _echo_scores(result: dict) -> None:
     """Print what `evaluate` and `score` measured: the image count, the table, what was skipped."""
-    from clipcap_cache.evaluate import format_table
+    from clipcap_cache.evaluation.evaluate import format_table
 
     typer.echo(f"{result['images']} images, split {result['split']}")
     typer.echo(format_table(result["metrics"]))
@@ -318,14 +318,14 @@ def caption(
     num_workers: Annotated[int, typer.Option(help="Decoding workers.")] = 0,
 ):
     """Caption images with a trained checkpoint."""
-    from clipcap_cache.caption import (
+    from clipcap_cache.inference.caption import (
         caption_images,
         check_output,
         expand_inputs,
         format_results,
         write_output,
     )
-    from clipcap_cache.generate import decode_config
+    from clipcap_cache.inference.generate import decode_config
 
     def go():
         decode = decode_config(
@@ -362,8 +362,8 @@ def serve(
     max_images: Annotated[int, typer.Option(help="Images per request at most.")] = 16,
 ):
     """Serve captions over HTTP (POST /caption, GET /health, a web page at /, API docs at /docs)."""
-    from clipcap_cache.serve import ServeConfig
-    from clipcap_cache.serve import serve as run
+    from clipcap_cache.inference.serve import ServeConfig
+    from clipcap_cache.inference.serve import serve as run
 
     def go():
         config = ServeConfig(
@@ -407,9 +407,9 @@ def evaluate(
     ] = False,
 ):
     """Score a checkpoint with BLEU, METEOR, ROUGE-L, CIDEr (SPICE) and BERTScore."""
-    from clipcap_cache.evaluate import EvalConfig
-    from clipcap_cache.evaluate import evaluate as run
-    from clipcap_cache.generate import decode_config
+    from clipcap_cache.evaluation.evaluate import EvalConfig
+    from clipcap_cache.evaluation.evaluate import evaluate as run
+    from clipcap_cache.inference.generate import decode_config
 
     def go():
         decode = decode_config(beams, greedy, sample, 1, max_tokens, top_p, temperature, seed)
@@ -461,8 +461,8 @@ def score(
     device: Device = "auto",
 ):
     """Score any captions against references: no checkpoint, no images."""
-    from clipcap_cache.score import ScoreConfig
-    from clipcap_cache.score import score as run
+    from clipcap_cache.evaluation.score import ScoreConfig
+    from clipcap_cache.evaluation.score import score as run
 
     def go():
         return run(

@@ -17,7 +17,7 @@ import torch
 from common import build_gpt2_124m, save_result, timed
 
 from clipcap_cache.devices import inference_autocast, resolve_device
-from clipcap_cache.generate import DecodeConfig, generate_captions
+from clipcap_cache.inference.generate import DecodeConfig, generate_captions
 from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
 
 

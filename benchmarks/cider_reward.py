@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from common import build_gpt2_124m, coco_like_captions, save_result
 
-from clipcap_cache.cider import CiderD
-from clipcap_cache.generate import DecodeConfig, generate_captions
+from clipcap_cache.evaluation.cider import CiderD
+from clipcap_cache.inference.generate import DecodeConfig, generate_captions
 from clipcap_cache.model import IGNORE_INDEX, ModelConfig, build_model, load_tokenizer
 
 

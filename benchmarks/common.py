@@ -69,7 +69,7 @@ def write_synthetic_cache(path: Path, images: int, captions_per_image: int = 5) 
 
     Returns the captions, in the cache's order.
     """
-    from clipcap_cache.cache import write_cache
+    from clipcap_cache.data.cache import write_cache
 
     captions = coco_like_captions(images * captions_per_image)
     write_cache(
@@ -112,7 +112,7 @@ def coco_cache(work: Path, images: int) -> tuple[Path, Path, Path]:
 
     Returns the CLIP folder, the GPT-2 folder and the cache; the JPEGs are in `work/images`.
     """
-    from clipcap_cache.features import FeatureConfig, extract_features
+    from clipcap_cache.extraction.features import FeatureConfig, extract_features
 
     clip_dir, gpt2_dir = build_vit_b32(work / "vit-b32"), build_gpt2_124m(work / "gpt2")
     annotations = make_coco_images(work / "images", images)

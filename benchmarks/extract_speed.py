@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from common import build_vit_b32, make_coco_images, save_result, timed
 
-from clipcap_cache.datasets import read_annotations
-from clipcap_cache.encoder import load_clip
-from clipcap_cache.features import FeatureConfig, extract_features
-from clipcap_cache.images import default_num_workers, load_image
+from clipcap_cache.data.annotations import read_annotations
+from clipcap_cache.data.images import default_num_workers, load_image
+from clipcap_cache.extraction.encoder import load_clip
+from clipcap_cache.extraction.features import FeatureConfig, extract_features
 
 
 def main():

@@ -19,8 +19,8 @@ import torch
 from common import build_vit_b32, make_coco_images, save_result
 from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
+from clipcap_cache.data.images import load_image
 from clipcap_cache.hub import quiet_transformers
-from clipcap_cache.images import load_image
 
 BACKENDS = ("pil", "torchvision")
 

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from common import coco_cache, save_result
 
-from clipcap_cache.cache import open_cache, read_cache
-from clipcap_cache.cider import CiderD
-from clipcap_cache.encoder import load_clip
-from clipcap_cache.images import load_image
+from clipcap_cache.data.cache import open_cache, read_cache
+from clipcap_cache.data.images import load_image
+from clipcap_cache.evaluation.cider import CiderD
+from clipcap_cache.extraction.encoder import load_clip
 from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
-from clipcap_cache.scst import Reward, SelfCritical
-from clipcap_cache.train import TrainConfig, make_optimization
+from clipcap_cache.training.config import TrainConfig
+from clipcap_cache.training.optimization import make_optimization
+from clipcap_cache.training.scst import Reward, SelfCritical
 
 
 class TimedReward:

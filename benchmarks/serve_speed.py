@@ -29,10 +29,10 @@ from common import build_gpt2_124m, build_vit_b32, make_coco_images, save_result
 
 from clipcap_cache import Captioner
 from clipcap_cache.checkpoint import save_checkpoint
-from clipcap_cache.generate import decode_config
 from clipcap_cache.hub import resolve_name
+from clipcap_cache.inference.generate import decode_config
+from clipcap_cache.inference.serve import ServeConfig, create_app
 from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
-from clipcap_cache.serve import ServeConfig, create_app
 
 OPTIONS = {"beams": "5", "max_tokens": "20"}
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from common import build_gpt2_124m, save_result, write_synthetic_cache
 
 from clipcap_cache.model import ModelConfig
-from clipcap_cache.train import TrainConfig, train
+from clipcap_cache.training.config import TrainConfig
+from clipcap_cache.training.train import train
 
 KARPATHY_TRAIN_IMAGES = 113_287
 MODES = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-compile": ("bf16", True)}

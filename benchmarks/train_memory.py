@@ -4,7 +4,7 @@
 
 Writes a synthetic cache of that size with the real cache writer, and has the captions tokenized
 into the file `clipcap train` keeps beside the cache. Then it opens the data exactly as
-`clipcap train` does (`cache.open_cache`, `train.caption_data`) in one process, and in two
+`clipcap train` does (`cache.open_cache`, `training.data.caption_data`) in one process, and in two
 processes under torchrun on one node; each process assembles every batch of its share of a
 shuffled epoch, as training would.
 
@@ -52,9 +52,9 @@ def data_pss_mib(data_dir: Path) -> float:
 def worker(features: Path, tokenizer_dir: Path, report: Path) -> None:
     """One rank: open the training data, assemble its batches of one epoch, report PSS growth."""
     from clipcap_cache import distributed
-    from clipcap_cache.cache import open_cache
+    from clipcap_cache.data.cache import open_cache
     from clipcap_cache.model import load_tokenizer
-    from clipcap_cache.train import caption_data
+    from clipcap_cache.training.data import caption_data
 
     distributed.setup(torch.device("cpu"))
     world = distributed.world()
@@ -92,9 +92,9 @@ def main():
         worker(*args.worker)
         return
 
-    from clipcap_cache.cache import open_cache
+    from clipcap_cache.data.cache import open_cache
+    from clipcap_cache.data.tokens import load_token_table
     from clipcap_cache.demo import build_tiny_tokenizer
-    from clipcap_cache.tokens import load_token_table
 
     work = Path(tempfile.mkdtemp(prefix="clipcap-bench-"))
     n = args.images

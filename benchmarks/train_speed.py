@@ -3,10 +3,10 @@
     python benchmarks/train_speed.py [--images 32] [--batch-size 40]
 
 Same samples (every caption of every image), same model (ViT-B/32 + GPT-2 124M, random weights),
-same batches, and the same step functions as `clipcap train`: `train.forward_backward` for the
-micro-batch and `train.Optimization.step` (fused AdamW, clipping, schedule). The
+same batches, and the same step functions as `clipcap train`: `objectives.forward_backward` for the
+micro-batch and `optimization.Optimization.step` (fused AdamW, clipping, schedule). The
 on-the-fly design decodes the JPEG and runs CLIP in each sample's __getitem__, as the seed
-implementation does; the cached design reads the memory-mapped embeddings and tokens (`train.CaptionData`).
+implementation does; the cached design reads the memory-mapped embeddings and tokens (`data.CaptionData`).
 Also reports the share of step time spent outside the model's forward and backward passes.
 """
 
@@ -20,11 +20,14 @@ import numpy as np
 import torch
 from common import coco_cache, save_result
 
-from clipcap_cache.cache import open_cache, read_cache
-from clipcap_cache.encoder import load_clip
-from clipcap_cache.images import load_image
+from clipcap_cache.data.cache import open_cache, read_cache
+from clipcap_cache.data.images import load_image
+from clipcap_cache.extraction.encoder import load_clip
 from clipcap_cache.model import ModelConfig, build_model, load_tokenizer
-from clipcap_cache.train import TrainConfig, caption_data, forward_backward, make_optimization
+from clipcap_cache.training.config import TrainConfig
+from clipcap_cache.training.data import caption_data
+from clipcap_cache.training.objectives import forward_backward
+from clipcap_cache.training.optimization import make_optimization
 
 
 def main():

@@ -143,7 +143,7 @@ def build_tiny_clip(
     model = CLIPModel(config)
     # The text tower gets a CLIP tokenizer of its own (for CLIPScore). Its embedding table is
     # made after the model, from another seed, so the vision weights stay those of `seed`.
-    from clipcap_cache.clipscore import PROMPT
+    from clipcap_cache.evaluation.clipscore import PROMPT
 
     tokenizer = build_tiny_clip_tokenizer(all_demo_captions() + [PROMPT])
     generator = torch.Generator().manual_seed(seed + 1)
@@ -271,13 +271,14 @@ def run_demo(
     workdir: str | Path = "data/demo", fresh: bool = False, epochs: int = 15, echo=print
 ) -> dict:
     """Build the data and models if missing, then extract, train, evaluate and caption."""
-    from clipcap_cache.caption import caption_images
-    from clipcap_cache.datasets import read_annotations
-    from clipcap_cache.evaluate import EvalConfig, evaluate, format_table
-    from clipcap_cache.features import FeatureConfig, extract_features
-    from clipcap_cache.generate import DecodeConfig
+    from clipcap_cache.data.annotations import read_annotations
+    from clipcap_cache.evaluation.evaluate import EvalConfig, evaluate, format_table
+    from clipcap_cache.extraction.features import FeatureConfig, extract_features
+    from clipcap_cache.inference.caption import caption_images
+    from clipcap_cache.inference.generate import DecodeConfig
     from clipcap_cache.model import ModelConfig
-    from clipcap_cache.train import TrainConfig, train
+    from clipcap_cache.training.config import TrainConfig
+    from clipcap_cache.training.train import train
 
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():

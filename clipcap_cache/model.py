@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
+from clipcap_cache.checks import at_least, check_types, one_of
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.hub import load_pretrained, resolve_name
-from clipcap_cache.validation import at_least, check_types, one_of
 
 log = logging.getLogger(__name__)
 PROJECTORS = ("mlp", "transformer")

@@ -91,7 +91,7 @@ def shapes(tmp_path_factory):
 
 def extract_shapes(annotations, root, out, clip_dir, batch_size: int = 64):
     """The feature cache of a shapes dataset, made with the tiny CLIP."""
-    from clipcap_cache.features import FeatureConfig, extract_features
+    from clipcap_cache.extraction.features import FeatureConfig, extract_features
 
     extract_features(
         FeatureConfig(
@@ -118,7 +118,8 @@ def shapes_cache(tmp_path_factory, shapes, clip_dir):
 def trained_run(tmp_path_factory, shapes_cache, gpt2_dir):
     """A run trained briefly on the shapes cache (val loss only: no CIDEr-D, no BERTScore)."""
     from clipcap_cache.model import ModelConfig
-    from clipcap_cache.train import TrainConfig, train
+    from clipcap_cache.training.config import TrainConfig
+    from clipcap_cache.training.train import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "shapes"
     train(

@@ -7,11 +7,11 @@ from conftest import assert_one_line_error, run_cli
 from PIL import Image
 
 from clipcap_cache import Captioner
-from clipcap_cache.cache import read_cache
+from clipcap_cache.data.cache import read_cache
 from clipcap_cache.demo import build_tiny_clip
-from clipcap_cache.encoder import load_clip
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.generate import decode_config
+from clipcap_cache.extraction.encoder import load_clip
+from clipcap_cache.inference.generate import decode_config
 
 
 @pytest.fixture(scope="module")

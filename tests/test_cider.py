@@ -4,8 +4,8 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from clipcap_cache.cider import CiderD, ptb_tokenize
-from clipcap_cache.metrics import java_available
+from clipcap_cache.evaluation.cider import CiderD, ptb_tokenize
+from clipcap_cache.evaluation.metrics import java_available
 
 needs_java = pytest.mark.skipif(not java_available(), reason="the PTB tokenizer needs Java")
 

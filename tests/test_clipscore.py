@@ -10,8 +10,8 @@ from conftest import run_cli
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-from clipcap_cache.cache import read_cache
-from clipcap_cache.clipscore import PROMPT, clipscore, load_clip_text
+from clipcap_cache.data.cache import read_cache
+from clipcap_cache.evaluation.clipscore import PROMPT, clipscore, load_clip_text
 
 
 def direct_scores(clip_dir, image_paths, candidates, references):

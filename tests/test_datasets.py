@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from clipcap_cache.datasets import read_annotations, select_split
+from clipcap_cache.data.annotations import read_annotations, select_split
 from clipcap_cache.errors import ClipcapError
 
 

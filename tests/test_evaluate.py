@@ -12,8 +12,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from clipcap_cache.cache import read_cache
-from clipcap_cache.metrics import java_available
+from clipcap_cache.data.cache import read_cache
+from clipcap_cache.evaluation.metrics import java_available
 
 needs_java = pytest.mark.skipif(not java_available(), reason="the COCO metrics need Java")
 

@@ -12,7 +12,7 @@ from conftest import REPO, assert_one_line_error, run_cli
 from PIL import Image
 from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
-from clipcap_cache.cache import read_cache
+from clipcap_cache.data.cache import read_cache
 
 
 @pytest.fixture

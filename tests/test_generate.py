@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from clipcap_cache.cache import read_cache
 from clipcap_cache.checkpoint import load_checkpoint
+from clipcap_cache.data.cache import read_cache
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.generate import DecodeConfig, generate_captions
+from clipcap_cache.inference.generate import DecodeConfig, generate_captions
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,6 @@ def test_impossible_decoding_options_are_refused(kwargs):
 
 
 def test_captions_are_single_clean_lines():
-    from clipcap_cache.generate import clean_caption
+    from clipcap_cache.inference.generate import clean_caption
 
     assert clean_caption(" a\r\nred\tcircle\x03 ") == "a red circle"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipcap_cache.images import ImageLoadError, load_image
+from clipcap_cache.data.images import ImageLoadError, load_image
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1"])

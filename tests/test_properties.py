@@ -15,12 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clipcap_cache.datasets import FORMATS, read_annotations
+from clipcap_cache.data.annotations import FORMATS, read_annotations
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.features import FeatureConfig
-from clipcap_cache.generate import DecodeConfig
+from clipcap_cache.extraction.features import FeatureConfig
+from clipcap_cache.inference.generate import DecodeConfig
 from clipcap_cache.model import ModelConfig
-from clipcap_cache.train import TrainConfig
+from clipcap_cache.training.config import TrainConfig
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

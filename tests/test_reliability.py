@@ -18,7 +18,7 @@ from test_evaluate import evaluate_test_split, score_predictions
 from test_extract import extract
 from test_train import train_args
 
-from clipcap_cache.cache import read_cache
+from clipcap_cache.data.cache import read_cache
 
 data_loss = pytest.mark.bad_input("data loss")
 parsing = pytest.mark.bad_input("parsing")
@@ -139,7 +139,7 @@ def test_a_failed_train_start_leaves_nothing_that_blocks_the_retry(
 
 
 def read(tmp_path, name, content):
-    from clipcap_cache.datasets import read_annotations
+    from clipcap_cache.data.annotations import read_annotations
 
     path = tmp_path / name
     path.write_bytes(content.encode("utf-8"))
@@ -658,7 +658,7 @@ def test_every_case_here_is_counted():
 
 def without_captions_of(source, path, rows_to_strip, drop_rows=False):
     """A copy of a cache whose given rows lose their captions, or are removed altogether."""
-    from clipcap_cache.cache import write_cache
+    from clipcap_cache.data.cache import write_cache
 
     cache = read_cache(source)
     strip = set(int(r) for r in rows_to_strip)

@@ -6,7 +6,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from test_clipscore import assert_clipscore_from_the_cache
 
-from clipcap_cache.datasets import read_annotations
+from clipcap_cache.data.annotations import read_annotations
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ from conftest import assert_one_line_error, extract_shapes, run_cli
 from safetensors.torch import load_file
 from test_train import library_run, train_args
 
-from clipcap_cache.cache import read_cache
 from clipcap_cache.checkpoint import load_train_state, read_config
+from clipcap_cache.data.cache import read_cache
 from clipcap_cache.demo import all_demo_captions, build_tiny_gpt2, make_shapes_dataset
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.generate import counted_tokens
+from clipcap_cache.inference.generate import counted_tokens
 from clipcap_cache.model import ModelConfig, build_model
-from clipcap_cache.scst import (
+from clipcap_cache.training.scst import (
     GumbelNoise,
     Reward,
     advantages,
@@ -147,8 +147,8 @@ def _trim(tokens):
 
 
 def test_the_combined_reward_weights_cider_d_and_clip_s(clip_dir):
-    from clipcap_cache.cider import CiderD
-    from clipcap_cache.clipscore import clipscore, load_clip_text
+    from clipcap_cache.evaluation.cider import CiderD
+    from clipcap_cache.evaluation.clipscore import clipscore, load_clip_text
 
     references = [["a red circle on a white background", "a circle in red on white"]] * 2 + [
         ["a blue square on a black background", "a square in blue on black"]

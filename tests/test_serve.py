@@ -14,7 +14,7 @@ from conftest import assert_one_line_error, run_cli
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from clipcap_cache.serve import ServeConfig, create_app
+from clipcap_cache.inference.serve import ServeConfig, create_app
 
 
 @pytest.fixture(scope="module")

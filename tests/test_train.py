@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from conftest import REPO, assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
-from clipcap_cache.cache import read_cache, write_cache
 from clipcap_cache.checkpoint import load_checkpoint, load_train_state
+from clipcap_cache.data.cache import read_cache, write_cache
 from clipcap_cache.demo import COLORS
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.generate import DecodeConfig, generate_captions
+from clipcap_cache.inference.generate import DecodeConfig, generate_captions
 from clipcap_cache.model import IGNORE_INDEX, ModelConfig, build_model, load_tokenizer
-from clipcap_cache.train import CaptionData
+from clipcap_cache.training.data import CaptionData
 
 
 def train_args(cache, out, gpt2_dir, *extra):
@@ -606,7 +606,8 @@ def library_run(out, features, gpt2_dir, monkeypatch, crash_at=None, **overrides
     With warmup longer than the run, the learning rate depends only on the step count, so runs
     with other step totals still take the same learning rates step by step.
     """
-    from clipcap_cache.train import TrainConfig, train
+    from clipcap_cache.training.config import TrainConfig
+    from clipcap_cache.training.train import train
 
     settings = dict(
         features=str(features),

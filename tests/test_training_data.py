@@ -5,10 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from clipcap_cache.cache import open_cache, read_cache, write_cache
+from clipcap_cache.data.cache import open_cache, read_cache, write_cache
+from clipcap_cache.data.tokens import load_token_table, tokenize
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.model import load_tokenizer
-from clipcap_cache.tokens import load_token_table, tokenize
 
 
 def test_open_cache_maps_what_read_cache_reads(shapes_cache):
@@ -81,7 +81,7 @@ def test_tokens_are_kept_in_memory_where_they_cannot_be_written(tmp_path, shapes
     tokenizer = load_tokenizer(str(gpt2_dir))
     cache = open_cache(features)
     # Something else already holds the token file's name: it cannot be replaced.
-    from clipcap_cache.tokens import token_table_path
+    from clipcap_cache.data.tokens import token_table_path
 
     token_table_path(cache, tokenizer, 40).mkdir()
     table = load_token_table(cache, tokenizer, 40)

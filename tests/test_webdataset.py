@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from clipcap_cache.cache import read_cache
-from clipcap_cache.datasets import read_annotations
+from clipcap_cache.data.annotations import read_annotations
+from clipcap_cache.data.cache import read_cache
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

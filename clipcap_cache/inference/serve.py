@@ -34,12 +34,12 @@ from importlib import resources
 
 import torch
 
-from clipcap_cache.captioner import Captioner
+from clipcap_cache.checks import at_least, check_types, one_of, positive
+from clipcap_cache.data.images import ImageLoadError
 from clipcap_cache.devices import DEVICES
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.generate import DecodeConfig, decode_config
-from clipcap_cache.images import ImageLoadError
-from clipcap_cache.validation import at_least, check_types, one_of, positive
+from clipcap_cache.inference.captioner import Captioner
+from clipcap_cache.inference.generate import DecodeConfig, decode_config
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def create_app(captioner: Captioner, config: ServeConfig):
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return resources.files("clipcap_cache").joinpath("static/index.html").read_text()
+        return resources.files("clipcap_cache.inference").joinpath("static/index.html").read_text()
 
     @app.get("/health")
     async def health():

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from braceexpand import UnbalancedBracesError, braceexpand
 
-from clipcap_cache.datasets import SPLIT_ALIASES, SPLITS, ImageRecord
+from clipcap_cache.data.annotations import SPLIT_ALIASES, SPLITS, ImageRecord
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.images import IMAGE_EXTENSIONS, ImageLoadError, ShardBatch, decode_image
+from clipcap_cache.data.images import IMAGE_EXTENSIONS, ImageLoadError, ShardBatch, decode_image
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)

@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipcap_cache import cache as feature_cache
 from clipcap_cache import checkpoint
-from clipcap_cache.captioner import Captioner
-from clipcap_cache.clipscore import cache_clip_model
+from clipcap_cache.checks import at_least, check_types, one_of
+from clipcap_cache.data import cache as feature_cache
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.evaluation.clipscore import cache_clip_model
+from clipcap_cache.evaluation.metrics import check_spice, load_metric_models, score_captions
+from clipcap_cache.evaluation.score import read_predictions
 from clipcap_cache.files import make_output_dir, write_json_atomic
-from clipcap_cache.generate import DecodeConfig
+from clipcap_cache.inference.captioner import Captioner
+from clipcap_cache.inference.generate import DecodeConfig
 from clipcap_cache.logs import setup_logging
-from clipcap_cache.metrics import check_spice, load_metric_models, score_captions
-from clipcap_cache.score import read_predictions
-from clipcap_cache.validation import at_least, check_types, one_of
 
 log = logging.getLogger(__name__)
 

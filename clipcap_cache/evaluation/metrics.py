@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from clipcap_cache.cider import ptb_tokenize as ptb_tokens
-from clipcap_cache.clipscore import clipscore, load_clip_text
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.evaluation.cider import ptb_tokenize as ptb_tokens
+from clipcap_cache.evaluation.clipscore import clipscore, load_clip_text
 from clipcap_cache.hub import quiet_transformers
 from clipcap_cache.logs import third_party_output_to_log
 

@@ -14,7 +14,7 @@ reward minus a baseline:
 
 The loss is -(advantage) x (the sum of the sample's token log-probabilities), from one
 teacher-forced pass over the sampled sequences, padding after EOS masked out, averaged over the
-samples. `SelfCritical` is the training objective that `train.train_one_epoch` runs with
+samples. `SelfCritical` is the training objective that `loop.train_one_epoch` runs with
 `--objective scst`; a sample of the epoch is an image.
 
 Sampling is transformers' `generate()` with the Gumbel-max trick: `GumbelNoise` adds Gumbel noise
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from clipcap_cache.cider import CiderD
-from clipcap_cache.clipscore import ClipText, clip_s
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.generate import clean_caption, counted_tokens
+from clipcap_cache.evaluation.cider import CiderD
+from clipcap_cache.evaluation.clipscore import ClipText, clip_s
+from clipcap_cache.inference.generate import clean_caption, counted_tokens
 from clipcap_cache.model import ClipCaptionModel
 
 BASELINES = ("mean", "greedy")
@@ -215,7 +215,7 @@ class Reward:
 
 @dataclass
 class SelfCritical:
-    """`--objective scst` for `train.train_one_epoch`: a sample is an image, with K captions drawn.
+    """`--objective scst` for `loop.train_one_epoch`: a sample is an image, with K captions drawn.
 
     A micro-batch of images is sampled, rewarded and scored against the baseline in
     `forward_backward`; its loss is the mean over its B x K samples, so a sample's `count` is 1

@@ -35,8 +35,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from clipcap_cache import __version__, cache, distributed, webdataset
-from clipcap_cache.datasets import (
+from clipcap_cache import __version__, distributed
+from clipcap_cache.checks import at_least, check_types, one_of
+from clipcap_cache.data import cache, webdataset
+from clipcap_cache.data.annotations import (
     FORMATS,
     SPLITS,
     ImageRecord,
@@ -45,18 +47,17 @@ from clipcap_cache.datasets import (
     select_split,
     without_captions,
 )
+from clipcap_cache.data.images import ImageDataset, ShardBatch, collate_images, default_num_workers
 from clipcap_cache.devices import DEVICES, resolve_device
-from clipcap_cache.encoder import (
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.extraction.encoder import (
     DEFAULT_CLIP_MODEL,
     IMAGE_PROCESSORS,
     ClipEncoder,
     load_clip,
 )
-from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import exclusive_lock, write_json_atomic
 from clipcap_cache.hub import resolve_name
-from clipcap_cache.images import ImageDataset, ShardBatch, collate_images, default_num_workers
-from clipcap_cache.validation import at_least, check_types, one_of
 
 log = logging.getLogger(__name__)
 

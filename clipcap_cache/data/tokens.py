@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from clipcap_cache import distributed
-from clipcap_cache.cache import MappedCache, map_dataset
+from clipcap_cache.data.cache import MappedCache, map_dataset
 
 log = logging.getLogger(__name__)
 CHUNK = 8192  # captions read and tokenized at a time

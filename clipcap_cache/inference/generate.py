@@ -12,9 +12,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from clipcap_cache.checks import at_least, check_types, one_of
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.model import ClipCaptionModel
-from clipcap_cache.validation import at_least, check_types, one_of
 
 STRATEGIES = ("beam", "greedy", "sample")
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from clipcap_cache.captioner import Captioner
+from clipcap_cache.data.images import IMAGE_EXTENSIONS, ImageDataset, collate_images, find_images
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import write_text_atomic
-from clipcap_cache.generate import DecodeConfig
-from clipcap_cache.images import IMAGE_EXTENSIONS, ImageDataset, collate_images, find_images
+from clipcap_cache.inference.captioner import Captioner
+from clipcap_cache.inference.generate import DecodeConfig
 
 OUTPUT_FORMATS = ("text", "json", "jsonl", "csv")
 

@@ -19,11 +19,11 @@ import torch
 from PIL import Image, ImageOps
 
 from clipcap_cache import checkpoint
+from clipcap_cache.data.images import ImageLoadError, decode_image, load_image, to_rgb
 from clipcap_cache.devices import inference_autocast, resolve_device
-from clipcap_cache.encoder import ClipEncoder, load_clip
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.generate import DecodeConfig, decode_config, generate_captions
-from clipcap_cache.images import ImageLoadError, decode_image, load_image, to_rgb
+from clipcap_cache.extraction.encoder import ClipEncoder, load_clip
+from clipcap_cache.inference.generate import DecodeConfig, decode_config, generate_captions
 from clipcap_cache.model import ClipCaptionModel
 
 ImageInput = str | Path | bytes | Image.Image

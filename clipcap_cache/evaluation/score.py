@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from clipcap_cache import cache as feature_cache
-from clipcap_cache.clipscore import cache_clip_model
-from clipcap_cache.datasets import FORMATS, SPLITS, read_annotations, select_split
+from clipcap_cache.checks import check_types, one_of
+from clipcap_cache.data import cache as feature_cache
+from clipcap_cache.data.annotations import FORMATS, SPLITS, read_annotations, select_split
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.evaluation.clipscore import cache_clip_model
+from clipcap_cache.evaluation.metrics import check_spice, load_metric_models, score_captions
 from clipcap_cache.files import make_output_dir, read_json, write_json_atomic
-from clipcap_cache.metrics import check_spice, load_metric_models, score_captions
-from clipcap_cache.validation import check_types, one_of
 
 log = logging.getLogger(__name__)
 

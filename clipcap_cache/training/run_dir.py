@@ -1,0 +1,196 @@
+"""The run directory: its checks against --resume, --overwrite and --init, and its writes."""
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from clipcap_cache import checkpoint, distributed
+from clipcap_cache.checks import option
+from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import write_json_atomic
+from clipcap_cache.hub import resolve_name
+from clipcap_cache.logs import write_jsonl
+from clipcap_cache.model import ClipCaptionModel, ModelConfig
+from clipcap_cache.training.config import TrainConfig
+from clipcap_cache.training.optimization import Optimization
+from clipcap_cache.training.plots import plot_metrics
+from clipcap_cache.training.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+RUN_ARTEFACTS = ("checkpoints", "config.json", "train.log", "metrics.jsonl", "plots")
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    """A run's folder, and what each of its checkpoints records beside the weights."""
+
+    path: Path
+    tokenizer: object  # saved into every checkpoint, so captioning needs nothing else
+    info: dict  # clip_model, cache_source, embedding_dim and the training settings
+
+
+def save_training_checkpoint(
+    run: RunDirectory,
+    name: str,
+    model: ClipCaptionModel,
+    state: TrainState,
+    optimization: Optimization | None = None,
+    metrics: dict | None = None,
+) -> None:
+    """Write `checkpoints/NAME`; with `optimization`, also everything `--resume` needs.
+
+    Every rank calls this (each one's RNG state is gathered); only the main process writes.
+    """
+    train_state = None
+    if optimization is not None:
+        device = next(model.parameters()).device
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        rng_per_rank = distributed.all_gather_objects((torch.get_rng_state(), cuda_rng))
+        train_state = {
+            **state.state_dict(),
+            **optimization.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            "world_size": len(rng_per_rank),
+            "torch_rng_per_rank": [cpu for cpu, _ in rng_per_rank],
+            "cuda_rng_per_rank": [gpu for _, gpu in rng_per_rank if gpu is not None],
+        }
+    if not distributed.is_main_process():
+        return
+    try:
+        checkpoint.save_checkpoint(
+            run.path / "checkpoints" / name,
+            model,
+            run.tokenizer,
+            {**run.info, "epoch": state.epoch, "step": state.step, "metrics": metrics},
+            train_state,
+        )
+    except OSError as e:
+        raise ClipcapError(
+            f"cannot write checkpoint {run.path / 'checkpoints' / name}: {e.strerror or e}; "
+            "the last complete checkpoint is kept. Free space or fix permissions, then --resume"
+        ) from None
+
+
+def check_run_dir(
+    run_dir: Path, config: TrainConfig, model_config: ModelConfig, train_cache
+) -> tuple[dict | None, ModelConfig]:
+    """Check the run directory against --resume/--overwrite, changing nothing.
+
+    Returns the state to resume from (None for a new run) and the model config, which a resume
+    completes from the run's own.
+    """
+    exists = run_dir.exists() and any(p.name in RUN_ARTEFACTS for p in run_dir.iterdir())
+    if config.resume:
+        last = run_dir / "checkpoints" / "last"
+        train_state = checkpoint.load_train_state(last)
+        saved = checkpoint.read_config(last)
+        saved_model = saved["model"]
+        checkpoint.check_clip_match(
+            saved,
+            train_cache.attrs.get("clip_model"),
+            train_cache.embedding_dim,
+            config.features,
+            "the run being resumed",
+        )
+        check_same_model(model_config, saved_model, "--resume: the run")
+        for name in ("lr", "weight_decay"):
+            old = saved.get("train", {}).get(name)
+            if old is not None and getattr(config, name) != old:
+                raise ClipcapError(
+                    f"--resume: the run was trained with {option(name)} {old}; a resume restores "
+                    f"its optimizer, so {option(name)} {getattr(config, name)} would be ignored"
+                )
+        trained_with = saved.get("train", {}).get("objective", "xe")
+        if config.objective != trained_with:
+            # Its position in the epoch counts captions under xe and images under scst.
+            raise ClipcapError(
+                f"--resume: the run trains with --objective {trained_with}, not "
+                f"{config.objective}; start a new run from its checkpoint with --init instead"
+            )
+        if saved.get("cache_source") != train_cache.attrs.get("source"):
+            log.warning("resuming on a cache made from other annotations than the run's")
+        trained_on, world_size = train_state.get("world_size", 1), distributed.world().size
+        if trained_on != world_size:
+            raise ClipcapError(
+                f"--resume: the run was trained by {trained_on} process(es), not {world_size}; "
+                "resume it with the same number (torchrun --nproc-per-node)"
+            )
+        if train_state["captions"] % config.batch_size:
+            raise ClipcapError(
+                f"--resume: the run stopped {train_state['captions']} captions into epoch "
+                f"{train_state['epoch'] + 1}, which is not a whole number of batches of "
+                f"{config.batch_size}; resume with a --batch-size that divides it (the run used "
+                f"{saved.get('train', {}).get('batch_size')})"
+            )
+        return train_state, replace(model_config, freeze_layers=saved_model["freeze_layers"])
+    if exists and not config.overwrite:
+        raise ClipcapError(
+            f"{run_dir} already holds a run: pass --resume to continue it or "
+            "--overwrite to replace it"
+        )
+    return None, model_config
+
+
+def check_same_model(model_config: ModelConfig, saved_model: dict, what: str) -> None:
+    """Refuse a model config that differs from a saved one (unset fields take the saved value)."""
+    for field_ in fields(ModelConfig):
+        new, old = getattr(model_config, field_.name), saved_model.get(field_.name)
+        if field_.name == "gpt2_model":
+            new = resolve_name(new)
+        if field_.name in ("freeze_layers", "clip_embedding_dim") and new is None:
+            continue
+        if new != old:
+            raise ClipcapError(f"{what} was trained with {field_.name}={old!r}, not {new!r}")
+
+
+def check_init(
+    config: TrainConfig, model_config: ModelConfig, train_cache
+) -> tuple[Path, ModelConfig]:
+    """The checkpoint `--init` names, checked against the cache and the model; changes nothing."""
+    directory = checkpoint.resolve(config.init)
+    saved = checkpoint.read_config(directory)
+    checkpoint.check_clip_match(
+        saved,
+        train_cache.attrs.get("clip_model"),
+        train_cache.embedding_dim,
+        config.features,
+        f"the --init checkpoint {directory}",
+    )
+    check_same_model(model_config, saved["model"], f"--init: the checkpoint {directory}")
+    return directory, replace(model_config, freeze_layers=saved["model"]["freeze_layers"])
+
+
+def prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    """Create the run directory; with --overwrite, remove the old run's files first."""
+    try:
+        if config.overwrite:
+            for name in RUN_ARTEFACTS:
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClipcapError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
+
+
+def write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> None:
+    write_json_atomic(
+        run_dir / "config.json", {"train": asdict(config), "model": asdict(model_config)}
+    )
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    try:
+        write_jsonl(run_dir / "metrics.jsonl", history)
+        if history:
+            plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
+    except OSError as e:
+        raise ClipcapError(f"cannot write metrics in {run_dir}: {e.strerror or e}") from None
