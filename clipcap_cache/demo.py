@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import os_errors, read_json, refuse_file, write_text_atomic
 from clipcap_cache.hub import quiet_transformers
 
 COLORS = {
@@ -96,7 +96,7 @@ def make_shapes_dataset(
             )
             image_id += 1
     annotations = root / "dataset_shapes.json"
-    annotations.write_text(json.dumps({"dataset": "shapes", "images": entries}))
+    write_text_atomic(annotations, json.dumps({"dataset": "shapes", "images": entries}))
     return annotations
 
 
@@ -281,17 +281,14 @@ def run_demo(
     from clipcap_cache.training.train import train
 
     workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise ClipcapError(f"--workdir {workdir} is a file; give a folder for the demo")
+    refuse_file(workdir, f"--workdir {workdir} is a file; give a folder for the demo")
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
-    try:
+    with os_errors(f"cannot write in --workdir {workdir}"):
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write-test"
         probe.touch()
         probe.unlink()
-    except OSError as e:
-        raise ClipcapError(f"cannot write in --workdir {workdir}: {e.strerror or e}") from None
     annotations = workdir / "shapes" / "dataset_shapes.json"
     if not annotations.exists():
         echo("1/5 drawing the synthetic dataset (coloured shapes, Karpathy format)")
@@ -328,7 +325,7 @@ def run_demo(
     bertscore_model = offline_bertscore_model()
     run_dir = workdir / "run"
     last = run_dir / "checkpoints" / "last" / "config.json"
-    done_epochs = json.loads(last.read_text())["epoch"] if last.exists() else 0
+    done_epochs = read_json(last, "checkpoint config")["epoch"] if last.exists() else 0
     echo("4/5 train")
     if done_epochs >= epochs:
         echo(f"    run already trained for {done_epochs} epochs, reusing it")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import os_errors
 
 FORMATS = ("auto", "coco", "karpathy", "jsonl", "csv")
 SPLITS = ("train", "val", "test")
@@ -58,14 +59,13 @@ def read_annotations(path: str | Path, format: str = "auto") -> list[ImageRecord
         raise ClipcapError(f"unknown annotation format '{format}': choose one of {FORMATS}")
     if not path.is_file():
         raise ClipcapError(f"annotation file not found: {path}")
-    try:
-        # newline="" keeps line ends as they are: CSV quoting and JSON lines define their own.
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ClipcapError(f"{path}: not a UTF-8 text file ({e.reason})") from None
-    except OSError as e:
-        raise ClipcapError(f"cannot read {path}: {e.strerror or e}") from None
+    with os_errors(f"cannot read {path}"):
+        try:
+            # newline="" keeps line ends as they are: CSV quoting and JSON lines define their own.
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ClipcapError(f"{path}: not a UTF-8 text file ({e.reason})") from None
     if format == "auto":
         format = detect_format(path, text)
     readers = {

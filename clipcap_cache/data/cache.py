@@ -17,7 +17,6 @@ Layout (format version 1; documented in the README):
 A cache file only ever appears complete: it is written under a temporary name and renamed.
 """
 
-import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import h5py
 import numpy as np
 
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import atomic_path
 
 FORMAT_VERSION = 1
 STRING = h5py.string_dtype("utf-8")
@@ -96,8 +96,7 @@ def write_cache(
             len(embeddings), embeddings.shape[1], embeddings.dtype, [embeddings]
         )
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         table = f.create_dataset(
             "embeddings", shape=(embeddings.rows, embeddings.dim), dtype=embeddings.dtype
         )
@@ -121,9 +120,6 @@ def write_cache(
             f.attrs[key] = value
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["complete"] = True
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_attrs(path: str | Path) -> dict:

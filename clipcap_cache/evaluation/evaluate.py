@@ -23,7 +23,7 @@ from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.clipscore import cache_clip_model
 from clipcap_cache.evaluation.metrics import check_spice, load_metric_models, score_captions
 from clipcap_cache.evaluation.score import read_predictions
-from clipcap_cache.files import make_output_dir, write_json_atomic
+from clipcap_cache.files import make_folder, write_json_atomic
 from clipcap_cache.inference.captioner import Captioner
 from clipcap_cache.inference.generate import DecodeConfig
 from clipcap_cache.logs import setup_logging
@@ -92,7 +92,7 @@ def evaluate(config: EvalConfig) -> dict:
 
     # Everything that can be checked is checked before the captioning work: the output folder too.
     out = Path(config.out) if config.out else default_out(directory, config.split)
-    make_output_dir(out)
+    make_folder(out, "--out", "the results")
     setup_logging(out / "evaluate.log")
     # A metric whose model cannot be loaded (offline, say) is skipped with a warning naming it.
     models = load_metric_models(

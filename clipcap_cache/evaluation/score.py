@@ -28,7 +28,7 @@ from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.clipscore import cache_clip_model
 from clipcap_cache.evaluation.metrics import check_spice, load_metric_models, score_captions
-from clipcap_cache.files import make_output_dir, read_json, write_json_atomic
+from clipcap_cache.files import make_folder, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def score(config: ScoreConfig) -> dict:
         check_spice()
     out = Path(config.out) if config.out else None
     if out is not None:
-        make_output_dir(out)
+        make_folder(out, "--out", "the results")
     models = load_metric_models(
         config.bertscore, config.bertscore_model, config.bertscore_layers, clip_model, device
     )

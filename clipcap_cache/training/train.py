@@ -43,7 +43,7 @@ from clipcap_cache.devices import autocast_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.cider import CiderD
 from clipcap_cache.evaluation.clipscore import ClipText, cache_clip_model, load_clip_text
-from clipcap_cache.files import exclusive_lock
+from clipcap_cache.files import exclusive_lock, refuse_file
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.logs import setup_logging
 from clipcap_cache.model import ModelConfig, build_model, count_parameters, load_tokenizer
@@ -82,8 +82,7 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     blocks the corrected command.
     """
     run_dir = Path(config.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ClipcapError(f"--out {run_dir} is a file; give a directory for the run")
+    refuse_file(run_dir, f"--out {run_dir} is a file; give a directory for the run")
     main = distributed.is_main_process()
     try:
         with exclusive_lock(run_dir) if main else contextlib.nullcontext():
