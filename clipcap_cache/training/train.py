@@ -46,7 +46,13 @@ from clipcap_cache.evaluation.clipscore import ClipText, cache_clip_model, load_
 from clipcap_cache.files import exclusive_lock, refuse_file
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.logs import setup_logging
-from clipcap_cache.model import ModelConfig, build_model, count_parameters, load_tokenizer
+from clipcap_cache.model import (
+    ModelConfig,
+    build_model,
+    count_parameters,
+    load_tokenizer,
+    pad_token_id,
+)
 from clipcap_cache.training import scst
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.data import caption_data
@@ -165,9 +171,7 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         model.gpt2.config.n_layer,
     )
 
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = pad_token_id(tokenizer)
     if config.objective == "scst":
         objective = _self_critical(config, train_cache, train_rows, tokenizer, clip_text)
     else:
