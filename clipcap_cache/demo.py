@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from clipcap_cache.data.annotations import TEST, TRAIN, VAL
 from clipcap_cache.files import os_errors, read_json, refuse_file, write_text_atomic
 from clipcap_cache.hub import quiet_transformers
 
@@ -73,7 +74,7 @@ def make_shapes_dataset(
     root: str | Path, counts: dict[str, int] | None = None, seed: int = 0
 ) -> Path:
     """Write images and a Karpathy-format `dataset_shapes.json` under `root`; returns its path."""
-    counts = counts or {"train": 360, "val": 40, "test": 40}
+    counts = counts or {TRAIN: 360, VAL: 40, TEST: 40}
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -355,7 +356,7 @@ def run_demo(
         EvalConfig(
             checkpoint=str(run_dir),
             features=str(features),
-            split="test",
+            split=TEST,
             decode=DecodeConfig(strategy="beam", beams=3, max_tokens=16),
             batch_size=64,
             device="cpu",
@@ -364,7 +365,7 @@ def run_demo(
             bertscore_layers=6,
         )
     )
-    records = [r for r in read_annotations(annotations) if r.split == "test"][:6]
+    records = [r for r in read_annotations(annotations) if r.split == TEST][:6]
     samples = caption_images(
         [workdir / "shapes" / r.path for r in records],
         str(run_dir),

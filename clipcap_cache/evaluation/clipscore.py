@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection
 
 from clipcap_cache import devices
+from clipcap_cache.data.cache import recorded_clip_model
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.hub import load_pretrained
 
@@ -49,7 +50,7 @@ class ClipText:
 
 def cache_clip_model(attrs: dict, path: str, needed_by: str) -> str:
     """The CLIP model a feature cache was made with, or a one-line error naming what needs it."""
-    name = attrs.get("clip_model")
+    name = recorded_clip_model(attrs)
     if not name:
         raise ClipcapError(f"{path} does not record its CLIP model, which {needed_by} needs")
     return name

@@ -18,6 +18,7 @@ import torch
 from clipcap_cache import checkpoint
 from clipcap_cache.checks import at_least, check_types, one_of
 from clipcap_cache.data import cache as feature_cache
+from clipcap_cache.data.annotations import SPLIT_CHOICES
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.clipscore import cache_clip_model
@@ -51,7 +52,7 @@ class EvalConfig:
 
     def __post_init__(self):
         check_types(self)
-        one_of(self, "split", ("train", "val", "test", "all"))
+        one_of(self, "split", SPLIT_CHOICES)
         one_of(self, "device", DEVICES)
         at_least(self, 1, "batch_size", "bertscore_layers")
 
@@ -63,7 +64,7 @@ def evaluate(config: EvalConfig) -> dict:
     cache = feature_cache.read_cache(config.features)
     checkpoint.check_clip_match(
         ckpt_config,
-        cache.attrs.get("clip_model"),
+        feature_cache.recorded_clip_model(cache.attrs),
         cache.embedding_dim,
         config.features,
         f"the checkpoint {directory}",

@@ -23,7 +23,7 @@ import numpy as np
 
 from clipcap_cache.checks import check_types, one_of
 from clipcap_cache.data import cache as feature_cache
-from clipcap_cache.data.annotations import FORMATS, SPLITS, read_annotations, select_split
+from clipcap_cache.data.annotations import FORMATS, SPLIT_CHOICES, read_annotations, select_split
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.clipscore import cache_clip_model
@@ -52,7 +52,7 @@ class ScoreConfig:
 
     def __post_init__(self):
         check_types(self)
-        one_of(self, "split", (*SPLITS, "all"))
+        one_of(self, "split", SPLIT_CHOICES)
         one_of(self, "format", FORMATS)
         one_of(self, "device", DEVICES)
         if self.clipscore and not self.features:

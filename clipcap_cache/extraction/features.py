@@ -39,6 +39,7 @@ from clipcap_cache.checks import at_least, check_types, one_of
 from clipcap_cache.data import cache, webdataset
 from clipcap_cache.data.annotations import (
     FORMATS,
+    SPLIT_CHOICES,
     SPLITS,
     ImageRecord,
     fingerprint,
@@ -95,7 +96,7 @@ class FeatureConfig:
         at_least(self, 0, "num_workers")
         one_of(self, "dtype", ("float16", "float32"))
         one_of(self, "format", (*FORMATS, "webdataset"))
-        one_of(self, "split", (*SPLITS, "all"))
+        one_of(self, "split", SPLIT_CHOICES)
         one_of(self, "split_default", SPLITS)
         one_of(self, "image_processor", IMAGE_PROCESSORS)
         one_of(self, "device", DEVICES)

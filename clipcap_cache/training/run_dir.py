@@ -9,6 +9,7 @@ import torch
 
 from clipcap_cache import checkpoint, distributed
 from clipcap_cache.checks import option
+from clipcap_cache.data import cache as feature_cache
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import os_errors, write_json_atomic
 from clipcap_cache.hub import resolve_name
@@ -91,7 +92,7 @@ def check_run_dir(
         saved_model = saved["model"]
         checkpoint.check_clip_match(
             saved,
-            train_cache.attrs.get("clip_model"),
+            feature_cache.recorded_clip_model(train_cache.attrs),
             train_cache.embedding_dim,
             config.features,
             "the run being resumed",
@@ -155,7 +156,7 @@ def check_init(
     saved = checkpoint.read_config(directory)
     checkpoint.check_clip_match(
         saved,
-        train_cache.attrs.get("clip_model"),
+        feature_cache.recorded_clip_model(train_cache.attrs),
         train_cache.embedding_dim,
         config.features,
         f"the --init checkpoint {directory}",

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clipcap_cache import checkpoint, distributed
 from clipcap_cache.data import cache as feature_cache
+from clipcap_cache.data.annotations import TRAIN
 from clipcap_cache.devices import autocast_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.cider import CiderD
@@ -112,7 +113,7 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         clip_embedding_dim=train_cache.embedding_dim,
         gpt2_model=resolve_name(model_config.gpt2_model),
     )
-    train_rows = train_cache.rows_of_split("train")
+    train_rows = train_cache.rows_of_split(TRAIN)
     if len(train_rows) == 0:
         raise ClipcapError(f"{config.features} has no train split to train on")
     val_cache, val_rows = validation_source(config, train_cache)
@@ -227,7 +228,7 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         run_dir,
         tokenizer,
         {
-            "clip_model": train_cache.attrs.get("clip_model"),
+            "clip_model": feature_cache.recorded_clip_model(train_cache.attrs),
             "cache_source": train_cache.attrs.get("source"),
             "embedding_dim": train_cache.embedding_dim,
             "train": asdict(config),

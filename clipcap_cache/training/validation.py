@@ -7,6 +7,7 @@ import torch
 
 from clipcap_cache import checkpoint, devices
 from clipcap_cache.data import cache as feature_cache
+from clipcap_cache.data.annotations import ALL, VAL
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.cider import CiderD
 from clipcap_cache.evaluation.metrics import bertscore, make_bertscorer
@@ -48,17 +49,17 @@ def validation_source(config: TrainConfig, train_cache):
         val_cache = feature_cache.open_cache(config.val_features)
         checkpoint.check_clip_match(
             {
-                "clip_model": train_cache.attrs.get("clip_model"),
+                "clip_model": feature_cache.recorded_clip_model(train_cache.attrs),
                 "embedding_dim": train_cache.embedding_dim,
             },
-            val_cache.attrs.get("clip_model"),
+            feature_cache.recorded_clip_model(val_cache.attrs),
             val_cache.embedding_dim,
             config.val_features,
             f"the model trained on {config.features}",
         )
-        val_cache, rows = val_cache, val_cache.rows_of_split("all")
+        val_cache, rows = val_cache, val_cache.rows_of_split(ALL)
     else:
-        val_cache, rows = train_cache, train_cache.rows_of_split("val")
+        val_cache, rows = train_cache, train_cache.rows_of_split(VAL)
     # Images without a reference caption (possible in caches of older versions) give no loss
     # and cannot be scored, so validation leaves them out.
     captioned = np.zeros(val_cache.num_images, dtype=bool)
