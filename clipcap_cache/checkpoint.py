@@ -9,11 +9,11 @@ A checkpoint is a folder:
     train_state.pt      (last checkpoint only) optimizer, scheduler, RNG states and position,
                         read back with torch.load(weights_only=True)
 
-The folder is written as `NAME.tmp`, then swapped in with renames, so a crash at any moment
-leaves either the old folder or the new one (see `recover`).
+The folder is written as `NAME.tmp`, its files and itself flushed to disk (`files.fsync`), then
+swapped in with renames, so a crash at any moment leaves either the old folder or the new one
+(see `recover`).
 """
 
-import json
 import os
 import shutil
 from dataclasses import asdict
@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from clipcap_cache import __version__
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.files import read_json
+from clipcap_cache.files import fsync, read_json, write_json_atomic
 from clipcap_cache.model import (
     ClipCaptionModel,
     ModelConfig,
@@ -63,13 +63,13 @@ def save_checkpoint(
         "model": asdict(model.config),
         **info,
     }
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+    write_json_atomic(tmp / CONFIG, config)
     tokenizer.save_pretrained(str(tmp))
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
     for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        fsync(path)
+    fsync(tmp)
     _swap_in(tmp, directory)
 
 
@@ -79,6 +79,7 @@ def _swap_in(tmp: Path, directory: Path) -> None:
     if directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
+    fsync(directory.parent)  # the renames themselves reach the disk
     shutil.rmtree(old, ignore_errors=True)
 
 

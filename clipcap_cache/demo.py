@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from clipcap_cache.errors import ClipcapError
+from clipcap_cache.data.annotations import TEST, TRAIN, VAL
+from clipcap_cache.files import os_errors, read_json, refuse_file, write_text_atomic
 from clipcap_cache.hub import quiet_transformers
 
 COLORS = {
@@ -73,7 +74,7 @@ def make_shapes_dataset(
     root: str | Path, counts: dict[str, int] | None = None, seed: int = 0
 ) -> Path:
     """Write images and a Karpathy-format `dataset_shapes.json` under `root`; returns its path."""
-    counts = counts or {"train": 360, "val": 40, "test": 40}
+    counts = counts or {TRAIN: 360, VAL: 40, TEST: 40}
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -96,7 +97,7 @@ def make_shapes_dataset(
             )
             image_id += 1
     annotations = root / "dataset_shapes.json"
-    annotations.write_text(json.dumps({"dataset": "shapes", "images": entries}))
+    write_text_atomic(annotations, json.dumps({"dataset": "shapes", "images": entries}))
     return annotations
 
 
@@ -281,17 +282,14 @@ def run_demo(
     from clipcap_cache.training.train import train
 
     workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise ClipcapError(f"--workdir {workdir} is a file; give a folder for the demo")
+    refuse_file(workdir, f"--workdir {workdir} is a file; give a folder for the demo")
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
-    try:
+    with os_errors(f"cannot write in --workdir {workdir}"):
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write-test"
         probe.touch()
         probe.unlink()
-    except OSError as e:
-        raise ClipcapError(f"cannot write in --workdir {workdir}: {e.strerror or e}") from None
     annotations = workdir / "shapes" / "dataset_shapes.json"
     if not annotations.exists():
         echo("1/5 drawing the synthetic dataset (coloured shapes, Karpathy format)")
@@ -328,7 +326,7 @@ def run_demo(
     bertscore_model = offline_bertscore_model()
     run_dir = workdir / "run"
     last = run_dir / "checkpoints" / "last" / "config.json"
-    done_epochs = json.loads(last.read_text())["epoch"] if last.exists() else 0
+    done_epochs = read_json(last, "checkpoint config")["epoch"] if last.exists() else 0
     echo("4/5 train")
     if done_epochs >= epochs:
         echo(f"    run already trained for {done_epochs} epochs, reusing it")
@@ -358,7 +356,7 @@ def run_demo(
         EvalConfig(
             checkpoint=str(run_dir),
             features=str(features),
-            split="test",
+            split=TEST,
             decode=DecodeConfig(strategy="beam", beams=3, max_tokens=16),
             batch_size=64,
             device="cpu",
@@ -367,7 +365,7 @@ def run_demo(
             bertscore_layers=6,
         )
     )
-    records = [r for r in read_annotations(annotations) if r.split == "test"][:6]
+    records = [r for r in read_annotations(annotations) if r.split == TEST][:6]
     samples = caption_images(
         [workdir / "shapes" / r.path for r in records],
         str(run_dir),

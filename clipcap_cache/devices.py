@@ -1,5 +1,7 @@
 """Choice of device and numeric precision, made in one place for every command."""
 
+import contextlib
+
 import torch
 
 from clipcap_cache.errors import ClipcapError
@@ -46,8 +48,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def inference_dtype(device: torch.device) -> torch.dtype:
     """The one rule for inference precision: half precision on a GPU, fp32 on the CPU.
 
-    CLIP's weights are loaded in this dtype, and caption decoding runs under autocast to it
-    (`inference_autocast`).
+    CLIP's image and text towers are loaded in this dtype, and caption decoding runs under
+    autocast to it (`inference_autocast`) wherever it happens: `caption`, `serve`, `evaluate` and
+    training validation, so a checkpoint's validation CIDEr-D and its evaluation agree.
     """
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
@@ -56,3 +59,10 @@ def inference_autocast(device: torch.device) -> torch.dtype | None:
     """The autocast dtype for decoding with a trained model, or None for plain fp32."""
     dtype = inference_dtype(device)
     return None if dtype == torch.float32 else dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device` while the block runs; None runs it in plain fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,14 +1,18 @@
-"""Safe file handling: atomic writes, and an exclusive lock on an output that a run owns.
+"""Safe file handling: atomic writes, one-line errors for the file system, and output locks.
 
-An atomic write goes to a temporary name beside the target and is renamed into place, so a reader,
-or a process that resumes after a crash, sees either the old file or the new one, never a
-half-written one. The lock keeps two clipcap processes from writing the same output at once.
+An atomic write goes to a temporary name beside the target, is flushed to disk and renamed into
+place, so a reader, or a process that resumes after a crash, sees either the old file or the new
+one, never a half-written one. The lock keeps two clipcap processes from writing the same output
+at once. Every stage reads JSON, creates output folders and reports file-system failures through
+the helpers here, so each of those rules is written once.
 """
 
 import contextlib
+import errno
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from clipcap_cache.errors import ClipcapError
@@ -21,12 +25,60 @@ except ImportError:  # Windows: no flock, so no lock
 LOCK_WAIT_SECONDS = 1.0  # how long a held lock is retried before the output counts as in use
 
 
+@contextlib.contextmanager
+def os_errors(message: str, hint: str = "") -> Iterator[None]:
+    """Turn an `OSError` raised in the block into one `ClipcapError` line.
+
+    The line is `MESSAGE: REASON` (the system's reason, e.g. "No space left on device"), then
+    `hint` when given. Other exceptions pass through unchanged.
+    """
+    try:
+        yield
+    except OSError as e:
+        raise ClipcapError(f"{message}: {e.strerror or e}{hint}") from None
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file, or a folder's entries (its renames), to disk."""
+    is_dir = Path(path).is_dir()
+    if is_dir and os.name == "nt":  # Windows cannot open a folder; its renames are durable
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # A few file systems cannot flush a folder: its renames are then as durable as they get.
+        if not (is_dir and e.errno == errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; once the block has written it, it replaces `path`.
+
+    The temporary file is flushed to disk, renamed over `path`, and the folder's entry flushed
+    too, so a crash leaves the old file or the new one. When the block raises, the temporary
+    file is removed and `path` is left as it was. The name holds the process id, so processes
+    writing the same file at once do not share one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync(path.parent)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: str | Path, data) -> None:
@@ -34,24 +86,34 @@ def write_json_atomic(path: str | Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2))
 
 
-def read_json(path: str | Path, what: str = "file"):
+def read_json(path: str | Path, what: str = "file", lines: bool = False):
     """Parse a JSON file; every way that can fail becomes one `ClipcapError` line.
 
-    `what` names the file in the not-found message, e.g. "predictions file".
+    `what` names the file in the not-found message, e.g. "predictions file". With `lines`, the
+    file is JSON lines: a list of the values of its non-blank lines.
     """
     path = Path(path)
+    with os_errors(f"cannot read {path}"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ClipcapError(f"{what} not found: {path}") from None
+        except IsADirectoryError:
+            raise ClipcapError(f"{what} {path} is a directory, not a JSON file") from None
+        except UnicodeDecodeError:
+            raise ClipcapError(f"{path}: not a UTF-8 text file") from None
+    if not lines:
+        return _parse_json(path, text)
+    numbered = enumerate(text.splitlines(), start=1)
+    return [_parse_json(path, line, number) for number, line in numbered if line.strip()]
+
+
+def _parse_json(path: Path, text: str, line: int | None = None):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ClipcapError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise ClipcapError(f"{what} {path} is a directory, not a JSON file") from None
-    except UnicodeDecodeError:
-        raise ClipcapError(f"{path}: not a UTF-8 text file") from None
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ClipcapError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno})") from None
-    except OSError as e:
-        raise ClipcapError(f"cannot read {path}: {e.strerror or e}") from None
+        where = f"line {line or e.lineno}, column {e.colno}"
+        raise ClipcapError(f"{path}: not valid JSON ({where})") from None
 
 
 def lock_path(output: str | Path) -> Path:
@@ -69,11 +131,9 @@ def exclusive_lock(output: str | Path):
     folder is created if needed.
     """
     path = lock_path(output)
-    try:
+    with os_errors(f"cannot write next to {output}"):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise ClipcapError(f"cannot write next to {output}: {e.strerror or e}") from None
     try:
         if fcntl is not None:
             if not _try_flock(fd, LOCK_WAIT_SECONDS):
@@ -116,11 +176,25 @@ def _inode(path: Path) -> int | None:
         return None
 
 
-def make_output_dir(out: Path) -> None:
-    """Create a results folder (parents too), refusing a file in its place, with one-line errors."""
-    if out.exists() and not out.is_dir():
-        raise ClipcapError(f"--out {out} is a file; give a folder for the results")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ClipcapError(f"cannot create --out {out}: {e.strerror or e}") from None
+def refuse_file(path: str | Path, message: str) -> None:
+    """Refuse, with `message`, a path that should be a folder (or not exist yet) but is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ClipcapError(message)
+
+
+def refuse_folder(path: str | Path, message: str) -> None:
+    """Refuse, with `message`, a path that should be a file (or not exist yet) but is a folder."""
+    if Path(path).is_dir():
+        raise ClipcapError(message)
+
+
+def make_folder(path: str | Path, option: str, purpose: str) -> None:
+    """Create the folder an option names (parents too), refusing a file in its place.
+
+    E.g. `make_folder(out, "--out", "the results")`; every failure is one `ClipcapError` line.
+    """
+    path = Path(path)
+    refuse_file(path, f"{option} {path} is a file; give a folder for {purpose}")
+    with os_errors(f"cannot create {option} {path}"):
+        path.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import transformers
 
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import refuse_file
 
 
 @contextlib.contextmanager
@@ -35,10 +36,7 @@ def resolve_name(name_or_dir: str) -> str:
 def load_pretrained(loader, name_or_dir: str, what: str, **kwargs):
     """Call `loader(name_or_dir, **kwargs)` (a `from_pretrained`), turning failures into one line."""
     path = Path(name_or_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ClipcapError(
-            f"{what} '{name_or_dir}' is a file; pass a model directory or a hub name"
-        )
+    refuse_file(path, f"{what} '{name_or_dir}' is a file; pass a model directory or a hub name")
     try:
         with quiet_transformers():
             return loader(str(path) if path.is_dir() else name_or_dir, **kwargs)

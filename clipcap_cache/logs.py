@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from clipcap_cache.files import write_text_atomic
+from clipcap_cache.files import read_json, write_text_atomic
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 PACKAGE_LOGGER = "clipcap_cache"
@@ -92,4 +92,4 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read JSON lines, skipping blank lines."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_json(path, "metrics file", lines=True)

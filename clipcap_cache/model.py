@@ -12,7 +12,9 @@ provided, both after ClipCap (Mokady et al., 2021):
 `config.gpt2_model`); trained tensors are loaded separately by `checkpoint.py`.
 """
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -249,3 +251,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors that training changes: the projector and the unfrozen GPT-2 parameters."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch of captions: the tokenizer's pad token, or EOS (GPT-2 has no pad)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put `module` in eval mode (no dropout) while the block runs, then back in its own mode.
+
+    The previous mode comes back even when the block raises, so a failed decode or validation
+    never leaves a training model without its dropout.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

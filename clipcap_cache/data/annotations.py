@@ -26,10 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import os_errors
 
 FORMATS = ("auto", "coco", "karpathy", "jsonl", "csv")
-SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {"restval": "train", "validation": "val", "valid": "val", "dev": "val"}
+TRAIN, VAL, TEST = "train", "val", "test"
+SPLITS = (TRAIN, VAL, TEST)
+ALL = "all"  # chooses every split where one split can be chosen
+SPLIT_CHOICES = (*SPLITS, ALL)
+SPLIT_ALIASES = {"restval": TRAIN, "validation": VAL, "valid": VAL, "dev": VAL}
 
 
 @dataclass
@@ -58,14 +62,13 @@ def read_annotations(path: str | Path, format: str = "auto") -> list[ImageRecord
         raise ClipcapError(f"unknown annotation format '{format}': choose one of {FORMATS}")
     if not path.is_file():
         raise ClipcapError(f"annotation file not found: {path}")
-    try:
-        # newline="" keeps line ends as they are: CSV quoting and JSON lines define their own.
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ClipcapError(f"{path}: not a UTF-8 text file ({e.reason})") from None
-    except OSError as e:
-        raise ClipcapError(f"cannot read {path}: {e.strerror or e}") from None
+    with os_errors(f"cannot read {path}"):
+        try:
+            # newline="" keeps line ends as they are: CSV quoting and JSON lines define their own.
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ClipcapError(f"{path}: not a UTF-8 text file ({e.reason})") from None
     if format == "auto":
         format = detect_format(path, text)
     readers = {
@@ -175,10 +178,10 @@ def _normalize_split(value: object, where: str, path: Path) -> str:
 
 def _split_from_name(path: Path) -> str:
     name = path.name.lower()
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         if split in name:
             return split
-    return "train"
+    return TRAIN
 
 
 def _read_coco(path: Path, text: str) -> list[ImageRecord]:
@@ -245,7 +248,7 @@ def _records_from_rows(path: Path, rows) -> list[ImageRecord]:
     for where, row in rows:
         image = _relative_path(_get(row, "image", where, path), where, path)
         caption = _caption(_get(row, "caption", where, path), where, path)
-        split_value = row.get("split") or "train"
+        split_value = row.get("split") or TRAIN
         split = _normalize_split(split_value, where, path)
         record = records.setdefault(image, ImageRecord(image_id=image, path=image, split=split))
         if record.split != split:
@@ -294,7 +297,7 @@ def _read_csv(path: Path, text: str) -> list[ImageRecord]:
 
 def select_split(records: list[ImageRecord], split: str) -> list[ImageRecord]:
     """Keep the records of one split, or all of them for `all`."""
-    if split == "all":
+    if split == ALL:
         return list(records)
     if split not in SPLITS:
         raise ClipcapError(f"unknown split '{split}': choose train, val, test or all")

@@ -17,7 +17,6 @@ Layout (format version 1; documented in the README):
 A cache file only ever appears complete: it is written under a temporary name and renamed.
 """
 
-import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,7 +25,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from clipcap_cache.data.annotations import ALL, SPLITS
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import atomic_path
 
 FORMAT_VERSION = 1
 STRING = h5py.string_dtype("utf-8")
@@ -52,9 +53,7 @@ class FeatureCache:
 
     def rows_of_split(self, split: str) -> np.ndarray:
         """Row indices of one split, or of every row for `all`."""
-        if split == "all":
-            return np.arange(len(self.image_ids))
-        return np.flatnonzero(self.splits == split)
+        return rows_of_split(self.splits, split)
 
     def references(self) -> list[list[str]]:
         """All captions of each row, in row order."""
@@ -62,6 +61,18 @@ class FeatureCache:
         for caption, row in zip(self.captions, self.caption_image_index.tolist(), strict=True):
             refs[row].append(caption)
         return refs
+
+
+def rows_of_split(splits: np.ndarray, split: str) -> np.ndarray:
+    """Row indices of one split, given each row's split (N,), or of every row for `all`."""
+    if split == ALL:
+        return np.arange(len(splits))
+    return np.flatnonzero(splits == split)
+
+
+def recorded_clip_model(attrs: dict) -> str | None:
+    """The CLIP model a cache's attributes record, or None where a cache records none."""
+    return attrs.get("clip_model")
 
 
 @dataclass
@@ -96,8 +107,7 @@ def write_cache(
             len(embeddings), embeddings.shape[1], embeddings.dtype, [embeddings]
         )
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         table = f.create_dataset(
             "embeddings", shape=(embeddings.rows, embeddings.dim), dtype=embeddings.dtype
         )
@@ -121,9 +131,6 @@ def write_cache(
             f.attrs[key] = value
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["complete"] = True
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_attrs(path: str | Path) -> dict:
@@ -262,9 +269,7 @@ class MappedCache:
 
     def rows_of_split(self, split: str) -> np.ndarray:
         """Row indices of one split, or of every row for `all`."""
-        if split == "all":
-            return np.arange(self.num_images)
-        return np.flatnonzero(self.splits == split)
+        return rows_of_split(self.splits, split)
 
     def captions_of_rows(self, rows: np.ndarray) -> np.ndarray:
         """Indices of the captions that belong to some rows, in file order."""
@@ -345,7 +350,7 @@ def describe(path: str | Path) -> dict:
         "path": str(path),
         "format_version": cache.attrs["format_version"],
         "complete": bool(cache.attrs.get("complete", False)),
-        "clip_model": cache.attrs.get("clip_model"),
+        "clip_model": recorded_clip_model(cache.attrs),
         "embedding_dim": cache.embedding_dim,
         "image_size": cache.attrs.get("image_size"),
         "dtype": str(cache.embeddings.dtype),
@@ -354,7 +359,7 @@ def describe(path: str | Path) -> dict:
         "captions": len(cache.captions),
         "splits": {
             s: {"images": per_split[s], "captions": captions_per_split[s]}
-            for s in ("train", "val", "test")
+            for s in SPLITS
             if per_split[s]
         },
         "failed": len(cache.failed_paths),

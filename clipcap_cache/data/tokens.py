@@ -21,7 +21,6 @@ Layout:
 import hashlib
 import itertools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from clipcap_cache import distributed
 from clipcap_cache.data.cache import MappedCache, map_dataset
+from clipcap_cache.files import atomic_path
 
 log = logging.getLogger(__name__)
 CHUNK = 8192  # captions read and tokenized at a time
@@ -144,17 +144,12 @@ def _read(path: Path, source: dict) -> TokenTable | None:
 
 
 def _write(path: Path, table: TokenTable, source: dict, tokenizer, max_tokens: int) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("token_ids", data=table.token_ids)
-            f.create_dataset("offsets", data=table.offsets)
-            for name, value in source.items():
-                f.attrs[name] = value
-            f.attrs["tokenizer_hash"] = tokenizer_hash(tokenizer, max_tokens)
-            f.attrs["max_tokens"] = max_tokens
-            f.attrs["eos_token_id"] = int(tokenizer.eos_token_id)
-            f.attrs["truncated"] = table.truncated
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("token_ids", data=table.token_ids)
+        f.create_dataset("offsets", data=table.offsets)
+        for name, value in source.items():
+            f.attrs[name] = value
+        f.attrs["tokenizer_hash"] = tokenizer_hash(tokenizer, max_tokens)
+        f.attrs["max_tokens"] = max_tokens
+        f.attrs["eos_token_id"] = int(tokenizer.eos_token_id)
+        f.attrs["truncated"] = table.truncated

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from braceexpand import UnbalancedBracesError, braceexpand
 
-from clipcap_cache.data.annotations import SPLIT_ALIASES, SPLITS, ImageRecord
-from clipcap_cache.errors import ClipcapError
+from clipcap_cache.data.annotations import ALL, SPLIT_ALIASES, SPLITS, TRAIN, ImageRecord
 from clipcap_cache.data.images import IMAGE_EXTENSIONS, ImageLoadError, ShardBatch, decode_image
+from clipcap_cache.errors import ClipcapError
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -195,8 +195,8 @@ class TarShardDataset(torch.utils.data.IterableDataset):
         shards: list[tuple[int, Path]],  # (progress shard number, tar path)
         processor,
         batch_size: int,
-        split: str = "all",
-        split_default: str = "train",
+        split: str = ALL,
+        split_default: str = TRAIN,
     ):
         self.shards = shards
         self.processor = processor
@@ -222,7 +222,7 @@ class TarShardDataset(torch.utils.data.IterableDataset):
             except ImageLoadError as e:
                 batch.failures.append((sample.path(), str(e)))
                 continue
-            if self.split != "all" and record.split != self.split:
+            if self.split != ALL and record.split != self.split:
                 continue
             if not record.captions:
                 batch.uncaptioned += 1

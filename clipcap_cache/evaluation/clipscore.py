@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection
 
+from clipcap_cache import devices
+from clipcap_cache.data.cache import recorded_clip_model
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.hub import load_pretrained
 
@@ -48,14 +50,18 @@ class ClipText:
 
 def cache_clip_model(attrs: dict, path: str, needed_by: str) -> str:
     """The CLIP model a feature cache was made with, or a one-line error naming what needs it."""
-    name = attrs.get("clip_model")
+    name = recorded_clip_model(attrs)
     if not name:
         raise ClipcapError(f"{path} does not record its CLIP model, which {needed_by} needs")
     return name
 
 
 def load_clip_text(name_or_dir: str, device: torch.device | str = "cpu") -> ClipText:
-    """Load only the text tower and projection of a CLIP checkpoint, with its tokenizer."""
+    """Load only the text tower and projection of a CLIP checkpoint, with its tokenizer.
+
+    The weights are loaded in the inference precision of `device` (`devices.inference_dtype`).
+    """
+    device = torch.device(device)
     config = load_pretrained(AutoConfig.from_pretrained, name_or_dir, "CLIP model")
     if config.model_type != "clip":
         raise ClipcapError(f"'{name_or_dir}' is a '{config.model_type}' model, not a full CLIP")
@@ -66,9 +72,9 @@ def load_clip_text(name_or_dir: str, device: torch.device | str = "cpu") -> Clip
         name_or_dir,
         "CLIP text tower",
         config=text_config,
+        dtype=devices.inference_dtype(device),
     )
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_dir, "CLIP tokenizer")
-    device = torch.device(device)
     return ClipText(model.to(device).eval(), tokenizer, device)
 
 

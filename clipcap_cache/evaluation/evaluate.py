@@ -18,12 +18,13 @@ import torch
 from clipcap_cache import checkpoint
 from clipcap_cache.checks import at_least, check_types, one_of
 from clipcap_cache.data import cache as feature_cache
+from clipcap_cache.data.annotations import SPLIT_CHOICES
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.clipscore import cache_clip_model
 from clipcap_cache.evaluation.metrics import check_spice, load_metric_models, score_captions
 from clipcap_cache.evaluation.score import read_predictions
-from clipcap_cache.files import make_output_dir, write_json_atomic
+from clipcap_cache.files import make_folder, write_json_atomic
 from clipcap_cache.inference.captioner import Captioner
 from clipcap_cache.inference.generate import DecodeConfig
 from clipcap_cache.logs import setup_logging
@@ -51,7 +52,7 @@ class EvalConfig:
 
     def __post_init__(self):
         check_types(self)
-        one_of(self, "split", ("train", "val", "test", "all"))
+        one_of(self, "split", SPLIT_CHOICES)
         one_of(self, "device", DEVICES)
         at_least(self, 1, "batch_size", "bertscore_layers")
 
@@ -63,7 +64,7 @@ def evaluate(config: EvalConfig) -> dict:
     cache = feature_cache.read_cache(config.features)
     checkpoint.check_clip_match(
         ckpt_config,
-        cache.attrs.get("clip_model"),
+        feature_cache.recorded_clip_model(cache.attrs),
         cache.embedding_dim,
         config.features,
         f"the checkpoint {directory}",
@@ -92,7 +93,7 @@ def evaluate(config: EvalConfig) -> dict:
 
     # Everything that can be checked is checked before the captioning work: the output folder too.
     out = Path(config.out) if config.out else default_out(directory, config.split)
-    make_output_dir(out)
+    make_folder(out, "--out", "the results")
     setup_logging(out / "evaluate.log")
     # A metric whose model cannot be loaded (offline, say) is skipped with a warning naming it.
     models = load_metric_models(

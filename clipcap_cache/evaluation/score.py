@@ -23,12 +23,12 @@ import numpy as np
 
 from clipcap_cache.checks import check_types, one_of
 from clipcap_cache.data import cache as feature_cache
-from clipcap_cache.data.annotations import FORMATS, SPLITS, read_annotations, select_split
+from clipcap_cache.data.annotations import FORMATS, SPLIT_CHOICES, read_annotations, select_split
 from clipcap_cache.devices import DEVICES, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.clipscore import cache_clip_model
 from clipcap_cache.evaluation.metrics import check_spice, load_metric_models, score_captions
-from clipcap_cache.files import make_output_dir, read_json, write_json_atomic
+from clipcap_cache.files import make_folder, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ScoreConfig:
 
     def __post_init__(self):
         check_types(self)
-        one_of(self, "split", (*SPLITS, "all"))
+        one_of(self, "split", SPLIT_CHOICES)
         one_of(self, "format", FORMATS)
         one_of(self, "device", DEVICES)
         if self.clipscore and not self.features:
@@ -144,7 +144,7 @@ def score(config: ScoreConfig) -> dict:
         check_spice()
     out = Path(config.out) if config.out else None
     if out is not None:
-        make_output_dir(out)
+        make_folder(out, "--out", "the results")
     models = load_metric_models(
         config.bertscore, config.bertscore_model, config.bertscore_layers, clip_model, device
     )

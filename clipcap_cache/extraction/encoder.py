@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModelWithProjection
 
-from clipcap_cache.devices import inference_dtype, resolve_device
+from clipcap_cache import devices
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.hub import load_pretrained, resolve_name
 
@@ -51,7 +51,7 @@ def load_clip(
     A full `CLIPModel` checkpoint works: only the vision weights are loaded, and the top-level
     `projection_dim` is carried into the vision config.
     """
-    device = resolve_device(device) if isinstance(device, str) else device
+    device = devices.resolve_device(device) if isinstance(device, str) else device
     config = load_pretrained(AutoConfig.from_pretrained, name_or_dir, "CLIP model")
     if config.model_type == "clip":
         vision_config = config.vision_config
@@ -60,7 +60,7 @@ def load_clip(
         vision_config = config
     else:
         raise ClipcapError(f"'{name_or_dir}' is a '{config.model_type}' model, not a CLIP model")
-    dtype = inference_dtype(device)
+    dtype = devices.inference_dtype(device)
     model = load_pretrained(
         CLIPVisionModelWithProjection.from_pretrained,
         name_or_dir,

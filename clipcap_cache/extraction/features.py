@@ -21,7 +21,6 @@ encodes every N-th pending shard and rank 0 gathers.
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections import Counter
@@ -40,6 +39,7 @@ from clipcap_cache.checks import at_least, check_types, one_of
 from clipcap_cache.data import cache, webdataset
 from clipcap_cache.data.annotations import (
     FORMATS,
+    SPLIT_CHOICES,
     SPLITS,
     ImageRecord,
     fingerprint,
@@ -56,7 +56,14 @@ from clipcap_cache.extraction.encoder import (
     ClipEncoder,
     load_clip,
 )
-from clipcap_cache.files import exclusive_lock, write_json_atomic
+from clipcap_cache.files import (
+    atomic_path,
+    exclusive_lock,
+    os_errors,
+    read_json,
+    refuse_folder,
+    write_json_atomic,
+)
 from clipcap_cache.hub import resolve_name
 
 log = logging.getLogger(__name__)
@@ -89,7 +96,7 @@ class FeatureConfig:
         at_least(self, 0, "num_workers")
         one_of(self, "dtype", ("float16", "float32"))
         one_of(self, "format", (*FORMATS, "webdataset"))
-        one_of(self, "split", (*SPLITS, "all"))
+        one_of(self, "split", SPLIT_CHOICES)
         one_of(self, "split_default", SPLITS)
         one_of(self, "image_processor", IMAGE_PROCESSORS)
         one_of(self, "device", DEVICES)
@@ -122,8 +129,7 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
     renaming of the complete new one, so a failed run leaves it as it was.
     """
     out = Path(config.out)
-    if out.is_dir():
-        raise ClipcapError(f"--out {out} is a directory; give the HDF5 file to write in it")
+    refuse_folder(out, f"--out {out} is a directory; give the HDF5 file to write in it")
     device = resolve_device(config.device)
     if webdataset.is_webdataset(config.annotations, config.format):
         source = _TarShards.open(config)
@@ -344,12 +350,10 @@ def _extract(
 
 def _start_parts(parts: Path, manifest: dict, out: Path) -> None:
     """Replace any progress of other inputs with an empty folder holding the new manifest."""
-    try:
+    with os_errors(f"cannot write next to {out}"):
         shutil.rmtree(parts, ignore_errors=True)
         parts.mkdir(parents=True, exist_ok=True)
         write_json_atomic(parts / "manifest.json", manifest)
-    except OSError as e:
-        raise ClipcapError(f"cannot write next to {out}: {e.strerror or e}") from None
 
 
 def _check_same_inputs(identity: dict, found: dict, where: Path) -> None:
@@ -370,8 +374,8 @@ def _read_manifest(parts: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = read_json(path, "progress manifest")
+    except ClipcapError:  # unreadable or not JSON: as corrupt as a manifest of the wrong shape
         manifest = None
     if not isinstance(manifest, dict) or "embedding_dim" not in manifest:
         raise ClipcapError(f"{path} is corrupt; pass --overwrite to start over")
@@ -439,9 +443,8 @@ def _write_shard(path: Path, rows, failures, uncaptioned: int, dim: int, dtype: 
         "failures": json.dumps(failures),
         "uncaptioned": str(uncaptioned),
     }
-    tmp = path.with_suffix(".tmp")
-    save_file({"embeddings": embeddings.astype(dtype)}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"embeddings": embeddings.astype(dtype)}, str(tmp), metadata=metadata)
 
 
 def _read_shard(path: Path) -> tuple[list[ImageRecord], list, int]:
@@ -493,7 +496,7 @@ def _gather(parts: Path, out: Path, num_shards: int, manifest: dict, summary: Ex
         "image_processor": manifest["image_processor"],
         "package_version": __version__,
     }
-    try:
+    with os_errors(f"cannot write {out}"):
         embeddings = cache.EmbeddingStream(
             rows=len(kept),
             dim=manifest["embedding_dim"],
@@ -512,8 +515,6 @@ def _gather(parts: Path, out: Path, num_shards: int, manifest: dict, summary: Ex
             failed_reasons=[reason for _, reason in failed],
             attrs=attrs,
         )
-    except OSError as e:
-        raise ClipcapError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def summary_dict(summary: ExtractSummary) -> dict:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from clipcap_cache.data.images import IMAGE_EXTENSIONS, ImageDataset, collate_images, find_images
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.files import write_text_atomic
+from clipcap_cache.files import os_errors, refuse_folder, write_text_atomic
 from clipcap_cache.inference.captioner import Captioner
 from clipcap_cache.inference.generate import DecodeConfig
 
@@ -138,8 +138,7 @@ def check_output(out: str | None, output_format: str = "text") -> None:
     if out is None:
         return
     path = Path(out)
-    if path.is_dir():
-        raise ClipcapError(f"--out {out} is a directory; give a file name")
+    refuse_folder(path, f"--out {out} is a directory; give a file name")
     if not path.parent.is_dir():
         raise ClipcapError(f"--out {out}: the folder {path.parent} does not exist")
 
@@ -149,7 +148,5 @@ def write_output(text: str, out: str | None) -> None:
     if out is None:
         print(text, end="")
         return
-    try:
+    with os_errors(f"cannot write {out}"):
         write_text_atomic(out, text)
-    except OSError as e:
-        raise ClipcapError(f"cannot write {out}: {e.strerror or e}") from None

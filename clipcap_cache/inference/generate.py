@@ -4,7 +4,6 @@ Decoding is transformers' `generate()` on `inputs_embeds` (the projector's prefi
 the KV cache, beam search and nucleus sampling; there is no hand-written decoding loop here.
 """
 
-import contextlib
 import unicodedata
 from dataclasses import dataclass
 
@@ -12,9 +11,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from clipcap_cache import devices
 from clipcap_cache.checks import at_least, check_types, one_of
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.model import ClipCaptionModel
+from clipcap_cache.model import ClipCaptionModel, eval_mode, pad_token_id
 
 STRATEGIES = ("beam", "greedy", "sample")
 
@@ -121,41 +121,33 @@ def generate_captions(
     With `with_scores`, each caption comes as `(text, score)`: its mean log-probability per token
     under the model, the caption's tokens and its EOS counted (see `sequence_scores`).
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    generation_config = decode.generation_config(eos, pad)
-    if decode.strategy == "sample":
-        torch.manual_seed(decode.seed)
-    captions: list[list[str]] = []
-    amp = (
-        torch.autocast(device.type, dtype=autocast)
-        if autocast is not None
-        else contextlib.nullcontext()
-    )
-    starts = range(0, len(clip_embeddings), batch_size)
-    for start in tqdm(starts, desc="caption", unit="batch", disable=not progress):
-        batch = clip_embeddings[start : start + batch_size].to(device)
-        with amp:
-            prefix = model.prefix_embeddings(batch)  # (B, K, H)
-            attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
-            tokens = model.gpt2.generate(
-                inputs_embeds=prefix,
-                attention_mask=attention_mask,
-                generation_config=generation_config,
-            )
-        # With only inputs_embeds given, generate() returns the new tokens alone.
-        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        texts = [clean_caption(t) for t in texts]
-        n = decode.num_captions
-        if with_scores:
-            with amp:
-                scores = sequence_scores(model, prefix.repeat_interleave(n, dim=0), tokens, eos)
-            texts = list(zip(texts, scores.tolist(), strict=True))
-        captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
-    model.train(was_training)
+    with eval_mode(model):
+        device = next(model.parameters()).device
+        eos = tokenizer.eos_token_id
+        generation_config = decode.generation_config(eos, pad_token_id(tokenizer))
+        if decode.strategy == "sample":
+            torch.manual_seed(decode.seed)
+        captions: list[list[str]] = []
+        starts = range(0, len(clip_embeddings), batch_size)
+        for start in tqdm(starts, desc="caption", unit="batch", disable=not progress):
+            batch = clip_embeddings[start : start + batch_size].to(device)
+            with devices.autocast(device, autocast):
+                prefix = model.prefix_embeddings(batch)  # (B, K, H)
+                attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
+                tokens = model.gpt2.generate(
+                    inputs_embeds=prefix,
+                    attention_mask=attention_mask,
+                    generation_config=generation_config,
+                )
+            # With only inputs_embeds given, generate() returns the new tokens alone.
+            texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+            texts = [clean_caption(t) for t in texts]
+            n = decode.num_captions
+            if with_scores:
+                with devices.autocast(device, autocast):
+                    scores = sequence_scores(model, prefix.repeat_interleave(n, dim=0), tokens, eos)
+                texts = list(zip(texts, scores.tolist(), strict=True))
+            captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
     return captions
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clipcap_cache import devices
 from clipcap_cache.model import ClipCaptionModel
 from clipcap_cache.training.data import CaptionData
 
@@ -63,7 +64,7 @@ def forward_backward(
     Returns the detached mean loss per token, still on the device.
     """
     device = embeddings.device
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with devices.autocast(device, amp_dtype):
         loss = forward(embeddings, input_ids, labels)
     scaler.scale(loss * weight).backward()
     return loss.detach().float()

@@ -1,6 +1,5 @@
 """PNG training curves drawn from a run's `metrics.jsonl`."""
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -8,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from clipcap_cache.files import atomic_path  # noqa: E402
 from clipcap_cache.logs import read_jsonl  # noqa: E402
 
 
@@ -64,9 +64,8 @@ def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         path = out_dir / filename
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=100)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(path)
     return written

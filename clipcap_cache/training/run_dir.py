@@ -9,8 +9,9 @@ import torch
 
 from clipcap_cache import checkpoint, distributed
 from clipcap_cache.checks import option
+from clipcap_cache.data import cache as feature_cache
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.files import write_json_atomic
+from clipcap_cache.files import os_errors, write_json_atomic
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.logs import write_jsonl
 from clipcap_cache.model import ClipCaptionModel, ModelConfig
@@ -62,7 +63,10 @@ def save_training_checkpoint(
         }
     if not distributed.is_main_process():
         return
-    try:
+    with os_errors(
+        f"cannot write checkpoint {run.path / 'checkpoints' / name}",
+        "; the last complete checkpoint is kept. Free space or fix permissions, then --resume",
+    ):
         checkpoint.save_checkpoint(
             run.path / "checkpoints" / name,
             model,
@@ -70,11 +74,6 @@ def save_training_checkpoint(
             {**run.info, "epoch": state.epoch, "step": state.step, "metrics": metrics},
             train_state,
         )
-    except OSError as e:
-        raise ClipcapError(
-            f"cannot write checkpoint {run.path / 'checkpoints' / name}: {e.strerror or e}; "
-            "the last complete checkpoint is kept. Free space or fix permissions, then --resume"
-        ) from None
 
 
 def check_run_dir(
@@ -93,7 +92,7 @@ def check_run_dir(
         saved_model = saved["model"]
         checkpoint.check_clip_match(
             saved,
-            train_cache.attrs.get("clip_model"),
+            feature_cache.recorded_clip_model(train_cache.attrs),
             train_cache.embedding_dim,
             config.features,
             "the run being resumed",
@@ -157,7 +156,7 @@ def check_init(
     saved = checkpoint.read_config(directory)
     checkpoint.check_clip_match(
         saved,
-        train_cache.attrs.get("clip_model"),
+        feature_cache.recorded_clip_model(train_cache.attrs),
         train_cache.embedding_dim,
         config.features,
         f"the --init checkpoint {directory}",
@@ -168,7 +167,7 @@ def check_init(
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
     """Create the run directory; with --overwrite, remove the old run's files first."""
-    try:
+    with os_errors(f"cannot write the run directory {run_dir}"):
         if config.overwrite:
             for name in RUN_ARTEFACTS:
                 target = run_dir / name
@@ -177,8 +176,6 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
                 elif target.exists():
                     target.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ClipcapError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
 
 
 def write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> None:
@@ -188,9 +185,7 @@ def write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConf
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
-    try:
+    with os_errors(f"cannot write metrics in {run_dir}"):
         write_jsonl(run_dir / "metrics.jsonl", history)
         if history:
             plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
-    except OSError as e:
-        raise ClipcapError(f"cannot write metrics in {run_dir}: {e.strerror or e}") from None

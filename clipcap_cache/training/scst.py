@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from clipcap_cache import devices
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.cider import CiderD
 from clipcap_cache.evaluation.clipscore import ClipText, clip_s
 from clipcap_cache.inference.generate import clean_caption, counted_tokens
-from clipcap_cache.model import ClipCaptionModel
+from clipcap_cache.model import ClipCaptionModel, eval_mode, pad_token_id
 
 BASELINES = ("mean", "greedy")
 REWARD_TERMS = {"cider": ("cider",), "clip": ("clip",), "cider+clip": ("cider", "clip")}
@@ -145,8 +146,6 @@ def sample_tokens(
 
     The model decodes in eval mode (no dropout), as it will caption; its mode is restored.
     """
-    was_training = model.training
-    model.eval()
     device = clip_embeddings.device
     config = GenerationConfig(
         do_sample=False,  # GumbelNoise makes the argmax a sample
@@ -156,7 +155,7 @@ def sample_tokens(
         pad_token_id=pad,
     )
     processors = LogitsProcessorList([GumbelNoise(keys)] if keys is not None else [])
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with eval_mode(model), devices.autocast(device, amp_dtype):
         prefix = model.prefix_embeddings(clip_embeddings)  # (B, P, H)
         prefix = prefix.repeat_interleave(samples, dim=0)  # (B * K, P, H): one row per sample
         tokens = model.gpt2.generate(
@@ -165,7 +164,6 @@ def sample_tokens(
             generation_config=config,
             logits_processor=processors,
         )
-    model.train(was_training)
     return tokens
 
 
@@ -262,7 +260,7 @@ class SelfCritical:
         """Sample, reward and back-propagate some images; returns their means (len(metrics),)."""
         device = next(model.parameters()).device
         eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        pad = pad_token_id(self.tokenizer)
         rows = self.rows[samples]
         embeddings = torch.from_numpy(np.asarray(self.embeddings[rows])).float().to(device)
         references = [self.references[i] for i in samples]
@@ -279,7 +277,7 @@ class SelfCritical:
             greedy = sample_tokens(model, embeddings, None, 1, self.max_tokens, eos, pad, amp_dtype)
             greedy_rewards = self.reward(self._texts(greedy), references, embeddings)["total"]
         advantage = advantages(rewards["total"].view(-1, k), self.baseline, greedy_rewards)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with devices.autocast(device, amp_dtype):
             loss = scst_loss(forward, images, tokens, advantage.flatten().to(device), eos)
         scaler.scale(loss * weight).backward()
         lengths = caption_lengths(tokens, eos).float()

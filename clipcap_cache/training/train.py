@@ -39,14 +39,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clipcap_cache import checkpoint, distributed
 from clipcap_cache.data import cache as feature_cache
+from clipcap_cache.data.annotations import TRAIN
 from clipcap_cache.devices import autocast_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.cider import CiderD
 from clipcap_cache.evaluation.clipscore import ClipText, cache_clip_model, load_clip_text
-from clipcap_cache.files import exclusive_lock
+from clipcap_cache.files import exclusive_lock, refuse_file
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.logs import setup_logging
-from clipcap_cache.model import ModelConfig, build_model, count_parameters, load_tokenizer
+from clipcap_cache.model import (
+    ModelConfig,
+    build_model,
+    count_parameters,
+    load_tokenizer,
+    pad_token_id,
+)
 from clipcap_cache.training import scst
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.data import caption_data
@@ -82,8 +89,7 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     blocks the corrected command.
     """
     run_dir = Path(config.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ClipcapError(f"--out {run_dir} is a file; give a directory for the run")
+    refuse_file(run_dir, f"--out {run_dir} is a file; give a directory for the run")
     main = distributed.is_main_process()
     try:
         with exclusive_lock(run_dir) if main else contextlib.nullcontext():
@@ -107,7 +113,7 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         clip_embedding_dim=train_cache.embedding_dim,
         gpt2_model=resolve_name(model_config.gpt2_model),
     )
-    train_rows = train_cache.rows_of_split("train")
+    train_rows = train_cache.rows_of_split(TRAIN)
     if len(train_rows) == 0:
         raise ClipcapError(f"{config.features} has no train split to train on")
     val_cache, val_rows = validation_source(config, train_cache)
@@ -166,9 +172,7 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         model.gpt2.config.n_layer,
     )
 
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = pad_token_id(tokenizer)
     if config.objective == "scst":
         objective = _self_critical(config, train_cache, train_rows, tokenizer, clip_text)
     else:
@@ -224,7 +228,7 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         run_dir,
         tokenizer,
         {
-            "clip_model": train_cache.attrs.get("clip_model"),
+            "clip_model": feature_cache.recorded_clip_model(train_cache.attrs),
             "cache_source": train_cache.attrs.get("source"),
             "embedding_dim": train_cache.embedding_dim,
             "train": asdict(config),

@@ -5,13 +5,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clipcap_cache import checkpoint
+from clipcap_cache import checkpoint, devices
 from clipcap_cache.data import cache as feature_cache
+from clipcap_cache.data.annotations import ALL, VAL
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.cider import CiderD
 from clipcap_cache.evaluation.metrics import bertscore, make_bertscorer
 from clipcap_cache.inference.generate import DecodeConfig, generate_captions
-from clipcap_cache.model import IGNORE_INDEX, ClipCaptionModel
+from clipcap_cache.model import IGNORE_INDEX, ClipCaptionModel, eval_mode
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.data import CaptionData, caption_data
 
@@ -48,17 +49,17 @@ def validation_source(config: TrainConfig, train_cache):
         val_cache = feature_cache.open_cache(config.val_features)
         checkpoint.check_clip_match(
             {
-                "clip_model": train_cache.attrs.get("clip_model"),
+                "clip_model": feature_cache.recorded_clip_model(train_cache.attrs),
                 "embedding_dim": train_cache.embedding_dim,
             },
-            val_cache.attrs.get("clip_model"),
+            feature_cache.recorded_clip_model(val_cache.attrs),
             val_cache.embedding_dim,
             config.val_features,
             f"the model trained on {config.features}",
         )
-        val_cache, rows = val_cache, val_cache.rows_of_split("all")
+        val_cache, rows = val_cache, val_cache.rows_of_split(ALL)
     else:
-        val_cache, rows = train_cache, train_cache.rows_of_split("val")
+        val_cache, rows = train_cache, train_cache.rows_of_split(VAL)
     # Images without a reference caption (possible in caches of older versions) give no loss
     # and cannot be scored, so validation leaves them out.
     captioned = np.zeros(val_cache.num_images, dtype=bool)
@@ -96,7 +97,6 @@ def validate(
     `val_cider` takes its document frequencies from the references of the images it scores, as
     COCO evaluation's CIDEr does, so it equals pycocoevalcap's CIDEr on those images.
     """
-    model.eval()
     device = next(model.parameters()).device
     data = validation.data
     total, tokens = 0.0, 0
@@ -104,7 +104,7 @@ def validate(
         samples = np.arange(start, min(start + batch_size, len(data)))
         embeddings, input_ids, labels = data.batch(samples, pad_id)
         n = int((labels != IGNORE_INDEX).sum())
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with eval_mode(model), devices.autocast(device, amp_dtype):
             loss = model(embeddings.to(device), input_ids.to(device), labels.to(device))
         total += loss.item() * n
         tokens += n
@@ -116,12 +116,11 @@ def validate(
             validation.embeddings,
             DecodeConfig(strategy="greedy"),
             batch_size=batch_size,
-            autocast=amp_dtype,
+            autocast=devices.inference_autocast(device),
         )
         captions = [c[0] for c in captions]
         cider = validation.cider.score(captions, validation.references)
         row["val_cider"] = float(cider.mean())
         if scorer is not None:
             row.update(bertscore(scorer, captions, validation.references))
-    model.train()
     return row
