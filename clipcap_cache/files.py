@@ -37,21 +37,40 @@ def write_json_atomic(path: str | Path, data) -> None:
 def read_json(path: str | Path, what: str = "file"):
     """Parse a JSON file; every way that can fail becomes one `ClipcapError` line.
 
-    `what` names the file in the not-found message, e.g. "predictions file".
+    `what` names the file in the not-found message, e.g. "predictions file". Only a regular file
+    is read (a FIFO would block for ever, and /dev/zero never ends), and a UTF-8 byte-order mark,
+    as some Windows editors write, is allowed.
     """
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        if path.is_dir():
+            raise ClipcapError(f"{what} {path} is a directory, not a JSON file")
+        if path.exists() and not path.is_file():
+            raise ClipcapError(f"{what} {path} is not a regular file (a pipe or a device?)")
+        text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise ClipcapError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise ClipcapError(f"{what} {path} is a directory, not a JSON file") from None
     except UnicodeDecodeError:
         raise ClipcapError(f"{path}: not a UTF-8 text file") from None
-    except json.JSONDecodeError as e:
-        raise ClipcapError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno})") from None
     except OSError as e:
         raise ClipcapError(f"cannot read {path}: {e.strerror or e}") from None
+    return parse_json(text, str(path))
+
+
+def parse_json(text: str, where: str):
+    """Parse JSON text from `where` (a file, a tar member); failures are one `ClipcapError` line.
+
+    Beyond malformed text, this covers nesting too deep for Python's parser (RecursionError) and
+    integers longer than Python converts (ValueError, over 4,300 digits).
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ClipcapError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise ClipcapError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as e:  # an integer over Python's digit limit
+        raise ClipcapError(f"{where}: not readable JSON ({str(e).splitlines()[0]})") from None
 
 
 def lock_path(output: str | Path) -> Path:
