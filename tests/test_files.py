@@ -68,3 +68,30 @@ def test_an_unreadable_webdataset_sidecar_fails_that_sample_only(sidecar):
     sample = Sample("k", "00000.tar", {"png": b"", "json": sidecar.encode()})
     with pytest.raises(ImageLoadError, match="k.json"):
         parse_sample(sample, "train")
+
+
+@pytest.mark.bad_input("data loss")
+@pytest.mark.parametrize("target", ["an input", "another image", "a checkpoint file"])
+def test_caption_out_never_replaces_the_users_files(tmp_path, trained_run, shapes, target):
+    import shutil
+
+    _, root = shapes
+    images = sorted((root / "images").iterdir())[:2]
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for image in images:
+        shutil.copy(image, folder / image.name)
+    first, second = sorted(folder.iterdir())
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(trained_run / "checkpoints" / "best", checkpoint)
+    out, inputs = {
+        "an input": (first, [folder / "*.png"]),
+        "another image": (second, [first]),
+        "a checkpoint file": (checkpoint / "config.json", [first]),
+    }[target]
+    before = out.read_bytes()
+    result = run_cli(
+        "caption", *inputs, "--checkpoint", checkpoint, "--out", out, "--format", "json"
+    )
+    assert "--out" in assert_one_line_error(result)
+    assert out.read_bytes() == before

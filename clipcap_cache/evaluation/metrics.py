@@ -32,7 +32,7 @@ def coco_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     """Tokenize like the COCO evaluation: PTB tokenizer through Java, else a close fallback.
 
     pycocoevalcap hands the tokenizer one caption per line and reads one result per line back, so
-    a line break of any kind inside a caption (\\r, form feed, vertical tab, U+2028, ...) would
+    a line break of any kind inside a caption (carriage return, form feed, U+2028, ...) would
     shift every later caption onto another image's. Each caption's whitespace runs become one space
     first, which changes no token.
     """

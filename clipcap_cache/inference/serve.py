@@ -264,7 +264,8 @@ def create_app(captioner: Captioner, config: ServeConfig):
     async def page():
         return resources.files("clipcap_cache.inference").joinpath("static/index.html").read_text()
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.head("/health", include_in_schema=False)
+    @app.get("/health")
     async def health():
         """The loaded models, the device and how many images wait in the queue; 503 if stopped."""
         if not batcher.alive:
