@@ -333,6 +333,7 @@ def caption(
         )
         check_output(None if out is None else str(out), format)
         paths = expand_inputs(inputs, recursive)
+        check_output(None if out is None else str(out), format, paths)
         results = caption_images(paths, str(checkpoint), decode, batch_size, device, num_workers)
         write_output(format_results(results, format), None if out is None else str(out))
         return results

@@ -10,12 +10,14 @@ A checkpoint is a folder:
                         read back with torch.load(weights_only=True)
 
 The folder is written as `NAME.tmp`, its files and itself flushed to disk (`files.fsync`), then
-swapped in with renames, so a crash at any moment leaves either the old folder or the new one
-(see `recover`).
+swapped in with renames, so a crash at any moment leaves either the old folder or the new one.
+Readers never rename: they read whichever complete version exists (`readable_folder`); only the
+trainer, holding the run's lock, finishes an interrupted swap (`recover`).
 """
 
 import os
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,6 +40,8 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
+READ_ATTEMPTS = 50  # a reader that meets a save in progress looks again, for about a second
+READ_RETRY_SECONDS = 0.02
 
 
 def save_checkpoint(
@@ -84,28 +88,78 @@ def _swap_in(tmp: Path, directory: Path) -> None:
 
 
 def recover(directory: str | Path) -> None:
-    """Finish a swap that a crash interrupted, so `directory` exists if any version of it does."""
+    """Finish a swap that a crash interrupted, so `directory` exists if any version of it does.
+
+    This renames folders, so only the process that holds the run's lock (the trainer) calls it;
+    readers go through `readable_folder`, which never changes anything.
+    """
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    old = directory.with_name(directory.name + ".old")
+    tmp, old = _siblings(directory)
     if not directory.exists() and old.exists():
         # `old` exists only once `tmp` was complete, so a leftover `tmp` is the newer version.
         os.replace(tmp if tmp.exists() else old, directory)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_run(run_dir: str | Path) -> None:
+    """Finish any interrupted swap of a run's checkpoints; only for the holder of the run's lock."""
+    for name in ("best", "last"):
+        recover(Path(run_dir) / "checkpoints" / name)
+
+
+def readable_folder(directory: str | Path) -> Path | None:
+    """The folder that holds a complete version of a checkpoint, or None; changes nothing.
+
+    Between the two renames of a save (`_swap_in`) the checkpoint is `NAME.old` (the previous
+    version) and `NAME.tmp` (the new one, complete: `.old` appears only after it was written), so a
+    reader takes the new one and never renames anything itself.
+    """
+    directory = Path(directory)
+    tmp, old = _siblings(directory)
+    candidates = [directory, tmp, old] if old.exists() else [directory]
+    return next((c for c in candidates if _is_complete(c)), None)
+
+
+def _siblings(directory: Path) -> tuple[Path, Path]:
+    return directory.with_name(directory.name + ".tmp"), directory.with_name(
+        directory.name + ".old"
+    )
+
+
+def _is_complete(directory: Path) -> bool:
+    return (directory / CONFIG).is_file() and (directory / WEIGHTS).is_file()
+
+
+def _read_retrying(directory: Path, read):
+    """`read(folder)` on the complete version of `directory`, again if a save moved it meanwhile.
+
+    A trainer saving every step renames the folder under a reader; a failure is the reader's only
+    when the folder it read from is still in place.
+    """
+    for attempt in range(READ_ATTEMPTS):
+        folder = readable_folder(directory) or directory
+        try:
+            return read(folder)
+        except Exception:
+            if attempt + 1 == READ_ATTEMPTS or _is_complete(folder):
+                raise
+            time.sleep(READ_RETRY_SECONDS)
+    raise AssertionError("unreachable")
+
+
 def resolve(path: str | Path) -> Path:
-    """A checkpoint folder, or a run directory (which resolves to its best checkpoint)."""
+    """A checkpoint folder, or a run directory (which resolves to its best checkpoint).
+
+    Read-only: a checkpoint caught between the two renames of a save still resolves.
+    """
     path = Path(path)
     for candidate in (path / "checkpoints" / "best", path):
-        recover(candidate)
-        if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():
+        if readable_folder(candidate) is not None:
             return candidate
     if not path.exists():
         raise ClipcapError(f"checkpoint not found: {path}")
     last = path / "checkpoints" / "last"
-    recover(last)
-    if (last / WEIGHTS).is_file():
+    if readable_folder(last) is not None:
         raise ClipcapError(
             f"{path} has no best checkpoint yet (it is saved at the end of the first epoch); "
             f"pass --checkpoint {last} to use the latest weights"
@@ -116,7 +170,9 @@ def resolve(path: str | Path) -> Path:
 def read_config(path: str | Path) -> dict:
     """The config.json of a checkpoint, checked for its format version."""
     directory = resolve(path)
-    config = read_json(directory / CONFIG, "checkpoint config")
+    config = _read_retrying(
+        directory, lambda folder: read_json(folder / CONFIG, "checkpoint config")
+    )
     if not isinstance(config, dict) or "format_version" not in config:
         raise ClipcapError(f"{directory} is not a clipcap checkpoint: no format_version")
     version = config["format_version"]
@@ -167,8 +223,12 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     except TypeError as e:
         raise ClipcapError(f"{directory / CONFIG}: bad model section ({e})") from None
     model = build_model(model_config)
-    load_weights(model, directory / WEIGHTS)
-    tokenizer = load_tokenizer(str(directory))
+
+    def read(folder: Path):
+        load_weights(model, folder / WEIGHTS)
+        return load_tokenizer(str(folder))
+
+    tokenizer = _read_retrying(directory, read)
     return model.to(device).eval(), tokenizer, config
 
 
@@ -198,15 +258,22 @@ def load_weights(model: ClipCaptionModel, weights: Path) -> None:
 def load_train_state(directory: str | Path) -> dict:
     """The resumable training state of a `last/` checkpoint, read without pickle.
 
-    A swap that a crash interrupted is finished first (`recover`), so this is the one way in for
-    `--resume` and for anything else that reads where a run stopped.
+    Read-only, like every reader: a swap that a crash interrupted is read through, not finished
+    (the trainer finishes it with `recover`, holding the run's lock).
     """
     directory = Path(directory)
-    recover(directory)
-    path = directory / TRAIN_STATE
-    if not path.is_file():
-        raise ClipcapError(f"nothing to resume: {path} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable state is the user's to fix, not a crash
-        raise ClipcapError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+    def read(folder: Path) -> dict:
+        path = folder / TRAIN_STATE
+        if not path.is_file():
+            if _is_complete(folder) or not folder.exists():
+                raise ClipcapError(f"nothing to resume: {directory / TRAIN_STATE} not found")
+            raise FileNotFoundError(path)  # moved by a save meanwhile: read again
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # any unreadable state is the user's to fix, not a crash
+            raise ClipcapError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+    return _read_retrying(directory, read)

@@ -90,30 +90,45 @@ def read_json(path: str | Path, what: str = "file", lines: bool = False):
     """Parse a JSON file; every way that can fail becomes one `ClipcapError` line.
 
     `what` names the file in the not-found message, e.g. "predictions file". With `lines`, the
-    file is JSON lines: a list of the values of its non-blank lines.
+    file is JSON lines: a list of the values of its non-blank lines. Only a regular file is read
+    (a FIFO would block for ever, and /dev/zero never ends), and a UTF-8 byte-order mark, as some
+    Windows editors write, is allowed.
     """
     path = Path(path)
     with os_errors(f"cannot read {path}"):
+        if path.is_dir():
+            raise ClipcapError(f"{what} {path} is a directory, not a JSON file")
+        if path.exists() and not path.is_file():
+            raise ClipcapError(f"{what} {path} is not a regular file (a pipe or a device?)")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes().decode("utf-8-sig")
         except FileNotFoundError:
             raise ClipcapError(f"{what} not found: {path}") from None
-        except IsADirectoryError:
-            raise ClipcapError(f"{what} {path} is a directory, not a JSON file") from None
         except UnicodeDecodeError:
             raise ClipcapError(f"{path}: not a UTF-8 text file") from None
     if not lines:
-        return _parse_json(path, text)
+        return parse_json(text, str(path))
     numbered = enumerate(text.splitlines(), start=1)
-    return [_parse_json(path, line, number) for number, line in numbered if line.strip()]
+    return [parse_json(line, str(path), number) for number, line in numbered if line.strip()]
 
 
-def _parse_json(path: Path, text: str, line: int | None = None):
+def parse_json(text: str, where: str, line: int | None = None):
+    """Parse JSON text from `where` (a file, a tar member); failures are one `ClipcapError` line.
+
+    `line` is the text's line number in a JSON lines file. Beyond malformed text, this covers
+    nesting too deep for Python's parser (RecursionError) and integers longer than Python
+    converts (ValueError, over 4,300 digits).
+    """
+    at = f" (line {line})" if line is not None else ""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        where = f"line {line or e.lineno}, column {e.colno}"
-        raise ClipcapError(f"{path}: not valid JSON ({where})") from None
+        position = f"line {line or e.lineno}, column {e.colno}"
+        raise ClipcapError(f"{where}: not valid JSON ({position})") from None
+    except RecursionError:
+        raise ClipcapError(f"{where}: JSON nested too deeply to read{at}") from None
+    except ValueError as e:  # an integer over Python's digit limit
+        raise ClipcapError(f"{where}: not readable JSON{at} ({str(e).splitlines()[0]})") from None
 
 
 def lock_path(output: str | Path) -> Path:

@@ -121,3 +121,18 @@ def test_captions_are_single_clean_lines():
     from clipcap_cache.inference.generate import clean_caption
 
     assert clean_caption(" a\r\nred\tcircle\x03 ") == "a red circle"
+
+
+def test_sampling_leaves_the_callers_random_stream_alone(model_and_tokenizer, shapes_cache):
+    model, tokenizer = model_and_tokenizer
+    embeddings = torch.from_numpy(read_cache(shapes_cache).embeddings[:3])
+    decode = DecodeConfig(strategy="sample", num_captions=2, seed=3)
+
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    first = generate_captions(model, tokenizer, embeddings, decode)
+    assert torch.equal(torch.rand(4), expected), "generate reseeded the caller's generator"
+    # Still seeded by the decoding seed alone, whatever the caller's stream is.
+    torch.manual_seed(99)
+    assert generate_captions(model, tokenizer, embeddings, decode) == first

@@ -151,7 +151,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_captions(
 
 def test_a_full_queue_answers_503_with_retry_after(captioner, trained_run, pictures):
     png = next(iter(pictures.values()))
-    settings = dict(max_queue=2, batch_window_ms=1500)
+    settings = dict(max_queue=2, max_images=2, batch_window_ms=1500)
     with client_for(captioner, trained_run, **settings) as client, ThreadPoolExecutor(2) as pool:
         waiting = [
             pool.submit(client.post, "/caption", files=uploads({f"{i}.png": png})) for i in range(2)

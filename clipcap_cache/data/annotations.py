@@ -20,13 +20,12 @@ images left with none. Image paths are normalised and must stay inside the image
 import csv
 import hashlib
 import io
-import json
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.files import os_errors
+from clipcap_cache.files import os_errors, parse_json
 
 FORMATS = ("auto", "coco", "karpathy", "jsonl", "csv")
 TRAIN, VAL, TEST = "train", "val", "test"
@@ -90,8 +89,8 @@ def detect_format(path: Path, text: str) -> str:
         raise ClipcapError(f"{path}: the annotation file is empty")
     if stripped[0] in "{[":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
+            data = parse_json(text, str(path))
+        except ClipcapError:
             data = None  # may still be JSON lines
         if isinstance(data, dict) and isinstance(data.get("images"), list):
             if "annotations" in data:
@@ -106,10 +105,7 @@ def detect_format(path: Path, text: str) -> str:
                 "or Karpathy ('images' with 'sentences'); pass --format to choose one"
             )
         first_line = stripped.split("\n", 1)[0]
-        try:
-            row = json.loads(first_line)
-        except json.JSONDecodeError as e:
-            raise ClipcapError(f"{path}: not valid JSON or JSON lines ({e})") from None
+        row = parse_json(first_line, f"{path} (neither JSON nor JSON lines)", 1)
         if isinstance(row, dict) and "image" in row:
             return "jsonl"
         raise ClipcapError(f"{path}: JSON lines rows need 'image' and 'caption' keys")
@@ -126,10 +122,7 @@ def detect_format(path: Path, text: str) -> str:
 
 
 def _load_json(path: Path, text: str) -> dict:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ClipcapError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno})") from None
+    data = parse_json(text, str(path))
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ClipcapError(f"{path}: expected a JSON object with an 'images' list")
     return data
@@ -267,10 +260,7 @@ def _read_jsonl(path: Path, text: str) -> list[ImageRecord]:
         for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
-            try:
-                yield f"line {number}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ClipcapError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+            yield f"line {number}", parse_json(line, str(path), number)
 
     return _records_from_rows(path, rows())
 

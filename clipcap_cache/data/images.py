@@ -22,6 +22,13 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own bomb limit, about 89 megapixels
 
+# Set once here, not per image: decoding runs in threads (the server's) and workers, and neither a
+# PIL global nor `warnings.catch_warnings()` may be changed from a thread. A partial file is never
+# decoded into a half-grey image, and PIL's bomb warning is redundant: `_decode` checks the size
+# against `max_pixels` itself before decoding (PIL still raises beyond twice its limit).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 
 class ImageLoadError(Exception):
     """An image file that cannot be used; `str(error)` is the reason."""
@@ -47,22 +54,18 @@ def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Imag
 
 
 def _decode(source, max_pixels: int | None) -> Image.Image:
-    # Never decode a partial file into a half-grey image: truncation is a failure.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                width, height = image.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageLoadError(
-                        f"too large ({width}x{height} pixels, limit {max_pixels}): "
-                        "possible decompression bomb"
-                    )
-                image.seek(0)  # first frame of a GIF or multi-page TIFF
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return to_rgb(image)
+        with Image.open(source) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageLoadError(
+                    f"too large ({width}x{height} pixels, limit {max_pixels}): "
+                    "possible decompression bomb"
+                )
+            image.seek(0)  # first frame of a GIF or multi-page TIFF
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

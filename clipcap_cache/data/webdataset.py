@@ -21,7 +21,6 @@ failure; a sample with no caption is skipped and counted.
 
 import glob
 import hashlib
-import json
 import re
 import tarfile
 import zlib
@@ -35,6 +34,7 @@ from braceexpand import UnbalancedBracesError, braceexpand
 from clipcap_cache.data.annotations import ALL, SPLIT_ALIASES, SPLITS, TRAIN, ImageRecord
 from clipcap_cache.data.images import IMAGE_EXTENSIONS, ImageLoadError, ShardBatch, decode_image
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.files import parse_json
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -156,9 +156,11 @@ def parse_sample(sample: Sample, split_default: str) -> ImageRecord:
     sidecar = {}
     if "json" in sample.members:
         try:
-            sidecar = json.loads(sample.members["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ImageLoadError(f"{sample.key}.json is not valid JSON ({e})") from None
+            sidecar = parse_json(sample.members["json"].decode("utf-8-sig"), f"{sample.key}.json")
+        except UnicodeDecodeError:
+            raise ImageLoadError(f"{sample.key}.json is not UTF-8 text") from None
+        except ClipcapError as e:  # malformed, nested too deeply, a number too long
+            raise ImageLoadError(str(e)) from None
         if not isinstance(sidecar, dict):
             raise ImageLoadError(f"{sample.key}.json is not a JSON object")
     if "captions" in sidecar:

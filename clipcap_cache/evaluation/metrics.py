@@ -29,12 +29,18 @@ def java_available() -> bool:
 
 
 def coco_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Tokenize like the COCO evaluation: PTB tokenizer through Java, else a close fallback."""
+    """Tokenize like the COCO evaluation: PTB tokenizer through Java, else a close fallback.
+
+    pycocoevalcap hands the tokenizer one caption per line and reads one result per line back, so
+    a line break of any kind inside a caption (carriage return, form feed, U+2028, ...) would
+    shift every later caption onto another image's. Each caption's whitespace runs become one space
+    first, which changes no token.
+    """
     if java_available():
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         return PTBTokenizer().tokenize(
-            {k: [{"caption": c} for c in v] for k, v in captions.items()}
+            {k: [{"caption": " ".join(c.split())} for c in v] for k, v in captions.items()}
         )
     return {key: [" ".join(ptb_tokens(t)) for t in texts] for key, texts in captions.items()}
 

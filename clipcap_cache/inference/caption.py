@@ -129,8 +129,14 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def check_output(out: str | None, output_format: str = "text") -> None:
-    """Refuse an output format or file that cannot be written, before any captioning work."""
+def check_output(
+    out: str | None, output_format: str = "text", inputs: list[Path] | tuple = ()
+) -> None:
+    """Refuse an output format or file that cannot be written, before any captioning work.
+
+    The output may not replace one of the images being captioned, any other image, or a file of
+    a checkpoint folder: the captions would overwrite the user's data.
+    """
     if output_format not in OUTPUT_FORMATS:
         raise ClipcapError(
             f"unknown output format '{output_format}': choose {', '.join(OUTPUT_FORMATS)}"
@@ -141,6 +147,19 @@ def check_output(out: str | None, output_format: str = "text") -> None:
     refuse_folder(path, f"--out {out} is a directory; give a file name")
     if not path.parent.is_dir():
         raise ClipcapError(f"--out {out}: the folder {path.parent} does not exist")
+    if path.exists() and any(_same_file(path, image) for image in inputs):
+        raise ClipcapError(f"--out {out} is one of the images to caption; give another file")
+    if path.exists() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise ClipcapError(f"--out {out} is an image; captions go to a text file")
+    if (path.parent / "model.safetensors").is_file():
+        raise ClipcapError(f"--out {out} is inside a checkpoint folder; give a file elsewhere")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def write_output(text: str, out: str | None) -> None:

@@ -125,29 +125,35 @@ def generate_captions(
         device = next(model.parameters()).device
         eos = tokenizer.eos_token_id
         generation_config = decode.generation_config(eos, pad_token_id(tokenizer))
-        if decode.strategy == "sample":
-            torch.manual_seed(decode.seed)
         captions: list[list[str]] = []
-        starts = range(0, len(clip_embeddings), batch_size)
-        for start in tqdm(starts, desc="caption", unit="batch", disable=not progress):
-            batch = clip_embeddings[start : start + batch_size].to(device)
-            with devices.autocast(device, autocast):
-                prefix = model.prefix_embeddings(batch)  # (B, K, H)
-                attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
-                tokens = model.gpt2.generate(
-                    inputs_embeds=prefix,
-                    attention_mask=attention_mask,
-                    generation_config=generation_config,
-                )
-            # With only inputs_embeds given, generate() returns the new tokens alone.
-            texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-            texts = [clean_caption(t) for t in texts]
-            n = decode.num_captions
-            if with_scores:
+        # Sampling draws from torch's global generator (generate() takes no other), seeded by
+        # `decode.seed`; forking it leaves the caller's own random stream as it was.
+        forked = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked, enabled=decode.strategy == "sample"):
+            if decode.strategy == "sample":
+                torch.manual_seed(decode.seed)
+            starts = range(0, len(clip_embeddings), batch_size)
+            for start in tqdm(starts, desc="caption", unit="batch", disable=not progress):
+                batch = clip_embeddings[start : start + batch_size].to(device)
                 with devices.autocast(device, autocast):
-                    scores = sequence_scores(model, prefix.repeat_interleave(n, dim=0), tokens, eos)
-                texts = list(zip(texts, scores.tolist(), strict=True))
-            captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
+                    prefix = model.prefix_embeddings(batch)  # (B, K, H)
+                    attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
+                    tokens = model.gpt2.generate(
+                        inputs_embeds=prefix,
+                        attention_mask=attention_mask,
+                        generation_config=generation_config,
+                    )
+                # With only inputs_embeds given, generate() returns the new tokens alone.
+                texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+                texts = [clean_caption(t) for t in texts]
+                n = decode.num_captions
+                if with_scores:
+                    with devices.autocast(device, autocast):
+                        scores = sequence_scores(
+                            model, prefix.repeat_interleave(n, dim=0), tokens, eos
+                        )
+                    texts = list(zip(texts, scores.tolist(), strict=True))
+                captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
     return captions
 
 

@@ -25,8 +25,11 @@ arrive as uploads only.
 """
 
 import asyncio
+import functools
 import itertools
 import logging
+import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
@@ -66,6 +69,11 @@ class ServeConfig:
         positive(self, "max_upload_mb")
         if not 0 < self.port < 65536:
             raise ClipcapError(f"--port must be between 1 and 65535, not {self.port}")
+        if self.max_images > self.max_queue:
+            raise ClipcapError(
+                f"--max-images {self.max_images} is more than --max-queue {self.max_queue}: "
+                "such a request could never be queued"
+            )
 
 
 MAX_WINDOWS = 100  # the longest a request waits for company, in batch windows
@@ -73,6 +81,10 @@ MAX_WINDOWS = 100  # the longest a request waits for company, in batch windows
 
 class QueueFull(Exception):
     """The batcher holds `max_queue` images already."""
+
+
+class Stopped(Exception):
+    """The server is shutting down, or its batching task has died."""
 
 
 @dataclass(eq=False)  # jobs are told apart by identity: their tensors have no single truth value
@@ -98,6 +110,7 @@ class Batcher:
         self.unique = itertools.count()
         self.task: asyncio.Task | None = None
         self.incoming = 0  # requests still decoding their images, soon to be queued
+        self.reserved = 0  # images held: decoding, waiting or being captioned (<= max_queue)
         self.batches = 0  # model calls so far
         self.images = 0  # images captioned so far
 
@@ -105,18 +118,43 @@ class Batcher:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        """Stop batching; every request still waiting fails with `Stopped` (a 503)."""
         if self.task is not None:
             self.task.cancel()
+        for job in self.waiting:
+            if not job.future.done():
+                job.future.set_exception(Stopped("the server is shutting down"))
+        self.waiting.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the batching task is running (it ends only by `stop` or a bug)."""
+        return self.task is not None and not self.task.done()
 
     @property
     def depth(self) -> int:
         return self.queued_images
 
-    async def submit(self, pixels: torch.Tensor, decode: DecodeConfig) -> list[list[dict]]:
-        """Caption preprocessed images; raises `QueueFull` when the queue has no room."""
-        if self.queued_images + len(pixels) > self.max_queue:
+    def reserve(self, images: int) -> None:
+        """Hold room for a request's images before they are decoded; `QueueFull` when none.
+
+        Decoded images are counted from the moment their decoding starts until their captions are
+        back, so `max_queue` bounds the decoded images in memory, not only those queued.
+        """
+        if not self.alive:
+            raise Stopped("the batcher is not running")
+        if self.reserved + images > self.max_queue:
             raise QueueFull
+        self.reserved += images
+
+    def release(self, images: int) -> None:
+        self.reserved -= images
+
+    async def submit(self, pixels: torch.Tensor, decode: DecodeConfig) -> list[list[dict]]:
+        """Caption preprocessed images, whose room `reserve` holds."""
+        if not self.alive:
+            raise Stopped("the batcher is not running")
         # Sampling draws from one random stream per generate() call: never merge it.
         key = astuple(decode) + ((next(self.unique),) if decode.strategy == "sample" else ())
         job = _Job(pixels, decode, asyncio.get_running_loop().create_future(), key)
@@ -196,7 +234,7 @@ def create_app(captioner: Captioner, config: ServeConfig):
     from contextlib import asynccontextmanager
     from typing import Annotated
 
-    from fastapi import FastAPI, File, Form, Request, UploadFile
+    from fastapi import FastAPI, File, Form, UploadFile
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -216,23 +254,22 @@ def create_app(captioner: Captioner, config: ServeConfig):
     )
     app.state.batcher = batcher
 
-    @app.middleware("http")
-    async def limit_request_size(request: Request, call_next):
-        # Refuse an oversized body before reading it; each file is checked again below.
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_bytes * config.max_images + 2**20:
-            return _error(
-                413, f"the request is over {config.max_images} x {config.max_upload_mb} MB"
-            )
-        return await call_next(request)
+    app.add_middleware(
+        BodyLimit,
+        limit=max_bytes * config.max_images + 2**20,  # the images, and room for the form fields
+        message=f"the request is over {config.max_images} x {config.max_upload_mb} MB",
+    )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return resources.files("clipcap_cache.inference").joinpath("static/index.html").read_text()
 
+    @app.head("/health", include_in_schema=False)
     @app.get("/health")
     async def health():
-        """The loaded models, the device and how many images wait in the queue."""
+        """The loaded models, the device and how many images wait in the queue; 503 if stopped."""
+        if not batcher.alive:
+            return _error(503, "the batching task is not running: restart the server")
         return {
             "status": "ok",
             "checkpoint": captioner.name,
@@ -267,14 +304,28 @@ def create_app(captioner: Captioner, config: ServeConfig):
                 beams, greedy, sample, num_captions, max_tokens, top_p, temperature, seed
             )
         except ClipcapError as e:
-            return _error(422, str(e).replace("--", "").replace("-", "_"))
+            return _error(422, _field_names(str(e)))
+        for upload in images:
+            if upload.size is not None and upload.size > max_bytes:
+                return _error(413, f"{upload.filename} is over {config.max_upload_mb} MB")
+        try:
+            batcher.reserve(len(images))
+        except QueueFull:
+            return _error(503, "the server is busy: try again shortly", {"Retry-After": "1"})
+        except Stopped as e:
+            return _error(503, str(e))
+        try:
+            return await _caption_reserved(images, decode)
+        finally:
+            batcher.release(len(images))
+
+    async def _caption_reserved(images: list[UploadFile], decode: DecodeConfig):
+        """Decode and caption the uploads of a request whose room in the queue is held."""
         results, good, pixels = [], [], []
         batcher.incoming += 1  # the batcher waits for this request's images
         try:
             for i, upload in enumerate(images):
                 results.append({"filename": upload.filename, "captions": [], "error": None})
-                if upload.size is not None and upload.size > max_bytes:
-                    return _error(413, f"{upload.filename} is over {config.max_upload_mb} MB")
                 data = await upload.read()
                 try:
                     pixels.append(await run_in_threadpool(captioner.preprocess, data))
@@ -295,14 +346,71 @@ def create_app(captioner: Captioner, config: ServeConfig):
         started = time.perf_counter()
         try:
             captions = await batcher.submit(torch.stack(pixels), decode)
-        except QueueFull:
-            return _error(503, "the server is busy: try again shortly", {"Retry-After": "1"})
+        except Stopped as e:
+            return _error(503, str(e))
         for i, found in zip(good, captions, strict=True):
             results[i]["captions"] = found
         log.info("captioned %d image(s) in %.3f s", len(good), time.perf_counter() - started)
         return {"results": results}
 
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over `limit` bytes while it streams in.
+
+    A declared Content-Length over the limit is refused before anything is read. A chunked body,
+    which declares none, is counted as it arrives, and refused with 413 as soon as it passes the
+    limit, without reading or buffering the rest.
+    """
+
+    def __init__(self, app, limit: int, message: str):
+        self.app, self.limit, self.message = app, limit, message
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.limit:
+            return await _error(413, self.message)(scope, receive, send)
+        received = 0
+        started = False
+        too_large = _body_too_large_type()
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # An HTTPException, so that the form parser lets it through as the 413 it is.
+                    raise too_large(413, self.message)
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except too_large:
+            if not started:
+                await _error(413, self.message)(scope, receive, send)
+
+
+@functools.cache
+def _body_too_large_type() -> type:
+    """The exception for an oversized body: an HTTPException, made once (starlette is lazy)."""
+    from starlette.exceptions import HTTPException
+
+    return type("BodyTooLarge", (HTTPException,), {})
+
+
+def _field_names(message: str) -> str:
+    """A command-line message in the server's terms: `--top-p` becomes the form field `top_p`."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message)
 
 
 def _error(status: int, detail: str, headers: dict | None = None):
@@ -315,7 +423,26 @@ def serve(config: ServeConfig) -> None:
     """Load the checkpoint once and serve until interrupted."""
     import uvicorn
 
+    _check_port_free(config.host, config.port)  # before the models load, not after
     captioner = Captioner.from_checkpoint(config.checkpoint, config.device)
     app = create_app(captioner, config)
     log.info("serving %s on http://%s:%d", captioner.name, config.host, config.port)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port that another process holds, with one line, before anything is loaded."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ClipcapError(f"--host {host}: {e.strerror or e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ClipcapError(
+                f"cannot listen on {host}:{port}: {e.strerror or e} (is another server running "
+                "there? pass --port)"
+            ) from None

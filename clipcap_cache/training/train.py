@@ -93,6 +93,8 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     main = distributed.is_main_process()
     try:
         with exclusive_lock(run_dir) if main else contextlib.nullcontext():
+            if main:  # the lock's holder alone may finish a save that a crash interrupted
+                checkpoint.recover_run(run_dir)
             return _train(run_dir, config, model_config)
     finally:
         distributed.teardown()
