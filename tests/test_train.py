@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import h5py
 import numpy as np
@@ -177,6 +178,21 @@ def test_exactly_the_intended_parameters_train(gpt2_dir):
     assert all(
         n.startswith("projector.") for n, p in frozen_all.named_parameters() if p.requires_grad
     )
+
+
+def test_build_model_resolves_a_copy_of_its_config(gpt2_dir, monkeypatch):
+    monkeypatch.chdir(gpt2_dir.parent)
+    config = ModelConfig(gpt2_model=gpt2_dir.name, clip_embedding_dim=64, prefix_length=3)
+    before = asdict(config)
+    model = build_model(config)
+    assert asdict(config) == before  # the caller's config is read, never written
+    assert model.config.freeze_layers == model.gpt2.config.n_layer // 2 == 1
+    assert model.config.gpt2_model == str(gpt2_dir.resolve())
+    assert asdict(model.config) == {
+        **before,
+        "freeze_layers": 1,
+        "gpt2_model": str(gpt2_dir.resolve()),
+    }
 
 
 def test_checkpoint_has_no_frozen_tensors_and_reloads_identically(gpt2_dir, tmp_path):
