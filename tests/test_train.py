@@ -698,6 +698,33 @@ def test_resume_with_another_batch_size_starts_at_the_same_caption(
     assert after == before
 
 
+def test_a_train_state_with_the_old_counter_names_resumes_bit_identically(
+    tmp_path, monkeypatch, shapes_cache, gpt2_dir
+):
+    # Train states written before the epoch counters were renamed call `samples_done`
+    # "captions" and `weight_sum` "tokens"; such a run resumes as if it had never stopped.
+    def run(out, **kwargs):
+        return library_run(out, shapes_cache, gpt2_dir, monkeypatch, **kwargs)
+
+    reference = run(tmp_path / "uninterrupted")
+    old = tmp_path / "old-format"
+    run(old, crash_at=3)
+    path = old / "checkpoints" / "last" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["captions"], state["tokens"] = state.pop("samples_done"), state.pop("weight_sum")
+    assert state["captions"] == 3 * 8 and state["tokens"] > state["captions"]
+    torch.save(state, path)
+
+    resumed = run(old, resume=True)
+    assert resumed["step"] == reference["step"] == 40
+    assert resumed["train_loss"] == reference["train_loss"]
+    a = load_file(str(tmp_path / "uninterrupted" / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(old / "checkpoints" / "last" / "model.safetensors"))
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 @pytest.mark.bad_input("data loss")
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     tmp_path, shapes_cache, gpt2_dir
