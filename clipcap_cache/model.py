@@ -15,7 +15,7 @@ provided, both after ClipCap (Mokady et al., 2021):
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -205,14 +205,29 @@ def load_tokenizer(name_or_dir: str):
 
 
 def build_model(config: ModelConfig) -> ClipCaptionModel:
-    """Build the caption model from its config: GPT-2 base weights, fresh projector, freezing."""
-    config.gpt2_model = resolve_name(config.gpt2_model)
-    gpt2 = load_gpt2(config.gpt2_model)
-    if config.freeze_layers is None:
-        config.freeze_layers = gpt2.config.n_layer // 2
-    model = ClipCaptionModel(config, gpt2)
-    freeze_gpt2(model.gpt2, config.freeze_layers)
+    """Build the caption model from its config: GPT-2 base weights, fresh projector, freezing.
+
+    `config` is left as it was. The model holds the resolved copy as `model.config`
+    (`resolve_model_config`): that copy, not `config`, is the one to record beside the weights.
+    """
+    gpt2 = load_gpt2(resolve_name(config.gpt2_model))
+    resolved = resolve_model_config(config, gpt2.config.n_layer)
+    model = ClipCaptionModel(resolved, gpt2)
+    freeze_gpt2(model.gpt2, resolved.freeze_layers)
     return model
+
+
+def resolve_model_config(config: ModelConfig, n_layer: int) -> ModelConfig:
+    """A copy of `config` with its settings made definite for a GPT-2 of `n_layer` blocks.
+
+    A local `gpt2_model` directory becomes absolute, and an unset `freeze_layers` becomes half
+    of the blocks.
+    """
+    return replace(
+        config,
+        gpt2_model=resolve_name(config.gpt2_model),
+        freeze_layers=n_layer // 2 if config.freeze_layers is None else config.freeze_layers,
+    )
 
 
 def freeze_gpt2(gpt2: GPT2LMHeadModel, n_layers: int) -> None:

@@ -98,7 +98,7 @@ def test_jsonl_and_csv_merge_rows_of_the_same_image(tmp_path):
         ("u.json", '{"foo": 1}', "unknown JSON annotation format"),
         ("u.csv", "path,text\na,b\n", "unknown annotation format"),
         ("e.jsonl", "", "empty"),
-        ("l.jsonl", '{"image": "a", "caption": "b"}\n{broken\n', "not valid JSON (line 2"),
+        ("l.jsonl", '{"image": "a", "caption": "b"}\n{broken\n', "JSON .line 2, column"),
     ],
 )
 def test_malformed_annotations_raise_a_clear_error(tmp_path, name, text, message):

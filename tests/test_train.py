@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import h5py
 import numpy as np
@@ -177,6 +178,21 @@ def test_exactly_the_intended_parameters_train(gpt2_dir):
     assert all(
         n.startswith("projector.") for n, p in frozen_all.named_parameters() if p.requires_grad
     )
+
+
+def test_build_model_resolves_a_copy_of_its_config(gpt2_dir, monkeypatch):
+    monkeypatch.chdir(gpt2_dir.parent)
+    config = ModelConfig(gpt2_model=gpt2_dir.name, clip_embedding_dim=64, prefix_length=3)
+    before = asdict(config)
+    model = build_model(config)
+    assert asdict(config) == before  # the caller's config is read, never written
+    assert model.config.freeze_layers == model.gpt2.config.n_layer // 2 == 1
+    assert model.config.gpt2_model == str(gpt2_dir.resolve())
+    assert asdict(model.config) == {
+        **before,
+        "freeze_layers": 1,
+        "gpt2_model": str(gpt2_dir.resolve()),
+    }
 
 
 def test_checkpoint_has_no_frozen_tensors_and_reloads_identically(gpt2_dir, tmp_path):
@@ -680,6 +696,33 @@ def test_resume_with_another_batch_size_starts_at_the_same_caption(
         run(out, batch_size=16, resume=True)
     after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_a_train_state_with_the_old_counter_names_resumes_bit_identically(
+    tmp_path, monkeypatch, shapes_cache, gpt2_dir
+):
+    # Train states written before the epoch counters were renamed call `samples_done`
+    # "captions" and `weight_sum` "tokens"; such a run resumes as if it had never stopped.
+    def run(out, **kwargs):
+        return library_run(out, shapes_cache, gpt2_dir, monkeypatch, **kwargs)
+
+    reference = run(tmp_path / "uninterrupted")
+    old = tmp_path / "old-format"
+    run(old, crash_at=3)
+    path = old / "checkpoints" / "last" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["captions"], state["tokens"] = state.pop("samples_done"), state.pop("weight_sum")
+    assert state["captions"] == 3 * 8 and state["tokens"] > state["captions"]
+    torch.save(state, path)
+
+    resumed = run(old, resume=True)
+    assert resumed["step"] == reference["step"] == 40
+    assert resumed["train_loss"] == reference["train_loss"]
+    a = load_file(str(tmp_path / "uninterrupted" / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(old / "checkpoints" / "last" / "model.safetensors"))
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.bad_input("data loss")

@@ -1,6 +1,12 @@
-"""Training objectives. `CrossEntropy` (`--objective xe`) is teacher-forced captions."""
+"""Training objectives: the `Objective` interface, and `CrossEntropy` (`--objective xe`).
+
+`loop.train_one_epoch` runs any `Objective`. `CrossEntropy` is teacher-forced captions; the
+other objective, `scst.SelfCritical` (`--objective scst`), lives with the rest of self-critical
+training in `scst.py`.
+"""
 
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -10,19 +16,66 @@ from clipcap_cache.model import ClipCaptionModel
 from clipcap_cache.training.data import CaptionData
 
 
+class Objective(Protocol):
+    """What `loop.train_one_epoch` needs of a training objective.
+
+    An epoch is a shuffled pass over the objective's samples, numbered 0 to `len(objective) - 1`.
+    Each sample has a weight (`count`); the epoch's metrics are means weighted by it, and the
+    micro-batches of an optimizer step are weighted by their share of it, so that accumulated
+    gradients equal those of one large batch.
+    """
+
+    unit: ClassVar[str]  # what a sample is ("caption", "image"): names the `{unit}s_per_second` key
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The names of what `forward_backward` returns, in order, `loss` first; row keys."""
+        ...
+
+    def __len__(self) -> int:
+        """The number of samples in an epoch."""
+        ...
+
+    def count(self, samples: np.ndarray) -> int:
+        """The summed weight of some samples: labelled tokens (xe) or images (scst)."""
+        ...
+
+    def forward_backward(
+        self,
+        model: ClipCaptionModel,
+        forward,
+        samples: np.ndarray,
+        weight: float,
+        scaler: torch.amp.GradScaler,
+        amp_dtype: torch.dtype | None,
+        epoch: int,
+    ) -> torch.Tensor:
+        """Back-propagate the loss of some samples, its gradient scaled by `weight`.
+
+        `forward` is `model` or its DDP or compiled form, and `scaler` the AMP grad scaler that
+        scales the loss before `backward`. Returns the detached means over the samples of each of
+        `metrics`, a (len(metrics),) tensor on the model's device.
+        """
+        ...
+
+
 @dataclass
 class CrossEntropy:
-    """`--objective xe`, teacher-forced captions: a sample is a caption, weighted by its tokens."""
+    """`--objective xe`, teacher-forced captions: a sample is a caption, weighted by its tokens.
+
+    An `Objective`.
+    """
 
     data: CaptionData
     pad_id: int
-    unit = "caption"
-    metrics = ("loss",)
+    unit: ClassVar[str] = "caption"
+    metrics: ClassVar[tuple[str, ...]] = ("loss",)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def count(self, samples: np.ndarray) -> int:
+        """Labelled tokens (caption tokens and EOS) of some captions."""
         return self.data.count_tokens(samples)
 
     def forward_backward(

@@ -5,8 +5,6 @@ import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import torch
-
 from clipcap_cache import checkpoint, distributed
 from clipcap_cache.checks import option
 from clipcap_cache.data import cache as feature_cache
@@ -18,7 +16,7 @@ from clipcap_cache.model import ClipCaptionModel, ModelConfig
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.optimization import Optimization
 from clipcap_cache.training.plots import plot_metrics
-from clipcap_cache.training.state import TrainState
+from clipcap_cache.training.state import TrainState, capture_rng
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +48,10 @@ def save_training_checkpoint(
     train_state = None
     if optimization is not None:
         device = next(model.parameters()).device
-        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        rng_per_rank = distributed.all_gather_objects((torch.get_rng_state(), cuda_rng))
         train_state = {
             **state.state_dict(),
             **optimization.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            "world_size": len(rng_per_rank),
-            "torch_rng_per_rank": [cpu for cpu, _ in rng_per_rank],
-            "cuda_rng_per_rank": [gpu for _, gpu in rng_per_rank if gpu is not None],
+            **capture_rng(device),
         }
     if not distributed.is_main_process():
         return
@@ -120,10 +112,11 @@ def check_run_dir(
                 f"--resume: the run was trained by {trained_on} process(es), not {world_size}; "
                 "resume it with the same number (torchrun --nproc-per-node)"
             )
-        if train_state["captions"] % config.batch_size:
+        progress = TrainState.from_state_dict(train_state)
+        if progress.samples_done % config.batch_size:
             raise ClipcapError(
-                f"--resume: the run stopped {train_state['captions']} captions into epoch "
-                f"{train_state['epoch'] + 1}, which is not a whole number of batches of "
+                f"--resume: the run stopped {progress.samples_done} captions into epoch "
+                f"{progress.epoch + 1}, which is not a whole number of batches of "
                 f"{config.batch_size}; resume with a --batch-size that divides it (the run used "
                 f"{saved.get('train', {}).get('batch_size')})"
             )
@@ -166,7 +159,10 @@ def check_init(
 
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
-    """Create the run directory; with --overwrite, remove the old run's files first."""
+    """Create the run directory (and its parents); with --overwrite, remove the old run's files first.
+
+    The first write of a run: call it only once every input is checked.
+    """
     with os_errors(f"cannot write the run directory {run_dir}"):
         if config.overwrite:
             for name in RUN_ARTEFACTS:

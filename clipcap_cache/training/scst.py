@@ -26,6 +26,7 @@ was never stopped.
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -215,9 +216,9 @@ class Reward:
 class SelfCritical:
     """`--objective scst` for `loop.train_one_epoch`: a sample is an image, with K captions drawn.
 
-    A micro-batch of images is sampled, rewarded and scored against the baseline in
-    `forward_backward`; its loss is the mean over its B x K samples, so a sample's `count` is 1
-    image (every image has the same K).
+    An `objectives.Objective`. A micro-batch of images is sampled, rewarded and scored against the
+    baseline in `forward_backward`; its loss is the mean over its B x K samples, so a sample's
+    `count` is 1 image (every image has the same K).
     """
 
     embeddings: np.ndarray  # (N, D) every row of the cache (memory-mapped)
@@ -229,7 +230,7 @@ class SelfCritical:
     baseline: str  # mean | greedy
     max_tokens: int
     seed: int
-    unit = "image"
+    unit: ClassVar[str] = "image"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -245,6 +246,7 @@ class SelfCritical:
         return ("loss", "reward", *extra, "sample_length")
 
     def count(self, samples: np.ndarray) -> int:
+        """Images: every image weighs the same, as each has K samples."""
         return len(samples)
 
     def forward_backward(

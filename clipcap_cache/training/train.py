@@ -1,36 +1,42 @@
-"""Stage 2: train the projector and the unfrozen GPT-2 blocks from a feature cache.
+"""`train`: set a run up from a feature cache and fit it, the entry point of stage 2.
 
     clipcap train data/coco_vitb32.h5 --out runs/coco
     torchrun --nproc-per-node 8 --no-python clipcap train data/coco_vitb32.h5 --out runs/coco
 
-CLIP is never loaded. The cached embeddings are memory-mapped, and every caption is tokenized
-once into a file beside the cache that is memory-mapped too (`tokens.py`), so the processes of a
-node share one copy of the data and a cache may be bigger than RAM. Each caption of an image is a
-sample; samples are shuffled every epoch and each batch is padded only to its longest caption.
+`train` is a short sequence of named steps, each a function of this module taking what it
+needs: `resolve_settings` (absolute paths, resolved hub names, the cache's embedding width),
+`check_inputs` (caches, device, the run directory against --resume/--overwrite, --init),
+`load_models` (tokenizer, model, the CLIP reward's text tower), `prepare_run` (the first write
+to the run directory, then logging), `build_objective` and `build_validation`, `restore` (a
+resumed run's weights, optimizer, random number generators and position) and `fit` (the epochs,
+each followed by validation and the best and last checkpoints).
 
-The loop is a few named parts. `train` sets a run up and runs its epochs. `train_one_epoch` makes
-one pass over the shuffled samples of the objective, one micro-batch at a time through the
-objective's `forward_backward`, and `Optimization.step` (one optimizer step). The objective is
-`CrossEntropy` (`--objective xe`, the default: a sample is a caption) or `scst.SelfCritical`
-(`--objective scst`: a sample is an image, whose sampled captions are rewarded with CIDEr-D).
-`validate` scores the model on the val images, and `save_training_checkpoint` writes a
-checkpoint. How far a run has got lives in a `TrainState`.
+The CLIP image encoder is never loaded: the cached embeddings are memory-mapped, and every
+caption is tokenized once into a file beside the cache that is memory-mapped too
+(`data/tokens.py`), so the processes of a node share one copy of the data and a cache may be
+bigger than RAM.
 
-Under torchrun the model is wrapped in DistributedDataParallel and `batch_size` is the global
-batch: every rank takes every N-th sample of the same shuffled batch (see `distributed.py`).
+The parts live beside it in `training/`: the objectives (`objectives.CrossEntropy`,
+`scst.SelfCritical`), one epoch (`loop.train_one_epoch`), validation (`validation.validate`), the
+optimizer step (`optimization.py`), how far a run has got (`state.TrainState`) and the run
+directory's checks and checkpoints (`run_dir.py`). Under torchrun the model is wrapped in
+DistributedDataParallel and `batch_size` is the global batch: every rank takes every N-th sample
+of the same shuffled batch (see `clipcap_cache/distributed.py`).
 
 The run directory holds `config.json` (the resolved settings), `train.log`, `metrics.jsonl` (one row
-per epoch), `plots/*.png` and `checkpoints/{best,last}/` (see `checkpoint.py`). The last checkpoint
-also carries `train_state.pt`, written at every epoch end and every `save_every_steps` optimizer
-steps, so `--resume` continues a killed run; on the CPU with the same seed it reaches the same
-weights as a run that was never interrupted.
+per epoch), `plots/*.png` and `checkpoints/{best,last}/` (see `clipcap_cache/checkpoint.py`). The
+last checkpoint also carries `train_state.pt`, written at every epoch end and every
+`save_every_steps` optimizer steps, so `--resume` continues a killed run; on the CPU with the same
+seed it reaches the same weights as a run that was never interrupted.
 """
 
 import contextlib
+import functools
 import logging
 import math
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +54,7 @@ from clipcap_cache.files import exclusive_lock, refuse_file
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.logs import setup_logging
 from clipcap_cache.model import (
+    ClipCaptionModel,
     ModelConfig,
     build_model,
     count_parameters,
@@ -58,8 +65,8 @@ from clipcap_cache.training import scst
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.data import caption_data
 from clipcap_cache.training.loop import train_one_epoch
-from clipcap_cache.training.objectives import CrossEntropy
-from clipcap_cache.training.optimization import make_optimization
+from clipcap_cache.training.objectives import CrossEntropy, Objective
+from clipcap_cache.training.optimization import Optimization, make_optimization
 from clipcap_cache.training.run_dir import (
     RunDirectory,
     check_init,
@@ -69,7 +76,7 @@ from clipcap_cache.training.run_dir import (
     write_metrics,
     write_run_config,
 )
-from clipcap_cache.training.state import TrainState
+from clipcap_cache.training.state import TrainState, restore_rng
 from clipcap_cache.training.validation import (
     make_scorer,
     validate,
@@ -78,6 +85,33 @@ from clipcap_cache.training.validation import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A run's inputs, every one checked; nothing has been loaded or written yet."""
+
+    model_config: ModelConfig  # completed from the run being resumed or the --init checkpoint
+    train_cache: feature_cache.MappedCache
+    train_rows: np.ndarray  # the cache rows of the training images
+    val_cache: feature_cache.MappedCache | None  # None without validation
+    val_rows: np.ndarray | None
+    device: torch.device  # as resolved from --device; `distributed.setup` picks this rank's
+    amp_dtype: torch.dtype | None  # autocast's dtype; None in fp32
+    world: distributed.World
+    resume_state: dict | None  # the `train_state.pt` to resume from; None for a new run
+    init_dir: Path | None  # the --init checkpoint whose weights a new run starts from
+
+
+@dataclass(frozen=True)
+class Models:
+    """What a run loads: the caption model, its tokenizer and the reward's CLIP text tower."""
+
+    model: ClipCaptionModel
+    model_config: ModelConfig  # `model.config`: resolved by `build_model`, freeze_layers set
+    tokenizer: object
+    pad_id: int  # the token that pads caption batches
+    clip_text: ClipText | None  # the cache's CLIP text tower, where the reward has a CLIP-S term
 
 
 def train(config: TrainConfig, model_config: ModelConfig) -> dict:
@@ -90,18 +124,53 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     """
     run_dir = Path(config.out)
     refuse_file(run_dir, f"--out {run_dir} is a file; give a directory for the run")
+    with locked(run_dir):
+        config, model_config, train_cache = resolve_settings(config, model_config)
+        inputs = check_inputs(run_dir, config, model_config, train_cache)
+        models = load_models(config, inputs)
+        # Everything is checked: only now is the directory changed, by the main process alone.
+        prepare_run(run_dir, config, models.model_config, inputs.world)
+        log_setup(config, inputs, models)
+        objective = build_objective(config, train_cache, inputs.train_rows, models)
+        validate_epoch = build_validation(config, inputs, models)
+        optimization = run_optimization(models.model, objective, config, inputs.amp_dtype)
+        forward = training_forward(models.model, config, inputs.world)
+        state = restore(run_dir, inputs.resume_state, models.model, optimization, config)
+        run = run_directory(run_dir, models.tokenizer, train_cache, config)
+        return fit(
+            models.model,
+            forward,
+            objective,
+            optimization,
+            state,
+            config,
+            inputs.amp_dtype,
+            run,
+            validate_epoch,
+        )
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock (the main process takes it); leave the process group after."""
     main = distributed.is_main_process()
     try:
         with exclusive_lock(run_dir) if main else contextlib.nullcontext():
             if main:  # the lock's holder alone may finish a save that a crash interrupted
                 checkpoint.recover_run(run_dir)
-            return _train(run_dir, config, model_config)
+            yield
     finally:
         distributed.teardown()
 
 
-def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict:
-    # Local paths are recorded absolute, so the run resumes from any working directory.
+def resolve_settings(
+    config: TrainConfig, model_config: ModelConfig
+) -> tuple[TrainConfig, ModelConfig, feature_cache.MappedCache]:
+    """Resolved copies of the settings, and the training cache (opened for its embedding width).
+
+    Local paths are recorded absolute, so the run resumes from any working directory, and hub
+    names as `hub.resolve_name` gives them.
+    """
     config = replace(
         config,
         features=str(Path(config.features).resolve()),
@@ -115,6 +184,20 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         clip_embedding_dim=train_cache.embedding_dim,
         gpt2_model=resolve_name(model_config.gpt2_model),
     )
+    return config, model_config, train_cache
+
+
+def check_inputs(
+    run_dir: Path,
+    config: TrainConfig,
+    model_config: ModelConfig,
+    train_cache: feature_cache.MappedCache,
+) -> Inputs:
+    """Check the caches, device, precision, process count, run directory and --init.
+
+    Nothing is loaded or written; a bad input raises ClipcapError. A resume or --init completes
+    the model config from the saved run's.
+    """
     train_rows = train_cache.rows_of_split(TRAIN)
     if len(train_rows) == 0:
         raise ClipcapError(f"{config.features} has no train split to train on")
@@ -131,29 +214,61 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
     init_dir = None
     if config.init and resume_state is None:  # a resumed run continues from its own weights
         init_dir, model_config = check_init(config, model_config, train_cache)
-    torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(model_config.gpt2_model)
-    device = distributed.setup(device)
-    model = build_model(model_config).to(device)
-    if init_dir is not None:
-        checkpoint.load_weights(model, init_dir / checkpoint.WEIGHTS)
+    return Inputs(
+        model_config=model_config,
+        train_cache=train_cache,
+        train_rows=train_rows,
+        val_cache=val_cache,
+        val_rows=val_rows,
+        device=device,
+        amp_dtype=amp_dtype,
+        world=world,
+        resume_state=resume_state,
+        init_dir=init_dir,
+    )
+
+
+def load_models(config: TrainConfig, inputs: Inputs) -> Models:
+    """Seed torch, then load the tokenizer, build the model on this rank's device, load --init.
+
+    The CLIP text tower of a CLIP-S reward is loaded here too, as it may fail, before the run
+    directory is touched.
+    """
+    torch.manual_seed(config.seed)  # the projector's initial weights, and the dropout, follow it
+    tokenizer = load_tokenizer(inputs.model_config.gpt2_model)
+    device = distributed.setup(inputs.device)
+    model = build_model(inputs.model_config).to(device)
+    if inputs.init_dir is not None:
+        checkpoint.load_weights(model, inputs.init_dir / checkpoint.WEIGHTS)
     reward_terms = scst.REWARD_TERMS[config.reward] if config.objective == "scst" else ()
     clip_text = None
-    if "clip" in reward_terms:  # loaded here, as it may fail, before the directory is touched
-        clip_model = cache_clip_model(train_cache.attrs, config.features, "--reward clip")
+    if "clip" in reward_terms:
+        clip_model = cache_clip_model(inputs.train_cache.attrs, config.features, "--reward clip")
         clip_text = load_clip_text(clip_model, device)
+    return Models(model, model.config, tokenizer, pad_token_id(tokenizer), clip_text)
 
-    # Everything is checked: only now is the directory changed, by the main process alone.
+
+def prepare_run(
+    run_dir: Path, config: TrainConfig, model_config: ModelConfig, world: distributed.World
+) -> None:
+    """Create (or with --overwrite, clear) the run directory, start logging, write config.json.
+
+    Only the main process writes and logs to `train.log`; the others log warnings only.
+    """
     if world.is_main:
         prepare_run_dir(run_dir, config)
         setup_logging(run_dir / "train.log")
-        write_run_config(run_dir, config, model.config)
+        write_run_config(run_dir, config, model_config)
     else:
         setup_logging(level=logging.WARNING)
     log.info("run directory %s", run_dir)
-    if init_dir is not None:
-        log.info("initialised from %s", init_dir)
-    elif config.objective == "scst" and resume_state is None:
+
+
+def log_setup(config: TrainConfig, inputs: Inputs, models: Models) -> None:
+    """Log where the weights start from, the batch and the parameter counts."""
+    if inputs.init_dir is not None:
+        log.info("initialised from %s", inputs.init_dir)
+    elif config.objective == "scst" and inputs.resume_state is None:
         log.warning(
             "--objective scst from untrained weights: self-critical training refines a trained "
             "captioner; start from a cross-entropy run with --init RUN"
@@ -162,71 +277,124 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         "batch: %d %ss per micro-batch across %d process(es), %d micro-batch(es) per step",
         config.batch_size,
         "image" if config.objective == "scst" else "caption",
-        world.size,
+        inputs.world.size,
         config.grad_accum,
     )
-    trainable, frozen = count_parameters(model)
+    trainable, frozen = count_parameters(models.model)
     log.info(
         "parameters: %s trainable, %s frozen (GPT-2 blocks frozen: %d of %d)",
         f"{trainable:,}",
         f"{frozen:,}",
-        model.config.freeze_layers,
-        model.gpt2.config.n_layer,
+        models.model_config.freeze_layers,
+        models.model.gpt2.config.n_layer,
     )
 
-    pad_id = pad_token_id(tokenizer)
-    if config.objective == "scst":
-        objective = _self_critical(config, train_cache, train_rows, tokenizer, clip_text)
-    else:
-        data, truncated = caption_data(
-            train_cache, train_rows, tokenizer, config.max_caption_tokens
-        )
-        log.info(
-            "train: %d images, %d captions; %d of the cache's captions truncated to %d tokens",
-            len(train_rows),
-            len(data),
-            truncated,
-            config.max_caption_tokens,
-        )
-        objective = CrossEntropy(data, pad_id)
-    validation = None
-    if val_cache is not None:
-        validation = validation_set(val_cache, val_rows, tokenizer, config)
-        log.info("val: %d images, %d captions", len(val_rows), len(validation.data))
-    scorer = make_scorer(config, device) if validation is not None else None
 
+def build_objective(
+    config: TrainConfig,
+    train_cache: feature_cache.MappedCache,
+    train_rows: np.ndarray,
+    models: Models,
+) -> Objective:
+    """The objective `--objective` names, over the training images of the cache."""
+    if config.objective == "scst":
+        return _self_critical(config, train_cache, train_rows, models.tokenizer, models.clip_text)
+    data, truncated = caption_data(
+        train_cache, train_rows, models.tokenizer, config.max_caption_tokens
+    )
+    log.info(
+        "train: %d images, %d captions; %d of the cache's captions truncated to %d tokens",
+        len(train_rows),
+        len(data),
+        truncated,
+        config.max_caption_tokens,
+    )
+    return CrossEntropy(data, models.pad_id)
+
+
+def build_validation(
+    config: TrainConfig, inputs: Inputs, models: Models
+) -> Callable[[], dict] | None:
+    """What scores the model after each epoch (`validation.validate`); None without validation."""
+    if inputs.val_cache is None:
+        return None
+    validation = validation_set(inputs.val_cache, inputs.val_rows, models.tokenizer, config)
+    log.info("val: %d images, %d captions", len(inputs.val_rows), len(validation.data))
+    return functools.partial(
+        validate,
+        models.model,
+        models.tokenizer,
+        validation,
+        make_scorer(config, next(models.model.parameters()).device),
+        inputs.amp_dtype,
+        config.batch_size,
+        models.pad_id,
+    )
+
+
+def run_optimization(
+    model: ClipCaptionModel,
+    objective: Objective,
+    config: TrainConfig,
+    amp_dtype: torch.dtype | None,
+) -> Optimization:
+    """AdamW and its schedule over every optimizer step of the run's epochs."""
     batches_per_epoch = math.ceil(len(objective) / config.batch_size)
     total_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.epochs
-    optimization = make_optimization(model, config, device, total_steps, amp_dtype)
+    device = next(model.parameters()).device
+    return make_optimization(model, config, device, total_steps, amp_dtype)
+
+
+def training_forward(model: ClipCaptionModel, config: TrainConfig, world: distributed.World):
+    """The model as training calls it: the model itself, or its DDP or compiled form.
+
+    Under torchrun it is wrapped in DistributedDataParallel; with --compile, compiled.
+    """
     forward = model
+    device = next(model.parameters()).device
     if world.size > 1:
         forward = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )
     if config.compile:
         forward = torch.compile(forward, dynamic=True)
+    return forward
 
+
+def restore(
+    run_dir: Path,
+    resume_state: dict | None,
+    model: ClipCaptionModel,
+    optimization: Optimization,
+    config: TrainConfig,
+) -> TrainState:
+    """Where the run starts: a new state, or a resumed run's, its weights and optimizer loaded.
+
+    A resume restores every rank's random number generators too, so the run goes on as if it
+    had never stopped.
+    """
     state = TrainState()
-    if resume_state is not None:
-        checkpoint.load_weights(model, run_dir / "checkpoints" / "last" / checkpoint.WEIGHTS)
-        optimization.load_state_dict(resume_state)
-        if world.size > 1:
-            torch.set_rng_state(resume_state["torch_rng_per_rank"][world.rank])
-            if device.type == "cuda" and resume_state.get("cuda_rng_per_rank"):
-                torch.cuda.set_rng_state(resume_state["cuda_rng_per_rank"][world.rank], device)
-        else:
-            torch.set_rng_state(resume_state["torch_rng"])
-            if device.type == "cuda" and resume_state.get("cuda_rng"):
-                torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
-        state.load_state_dict(resume_state)
-        # The position is kept in samples, so a resume with another --batch-size (checked to
-        # divide it) starts at the same caption.
-        state.batch = state.captions // config.batch_size
-        log.info("resumed at epoch %d, batch %d, step %d", state.epoch + 1, state.batch, state.step)
-        if world.is_main:
-            write_metrics(run_dir, state.history)
+    if resume_state is None:
+        return state
+    world, device = distributed.world(), next(model.parameters()).device
+    checkpoint.load_weights(model, run_dir / "checkpoints" / "last" / checkpoint.WEIGHTS)
+    optimization.load_state_dict(resume_state)
+    restore_rng(resume_state, device, world)
+    state.load_state_dict(resume_state)
+    # The position is kept in samples, so a resume with another --batch-size (checked to divide
+    # it) starts at the same sample.
+    state.batch = state.samples_done // config.batch_size
+    log.info("resumed at epoch %d, batch %d, step %d", state.epoch + 1, state.batch, state.step)
+    if world.is_main:
+        write_metrics(run_dir, state.history)
+    return state
 
-    run = RunDirectory(
+
+def run_directory(
+    run_dir: Path, tokenizer, train_cache: feature_cache.MappedCache, config: TrainConfig
+) -> RunDirectory:
+    """The run's folder, and what every checkpoint of it records beside the weights."""
+    return RunDirectory(
         run_dir,
         tokenizer,
         {
@@ -236,6 +404,24 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
             "train": asdict(config),
         },
     )
+
+
+def fit(
+    model: ClipCaptionModel,
+    forward,
+    objective: Objective,
+    optimization: Optimization,
+    state: TrainState,
+    config: TrainConfig,
+    amp_dtype: torch.dtype | None,
+    run: RunDirectory,
+    validate_epoch: Callable[[], dict] | None,
+) -> dict:
+    """Train the epochs left; after each, validate, log, and save the best and last checkpoints.
+
+    Returns the last epoch's metrics row (the last recorded one when no epoch was left).
+    """
+    world = distributed.world()
     criterion, higher_is_better = selection(config)
     log.info(
         "best checkpoint: the epoch with the %s %s",
@@ -247,34 +433,31 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
         row = train_one_epoch(
             model, forward, objective, optimization, state, config, amp_dtype, run
         )
-        if validation is not None:
+        if validate_epoch is not None:
             # The main process validates, exactly as one process would; the others wait.
             if world.is_main:
-                row.update(
-                    validate(
-                        model, tokenizer, validation, scorer, amp_dtype, config.batch_size, pad_id
-                    )
-                )
+                row.update(validate_epoch())
             row = distributed.broadcast_object(row)
         state.finish_epoch(row)
-        log.info(
-            "epoch %d: %s",
-            state.epoch,
-            ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in row.items()
-                if k != "epoch"
-            ),
-        )
+        log.info("epoch %d: %s", state.epoch, format_row(row))
         score = row[criterion]
         if state.best is None or (score > state.best if higher_is_better else score < state.best):
             state.best = score
             save_training_checkpoint(run, "best", model, state, metrics=row)
         save_training_checkpoint(run, "last", model, state, optimization, metrics=row)
         if world.is_main:
-            write_metrics(run_dir, state.history)
-    log.info("done: best checkpoint %s", run_dir / "checkpoints" / "best")
+            write_metrics(run.path, state.history)
+    log.info("done: best checkpoint %s", run.path / "checkpoints" / "best")
     return row
+
+
+def format_row(row: dict) -> str:
+    """A metrics row as the log shows it: `key=value`, floats to 4 significant digits."""
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in row.items()
+        if k != "epoch"
+    )
 
 
 def selection(config: TrainConfig) -> tuple[str, bool]:
