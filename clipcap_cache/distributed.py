@@ -73,6 +73,21 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
+def seed_rank_stream(seed: int) -> None:
+    """Give every rank a random stream of its own (dropout), as nanoGPT and open_clip do.
+
+    Called once the model's initial weights are drawn from the common seed. Rank r > 0 reseeds
+    with `seed + r`; rank 0 (and a single process) continues the common stream, so one process
+    trains exactly as it always has. Keyed randomness, such as SCST's sampling noise, does not
+    come from this stream and stays the same on every rank.
+    """
+    rank = world().rank
+    if rank > 0:
+        torch.manual_seed(seed + rank)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed(seed + rank)
+
+
 def barrier() -> None:
     """Wait until every rank gets here (a no-op in one process)."""
     if dist.is_initialized():

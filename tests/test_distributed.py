@@ -113,6 +113,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     row_two = json.loads((two / "metrics.jsonl").read_text())
     assert row_two["step"] == row_one["step"] == 10  # 320 captions / (16 x 2)
     assert row_two["train_loss"] == pytest.approx(row_one["train_loss"], rel=1e-5)
+    # Each rank has a random stream of its own (for dropout), not a copy of rank 0's.
+    rank_rng = load_train_state(two / "checkpoints" / "last")["torch_rng_per_rank"]
+    assert len(rank_rng) == 2 and not torch.equal(rank_rng[0], rank_rng[1])
 
     # Only rank 0 writes: the same files as one process, each log line once.
     def files(run):

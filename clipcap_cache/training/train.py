@@ -234,10 +234,11 @@ def load_models(config: TrainConfig, inputs: Inputs) -> Models:
     The CLIP text tower of a CLIP-S reward is loaded here too, as it may fail, before the run
     directory is touched.
     """
-    torch.manual_seed(config.seed)  # the projector's initial weights, and the dropout, follow it
+    torch.manual_seed(config.seed)  # the projector's initial weights: the same on every rank
     tokenizer = load_tokenizer(inputs.model_config.gpt2_model)
     device = distributed.setup(inputs.device)
     model = build_model(inputs.model_config).to(device)
+    distributed.seed_rank_stream(config.seed)  # dropout masks of their own on every rank
     if inputs.init_dir is not None:
         checkpoint.load_weights(model, inputs.init_dir / checkpoint.WEIGHTS)
     reward_terms = scst.REWARD_TERMS[config.reward] if config.objective == "scst" else ()
