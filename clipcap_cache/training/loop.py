@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from clipcap_cache import distributed
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.model import ClipCaptionModel
+from clipcap_cache.training import batches
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.optimization import Optimization
 from clipcap_cache.training.run_dir import RunDirectory, save_training_checkpoint
@@ -40,9 +41,13 @@ def train_one_epoch(
     world = distributed.world()
     epoch = state.epoch
     batches_per_epoch = math.ceil(len(objective) / config.batch_size)
-    order = torch.randperm(
-        len(objective), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
-    ).numpy()
+    order = batches.epoch_order(
+        batches.sample_lengths(objective),
+        config.batch_size,
+        config.seed,
+        epoch,
+        config.group_by_length,
+    )
     bar = tqdm(
         total=batches_per_epoch,
         initial=state.batch,
