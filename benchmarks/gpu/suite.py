@@ -470,32 +470,42 @@ def row_serving(env: Env, sizes: Sizes) -> list[dict]:
     ]
 
 
-def row_cuda_tests(seconds: float) -> list[dict]:
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"]
+def row_cuda_tests(seconds: float, out: Path) -> list[dict]:
+    """Run `pytest -m cuda tests/test_cuda.py`, its output in OUT_DIR/cuda_tests.log.
+
+    Each test's outcome is read from its own line of the verbose output, so a run stopped by the
+    time limit still reports the tests that finished.
+    """
+    command = [sys.executable, "-m", "pytest", "-v", "-rfE", "-m", "cuda", "tests/test_cuda.py"]
     command += ["-p", "no:cacheprovider"]
+    log = out / "cuda_tests.log"
     start = time.perf_counter()
     timeout = max(seconds, 60) if math.isfinite(seconds) else None
-    try:
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return [
-            {
-                "row": "CUDA tests (pytest -m cuda)",
-                "note": f"failed: timed out after {timeout:.0f} s",
-            }
-        ]
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", summary)}
-    failures = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    timed_out = False
+    with log.open("w") as f:
+        try:
+            subprocess.run(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    text = log.read_text()
+    outcomes = re.findall(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", text, re.M)
+    counts = {
+        kind: sum(1 for _, o in outcomes if o == kind)
+        for kind in ("PASSED", "FAILED", "SKIPPED", "ERROR")
+    }
+    failures = [name for name, o in outcomes if o in ("FAILED", "ERROR")]
+    note = f"failed: {', '.join(failures)}" if failures else ""
+    if timed_out:
+        note = f"failed: timed out after {timeout:.0f} s; {note}"
     return [
         {
             "row": "CUDA tests (pytest -m cuda)",
-            "value": counts.get("passed", 0),
+            "value": counts["PASSED"],
             "unit": "passed",
-            "failed": counts.get("failed", 0) + counts.get("error", 0),
-            "skipped": counts.get("skipped", 0),
+            "failed": counts["FAILED"] + counts["ERROR"],
+            "skipped": counts["SKIPPED"],
             "seconds": round(time.perf_counter() - start, 1),
-            "note": "; ".join(failures)[:500] or summary,
+            "note": (note + f" (log: {log.name})").strip(),
         }
     ]
 
@@ -554,7 +564,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="clipcap-gpu-suite-"))
     # The CUDA tests first, with at most 40% of the budget: in a short GPU window, whether the
     # GPU paths work matters more than how fast they are.
-    rows.extend(row_cuda_tests(budget * 0.4))
+    rows.extend(row_cuda_tests(budget * 0.4, args.out))
     with quiet_transformers(), contextlib.redirect_stdout(sys.stderr):
         setup_started = time.monotonic()
         env = setup(args.smoke, device, sizes, work)
