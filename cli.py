@@ -194,6 +194,13 @@ def train(
     weight_decay: Annotated[float, typer.Option()] = 0.01,
     max_grad_norm: Annotated[float, typer.Option()] = 1.0,
     max_caption_tokens: Annotated[int, typer.Option()] = 40,
+    group_by_length: Annotated[
+        bool,
+        typer.Option(
+            "--group-by-length/--no-group-by-length",
+            help="Batch captions of similar length together (xe): less padding, faster steps.",
+        ),
+    ] = False,
     device: Device = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     seed: Seed = 42,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 from clipcap_cache.checks import at_least, check_types, one_of
@@ -166,13 +167,70 @@ class ClipCaptionModel(nn.Module):
         return F.cross_entropy(logits.float(), labels[keep])
 
     def token_log_probs(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Log-probability (B, T) of each token given the prefix (B, K, H) and the tokens before it."""
+        """Log-probability (B, T) of each token given the prefix (B, K, H) and the tokens before it.
+
+        The vocabulary-sized logits are made a few rows at a time (`chunked_log_probs`), never
+        all (B, T, V) at once.
+        """
         k = prefix.shape[1]
         embeds = torch.cat([prefix, self.gpt2.transformer.wte(tokens).to(prefix.dtype)], dim=1)
         hidden = self.gpt2.transformer(inputs_embeds=embeds).last_hidden_state
-        logits = self.gpt2.lm_head(hidden[:, k - 1 : -1]).float()  # (B, T, V)
-        chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        return chosen - logits.logsumexp(-1)
+        return chunked_log_probs(self.gpt2.lm_head, hidden[:, k - 1 : -1], tokens)
+
+
+LOG_PROB_CHUNK_ELEMENTS = 2**23  # logits per chunk: 32 MiB of float32, 167 rows of GPT-2's 50257
+
+
+def chunked_log_probs(
+    head: nn.Linear,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """`log_softmax(head(hidden)).gather(tokens)` (B, T), holding one chunk of logits at a time.
+
+    Self-critical training scores B x K sampled sequences: their full float32 logits would be
+    B x K x T x V x 4 bytes (800 MB for 200 sequences of 20 tokens with GPT-2), and autograd
+    would keep them until the backward pass. Here the (B * T) rows are cut into chunks of at most
+    `chunk_elements` logits. Each chunk's logits are freed as soon as its log-probabilities are
+    taken; when a gradient is needed, the chunk is checkpointed, so that the backward pass
+    recomputes its logits (one more head matmul per chunk) instead of keeping them. The result
+    and its gradients equal the unchunked computation's up to float rounding.
+
+    Args:
+        head: the language-model head, H -> V.
+        hidden: (B, T, H) the hidden states that predict `tokens`.
+        tokens: (B, T) the tokens whose log-probabilities are wanted.
+        chunk_elements: logits per chunk, at most (at least one row); LOG_PROB_CHUNK_ELEMENTS
+            by default.
+
+    Returns:
+        (B, T) float32 log-probabilities.
+
+    """
+    rows = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
+    targets = tokens.reshape(-1)  # (B*T,)
+    step = max(1, (chunk_elements or LOG_PROB_CHUNK_ELEMENTS) // head.out_features)
+    keep_graph = torch.is_grad_enabled() and (
+        rows.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
+    parts = []
+    for start in range(0, rows.shape[0], step):
+        chunk, chunk_targets = rows[start : start + step], targets[start : start + step]
+        if keep_graph:
+            # Non-reentrant checkpointing replays the chunk under the same autocast state.
+            parts.append(checkpoint(_log_probs, head, chunk, chunk_targets, use_reentrant=False))
+        else:
+            parts.append(_log_probs(head, chunk, chunk_targets))
+    if not parts:
+        return rows.new_zeros(tokens.shape, dtype=torch.float32)
+    return torch.cat(parts).view(tokens.shape)
+
+
+def _log_probs(head: nn.Linear, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) log-probabilities of `targets` under `head(rows)` (N, V), in float32."""
+    logits = head(rows).float()  # (N, V)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def load_gpt2(name_or_dir: str) -> GPT2LMHeadModel:

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from braceexpand import UnbalancedBracesError, braceexpand
 
 from clipcap_cache.data.annotations import ALL, SPLIT_ALIASES, SPLITS, TRAIN, ImageRecord
 from clipcap_cache.data.images import IMAGE_EXTENSIONS, ImageLoadError, ShardBatch, decode_image
@@ -50,11 +49,29 @@ def is_webdataset(source: str, format: str = "auto") -> bool:
         return False
     if Path(source).is_dir():
         return True
+    names = _expand_braces(source)
+    return bool(names) and names[0].lower().endswith(TAR_SUFFIXES)
+
+
+def _expand_braces(source: str) -> list[str] | None:
+    """The names a brace pattern stands for (None if its braces do not balance).
+
+    braceexpand is imported here, not with the module, so that extraction from annotation files
+    works where it is not installed; only a pattern with braces needs it.
+    """
     try:
-        first = next(iter(braceexpand(source)))
-    except (UnbalancedBracesError, StopIteration):
-        return False
-    return first.lower().endswith(TAR_SUFFIXES)
+        from braceexpand import UnbalancedBracesError, braceexpand
+    except ImportError:
+        if "{" in source or "}" in source:
+            raise ClipcapError(
+                f"'{source}' is a brace pattern, which needs the braceexpand package "
+                "(pip install braceexpand)"
+            ) from None
+        return [source]
+    try:
+        return list(braceexpand(source))
+    except UnbalancedBracesError:
+        return None
 
 
 def shard_paths(source: str) -> list[Path]:
@@ -67,10 +84,9 @@ def shard_paths(source: str) -> list[Path]:
         if not shards:
             raise ClipcapError(f"{source} holds no tar shards (*.tar, *.tar.gz, *.tgz)")
         return shards
-    try:
-        names = list(braceexpand(source))
-    except UnbalancedBracesError:
-        raise ClipcapError(f"'{source}' is not a valid brace pattern: unbalanced braces") from None
+    names = _expand_braces(source)
+    if names is None:
+        raise ClipcapError(f"'{source}' is not a valid brace pattern: unbalanced braces")
     shards, missing = [], []
     for name in names:
         if glob.has_magic(name):

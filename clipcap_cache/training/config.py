@@ -26,6 +26,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     max_caption_tokens: int = 40  # longer captions are truncated (EOS still appended)
+    # Batch captions of similar length together (`batches.epoch_order`); off, so that runs and
+    # resumes of runs made before it keep their order.
+    group_by_length: bool = False
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     seed: int = 42

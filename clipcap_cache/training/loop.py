@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from clipcap_cache import distributed
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.model import ClipCaptionModel
+from clipcap_cache.training import batches
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.objectives import Objective
 from clipcap_cache.training.optimization import Optimization
@@ -69,7 +70,13 @@ def train_one_epoch(
     model.train()
     world = distributed.world()
     batch_size, batches_per_epoch = config.batch_size, math.ceil(len(objective) / config.batch_size)
-    order = epoch_order(len(objective), config.seed, state.epoch)
+    order = batches.epoch_order(
+        batches.sample_lengths(objective),
+        batch_size,
+        config.seed,
+        state.epoch,
+        config.group_by_length,
+    )
     bar = progress_bar(state, batches_per_epoch, config.epochs, world)
     started = time.perf_counter() - state.seconds
     first_batch = state.batch
@@ -114,12 +121,6 @@ def train_one_epoch(
     finally:
         bar.close()  # before any error message, so it starts a line of its own
     return epoch_row(state, objective, optimization, time.perf_counter() - started)
-
-
-def epoch_order(samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled sample order of an epoch, the same in every process and on every resume."""
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return torch.randperm(samples, generator=generator).numpy()
 
 
 def progress_bar(

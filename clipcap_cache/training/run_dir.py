@@ -13,6 +13,7 @@ from clipcap_cache.files import os_errors, write_json_atomic
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.logs import write_jsonl
 from clipcap_cache.model import ClipCaptionModel, ModelConfig
+from clipcap_cache.training import batches
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.optimization import Optimization
 from clipcap_cache.training.plots import plot_metrics
@@ -120,6 +121,7 @@ def check_run_dir(
                 f"{config.batch_size}; resume with a --batch-size that divides it (the run used "
                 f"{saved.get('train', {}).get('batch_size')})"
             )
+        batches.check_resume(saved.get("train", {}), config, train_state["captions"])
         return train_state, replace(model_config, freeze_layers=saved_model["freeze_layers"])
     if exists and not config.overwrite:
         raise ClipcapError(
