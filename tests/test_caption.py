@@ -107,7 +107,9 @@ def test_bad_images_are_reported_and_the_rest_captioned(trained_run, photos, tmp
 
 
 @pytest.mark.bad_input("traceback")
-def test_bad_checkpoints_get_one_line_errors(checkpoint_run, photos, tmp_path):
+def test_bad_checkpoints_get_one_line_errors(checkpoint_run, shapes, tmp_path):
+    # Refused before any image is read: any images will do, and no trained model is needed.
+    photos = shapes[1] / "images"
     assert "not found" in assert_one_line_error(caption(tmp_path / "nothing", photos))
     bad_version = tmp_path / "v"
     shutil.copytree(checkpoint_run / "checkpoints" / "best", bad_version)
