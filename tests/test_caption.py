@@ -8,11 +8,20 @@ from conftest import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory, shapes):
+def photos(tmp_path_factory, shapes, captioner):
+    """Three shapes images whose best captions differ, so that no caption fits a wrong image."""
     _, root = shapes
     folder = tmp_path_factory.mktemp("photos")
-    for i, name in enumerate(sorted((root / "images").iterdir())[:3]):
-        shutil.copy(name, folder / f"p{i}.png")
+    chosen, seen = [], set()
+    for path in sorted((root / "images").iterdir()):
+        best = captioner([path])[0][0]["caption"]
+        if best not in seen:
+            seen.add(best)
+            chosen.append(path)
+        if len(chosen) == 3:
+            break
+    for i, path in enumerate(chosen):
+        shutil.copy(path, folder / f"p{i}.png")
     (folder / "sub").mkdir()
     shutil.copy(folder / "p0.png", folder / "sub" / "deep.png")
     return folder
@@ -22,17 +31,23 @@ def caption(run, *args):
     return run_cli("caption", *args, "--checkpoint", run, "--device", "cpu", "--batch-size", "2")
 
 
-def test_text_output_is_one_line_per_image(trained_run, photos):
+def best_caption(captioner, path, **options) -> str:
+    return captioner([path], **options)[0][0]["caption"]
+
+
+def test_text_output_is_one_line_per_image_with_its_own_caption(trained_run, photos, captioner):
     result = caption(trained_run, photos)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert [line.split("\t")[0] for line in lines] == [str(photos / f"p{i}.png") for i in range(3)]
-    assert all(line.split("\t")[1] for line in lines)
-    recursive = caption(trained_run, photos, "--recursive")
-    assert len(recursive.stdout.strip().splitlines()) == 4
+    lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    paths = [photos / f"p{i}.png" for i in range(3)]
+    assert lines == [[str(p), best_caption(captioner, p)] for p in paths]
+    assert len({text for _, text in lines}) == 3
+    recursive = caption(trained_run, photos, "--recursive").stdout.strip().splitlines()
+    deep = photos / "sub" / "deep.png"
+    assert recursive == [*map("\t".join, lines), f"{deep}\t{best_caption(captioner, deep)}"]
 
 
-def test_structured_formats_parse(trained_run, photos, tmp_path):
+def test_structured_formats_parse(trained_run, photos, tmp_path, captioner):
     glob = str(photos / "p*.png")
     out = tmp_path / "c.json"
     assert (
@@ -52,9 +67,13 @@ def test_structured_formats_parse(trained_run, photos, tmp_path):
     )
     data = json.loads(out.read_text())
     assert [d["image"] for d in data] == [str(photos / f"p{i}.png") for i in range(3)]
-    assert all(len(d["captions"]) == 2 for d in data)
+    for d in data:
+        expected = captioner([d["image"]], beams=3, num_captions=2)[0]
+        assert d["captions"] == [c["caption"] for c in expected]
     lines = caption(trained_run, glob, "--format", "jsonl", "--greedy").stdout.strip().splitlines()
-    assert [len(json.loads(line)["captions"]) for line in lines] == [1, 1, 1]
+    assert [json.loads(line)["captions"] for line in lines] == [
+        [c["caption"] for c in captioner([photos / f"p{i}.png"], greedy=True)[0]] for i in range(3)
+    ]
     rows = list(
         csv.DictReader(
             io.StringIO(
@@ -88,21 +107,23 @@ def test_bad_images_are_reported_and_the_rest_captioned(trained_run, photos, tmp
 
 
 @pytest.mark.bad_input("traceback")
-def test_bad_checkpoints_get_one_line_errors(trained_run, photos, tmp_path):
+def test_bad_checkpoints_get_one_line_errors(checkpoint_run, shapes, tmp_path):
+    # Refused before any image is read: any images will do, and no trained model is needed.
+    photos = shapes[1] / "images"
     assert "not found" in assert_one_line_error(caption(tmp_path / "nothing", photos))
     bad_version = tmp_path / "v"
-    shutil.copytree(trained_run / "checkpoints" / "best", bad_version)
+    shutil.copytree(checkpoint_run / "checkpoints" / "best", bad_version)
     config = json.loads((bad_version / "config.json").read_text())
     (bad_version / "config.json").write_text(json.dumps({**config, "format_version": 7}))
     assert "format version 7" in assert_one_line_error(caption(bad_version, photos))
     wrong_base = tmp_path / "w"
-    shutil.copytree(trained_run / "checkpoints" / "best", wrong_base)
+    shutil.copytree(checkpoint_run / "checkpoints" / "best", wrong_base)
     config["model"]["gpt2_model"] = "no-such-org/no-such-gpt2"
     (wrong_base / "config.json").write_text(json.dumps(config))
     assert "not a local directory" in assert_one_line_error(caption(wrong_base, photos))
     wrong_shape = tmp_path / "s"
-    shutil.copytree(trained_run / "checkpoints" / "best", wrong_shape)
-    config = json.loads((trained_run / "checkpoints" / "best" / "config.json").read_text())
+    shutil.copytree(checkpoint_run / "checkpoints" / "best", wrong_shape)
+    config = json.loads((checkpoint_run / "checkpoints" / "best" / "config.json").read_text())
     config["model"]["prefix_length"] = 7
     (wrong_shape / "config.json").write_text(json.dumps(config))
     assert "shape" in assert_one_line_error(caption(wrong_shape, photos))

@@ -79,13 +79,15 @@ def test_a_clip_model_of_another_size_is_refused(tmp_path, captioner):
 
 
 @pytest.mark.bad_input("message")
-def test_evaluate_refuses_a_cache_of_another_clip_model(tmp_path, trained_run, shapes_cache):
+def test_evaluate_refuses_a_cache_of_another_clip_model(tmp_path, checkpoint_run, shapes_cache):
     cache = tmp_path / "other.h5"
     cache.write_bytes(shapes_cache.read_bytes())
     with h5py.File(cache, "r+") as f:
         f.attrs["clip_model"] = "openai/clip-vit-large-patch14"
     assert read_cache(cache).attrs["clip_model"] == "openai/clip-vit-large-patch14"
     out = tmp_path / "eval"
-    result = run_cli("evaluate", trained_run, "--features", cache, "--no-bertscore", "--out", out)
+    result = run_cli(
+        "evaluate", checkpoint_run, "--features", cache, "--no-bertscore", "--out", out
+    )
     assert "comes from CLIP model openai/clip-vit-large-patch14" in assert_one_line_error(result)
     assert not out.exists()

@@ -74,6 +74,32 @@ def test_cider_d_equals_pycocoevalcap_given_the_same_document_frequencies():
     assert found[0] == 0 and found[1] > 2
 
 
+# Candidates that exercise CIDEr-D's clipping of repeated n-grams and its length penalty.
+HARD_CANDIDATES = [
+    "dog dog dog dog running running on the beach beach beach",
+    "TV",
+    "a grey cat sitting on a red couch in the living room near a lamp on a rainy day "
+    "while the people watch an old television set",
+    "toys, toys and more toys on a wooden floor of a kid's room",
+    "An airplane flying over the city at 6:30pm",
+]
+
+
+@pytest.mark.parametrize("candidates", [CANDIDATES, HARD_CANDIDATES], ids=["plain", "hard"])
+def test_cider_d_equals_pycocoevalcap_on_our_tokens(candidates):
+    # pycocoevalcap's Cider splits its input at spaces and does nothing else, so our PTB tokens,
+    # joined by spaces, give it the input its Java tokenizer would: parity without Java.
+    def tokens(text):
+        return " ".join(ptb_tokenize(text))
+
+    gts = {i: [tokens(r) for r in refs] for i, refs in enumerate(REFERENCES)}
+    res = {i: [tokens(c)] for i, c in enumerate(candidates)}
+    _, expected = Cider().compute_score(gts, res)
+    ours = CiderD(REFERENCES).score(candidates, REFERENCES)
+    assert ours == pytest.approx(expected, abs=1e-6, rel=1e-9)
+    assert len(set(ours.round(6))) == len(candidates)  # no two alike: a mix-up would show
+
+
 def test_document_frequencies_come_from_the_corpus_given():
     # The same caption scores higher where its n-grams are rare in the corpus.
     candidate, references = ["a red bus on a street"], [["a red bus on a city street"]]

@@ -142,21 +142,21 @@ def test_metrics_equal_direct_pycocoevalcap_and_bert_score(
     ],
 )
 def test_a_bad_predictions_file_gets_one_line(
-    trained_run, shapes_cache, tmp_path, content, expected
+    checkpoint_run, shapes_cache, tmp_path, content, expected
 ):
     # Checked before any scoring, so no Java is needed.
     predictions = tmp_path / "predictions.json"
     if content is not None:
         predictions.write_text(content)
     out = tmp_path / "out"
-    error = assert_one_line_error(score_predictions(trained_run, shapes_cache, predictions, out))
+    error = assert_one_line_error(score_predictions(checkpoint_run, shapes_cache, predictions, out))
     assert expected in error
     assert not out.exists()
 
 
 @pytest.mark.bad_input("message")
 @needs_java
-def test_spice_without_corenlp_gets_one_line(trained_run, shapes_cache, tmp_path):
+def test_spice_without_corenlp_gets_one_line(checkpoint_run, shapes_cache, tmp_path):
     import pycocoevalcap.spice as spice_package
 
     jar = Path(spice_package.__file__).parent / "lib" / "stanford-corenlp-3.6.0.jar"
@@ -165,7 +165,7 @@ def test_spice_without_corenlp_gets_one_line(trained_run, shapes_cache, tmp_path
     error = assert_one_line_error(
         run_cli(
             "evaluate",
-            trained_run,
+            checkpoint_run,
             "--features",
             shapes_cache,
             "--no-bertscore",
@@ -206,7 +206,7 @@ def test_without_java_meteor_is_skipped_and_the_rest_match(
 
 
 def test_offline_bertscore_is_skipped_and_the_coco_metrics_are_written(
-    trained_run, shapes_cache, tmp_path
+    checkpoint_run, shapes_cache, tmp_path
 ):
     predictions = tmp_path / "predictions.json"
     predictions.write_text(json.dumps([{"image_id": 184, "caption": "a red circle"}]))
@@ -214,7 +214,7 @@ def test_offline_bertscore_is_skipped_and_the_coco_metrics_are_written(
     # The default BERTScore model, roberta-large, cannot be fetched: the hub is off in tests.
     result = run_cli(
         "evaluate",
-        trained_run,
+        checkpoint_run,
         "--features",
         shapes_cache,
         "--predictions",
