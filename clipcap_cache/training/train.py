@@ -45,7 +45,7 @@ from clipcap_cache.evaluation.cider import CiderD
 from clipcap_cache.evaluation.clipscore import ClipText, cache_clip_model, load_clip_text
 from clipcap_cache.files import exclusive_lock
 from clipcap_cache.hub import resolve_name
-from clipcap_cache.logs import setup_logging
+from clipcap_cache.logs import log_to_file
 from clipcap_cache.model import ModelConfig, build_model, count_parameters, load_tokenizer
 from clipcap_cache.training import scst
 from clipcap_cache.training.config import TrainConfig
@@ -138,10 +138,8 @@ def _train(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dic
     # Everything is checked: only now is the directory changed, by the main process alone.
     if world.is_main:
         prepare_run_dir(run_dir, config)
-        setup_logging(run_dir / "train.log")
+        log_to_file(run_dir / "train.log")
         write_run_config(run_dir, config, model.config)
-    else:
-        setup_logging(level=logging.WARNING)
     log.info("run directory %s", run_dir)
     if init_dir is not None:
         log.info("initialised from %s", init_dir)
