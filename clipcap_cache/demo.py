@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.hub import quiet_transformers
 
+DEFAULT_WORKDIR = "data/demo"  # where `clipcap demo` builds everything
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 180, 40),
@@ -268,7 +269,7 @@ def offline_bertscore_model() -> str | None:
 
 
 def run_demo(
-    workdir: str | Path = "data/demo", fresh: bool = False, epochs: int = 15, echo=print
+    workdir: str | Path = DEFAULT_WORKDIR, fresh: bool = False, epochs: int = 15, echo=print
 ) -> dict:
     """Build the data and models if missing, then extract, train, evaluate and caption."""
     from clipcap_cache.data.annotations import read_annotations
