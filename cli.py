@@ -1,128 +1,205 @@
 """The `clipcap` command line: a thin Typer layer over `clipcap_cache`.
 
-Each command parses its options, builds the library's config objects and calls one library
-function. Mistakes in the user's input (`ClipcapError`) are printed as one line and exit non-zero.
+Each command's options are made from the fields of the library's config dataclasses
+(`clipcap_cache.options`): the defaults, types, choices and help text that `--help` shows are
+the configs' own. A command builds its configs from the parsed values and calls one library
+function. Options that only the command line has (`--config`, `--json`, ...) are declared the
+same way, in small dataclasses here. Mistakes in the user's input (`ClipcapError`) are printed
+as one line and exit non-zero.
+
+A command's options, and the library modules that define them, are loaded only when that
+command runs or shows its help, so `clipcap --help` starts without importing torch.
 """
 
+import contextlib
+import inspect as signatures
 import json
-from dataclasses import fields
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.options import MISSING, NamedOption, build, option, options_of
+
+# ------------------------------------------------------------------ building commands
+
+
+@dataclass(frozen=True)
+class _Command:
+    function: Callable  # called with the parsed values as one dict (and the context, if asked)
+    options: Callable[[], list[NamedOption]]  # imports what it needs when called
+    context: bool
+
+
+_COMMANDS: dict[str, _Command] = {}
+
+
+def command(options: Callable[[], list[NamedOption]], name: str | None = None, context=False):
+    """Register a command whose Typer parameters are `options()`; see the module docstring."""
+
+    def register(function):
+        _COMMANDS[name or function.__name__.replace("_", "-")] = _Command(
+            function, options, context
+        )
+        return function
+
+    return register
+
+
+def _parameter(opt: NamedOption) -> signatures.Parameter:
+    """One Typer parameter, `name: Annotated[type, typer.Option(...)] = default`, from an option."""
+    spec = opt.spec
+    kind = spec.cli_type or opt.annotation
+    default = opt.default
+    if default is None:
+        kind = kind | None
+    show_default = spec.default_text or True
+    if spec.argument:
+        info = typer.Argument(
+            help=spec.help_text(), metavar=spec.metavar, show_default=show_default
+        )
+    else:
+        info = typer.Option(
+            *opt.flags, help=spec.help_text(), metavar=spec.metavar, show_default=show_default
+        )
+    return signatures.Parameter(
+        opt.name,
+        signatures.Parameter.KEYWORD_ONLY,
+        default=signatures.Parameter.empty if default is MISSING else default,
+        annotation=Annotated[kind, info],
+    )
+
+
+def _click_command(name: str) -> TyperCommand:
+    """Build a registered command, with Typer, from its options."""
+    entry = _COMMANDS[name]
+    parameters = [_parameter(opt) for opt in entry.options()]
+    if entry.context:
+        kind = signatures.Parameter.KEYWORD_ONLY
+        parameters.insert(0, signatures.Parameter("ctx", kind, annotation=typer.Context))
+
+    def callback(**values):
+        if entry.context:
+            return entry.function(values.pop("ctx"), values)
+        return entry.function(values)
+
+    callback.__signature__ = signatures.Signature(parameters)
+    callback.__doc__ = entry.function.__doc__
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command(name)(callback)
+    return typer.main.get_command(single)
+
+
+class _LazyCommands(Mapping):
+    """The group's commands by name, each built when first looked up (a read-only mapping)."""
+
+    def __init__(self):
+        self.built: dict[str, TyperCommand] = {}
+        self.listing = False  # while `clipcap --help` lists them: their help line is enough
+
+    def __getitem__(self, name: str) -> TyperCommand:
+        entry = _COMMANDS[name]
+        if self.listing:
+            return TyperCommand(name, help=entry.function.__doc__)
+        if name not in self.built:
+            self.built[name] = _click_command(name)
+        return self.built[name]
+
+    def __iter__(self):
+        return iter(_COMMANDS)
+
+    def __len__(self):
+        return len(_COMMANDS)
+
+
+class _LazyGroup(TyperGroup):
+    """The `clipcap` group, whose commands are built (and their modules imported) on first use."""
+
+    def __init__(self, **settings):
+        super().__init__(**settings)
+        self.commands = _LazyCommands()
+
+    def list_commands(self, ctx):
+        return list(self.commands)  # names only: nothing is built
+
+    def format_help(self, ctx, formatter):
+        self.commands.listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.commands.listing = False
+
 
 app = typer.Typer(
-    help="Image captioning with CLIP prefixes and GPT-2, trained from cached CLIP features.",
+    cls=_LazyGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 
 
-def _run(function, *args, **kwargs):
-    """Call a library function, turning user errors and Ctrl-C into a message and an exit code."""
+@app.callback()  # a group of commands needs a callback: it does nothing
+def _group():
+    """Image captioning with CLIP prefixes and GPT-2, trained from cached CLIP features."""
+
+
+@contextlib.contextmanager
+def _reported(resume_hint: str | None = None):
+    """Run a command's library calls, turning user errors and Ctrl-C into a message and an exit code.
+
+    The console's logging is set up here, once, for every command; library stages that keep a
+    log file add it themselves. `resume_hint` says how to continue after Ctrl-C, where a command
+    can.
+    """
     from clipcap_cache.logs import setup_logging
 
-    if not kwargs.pop("keep_logging", False):
-        setup_logging()
+    setup_logging()
     try:
-        return function(*args, **kwargs)
+        yield
     except ClipcapError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        typer.secho("interrupted: run the same command again to resume", err=True, fg="yellow")
+        message = "interrupted" + (f": {resume_hint}" if resume_hint else "")
+        typer.secho(message, err=True, fg="yellow")
         raise typer.Exit(130) from None
 
 
-Device = Annotated[str, typer.Option(help="auto | cpu | cuda | mps")]
-Beams = Annotated[int, typer.Option(help="Beam width.")]
-Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy decoding.")]
-Sample = Annotated[bool, typer.Option("--sample", help="Nucleus sampling.")]
-NumCaptions = Annotated[int, typer.Option(help="Captions per image: top beams or samples.")]
-MaxTokens = Annotated[int, typer.Option(help="New tokens at most.")]
-TopP = Annotated[float, typer.Option(help="Nucleus mass for --sample.")]
-Temperature = Annotated[float, typer.Option(help="Temperature for --sample.")]
-Seed = Annotated[int, typer.Option(help="Random seed.")]
-BertscoreModel = Annotated[str, typer.Option(help="BERTScore model: hub name or directory.")]
-BertscoreLayers = Annotated[int | None, typer.Option(help="BERTScore layer, for unknown models.")]
+def _given(ctx: typer.Context, values: dict) -> dict:
+    """The values the user typed (not the defaults Typer filled in)."""
+    # Compared by name: typer may ship its own copy of click's ParameterSource enum.
+    return {
+        k: v
+        for k, v in values.items()
+        if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"
+    }
 
 
-@app.command("extract-features")
-def extract_features(
-    source: Annotated[
-        str,
-        typer.Argument(
-            help="Annotation file (COCO, Karpathy, JSON lines, CSV), or WebDataset tar shards: "
-            "a quoted brace pattern such as 'shards/{00000..00099}.tar', or a directory of tars."
-        ),
-    ],
-    out: Annotated[Path, typer.Option(help="HDF5 cache to write.")],
-    images: Annotated[
-        Path | None,
-        typer.Option(help="Image root of an annotation file (not used with tars)."),
-    ] = None,
-    format: Annotated[
-        str, typer.Option(help="auto | coco | karpathy | jsonl | csv | webdataset")
-    ] = "auto",
-    split: Annotated[str, typer.Option(help="train | val | test | all")] = "all",
-    split_default: Annotated[
-        str, typer.Option(help="WebDataset: split of samples whose json names none.")
-    ] = "train",
-    clip_model: Annotated[
-        str, typer.Option(help="CLIP hub name or directory.")
-    ] = "openai/clip-vit-base-patch32",
-    batch_size: Annotated[int, typer.Option(help="Images per encoder batch.")] = 64,
-    num_workers: Annotated[int | None, typer.Option(help="Decoding workers.")] = None,
-    device: Device = "auto",
-    dtype: Annotated[str, typer.Option(help="Storage dtype: float16 | float32")] = "float16",
-    limit: Annotated[
-        int | None, typer.Option(help="Only the first N images (annotation files).")
-    ] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad image.")] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing cache.")
-    ] = False,
-    shard_size: Annotated[
-        int, typer.Option(help="Images per crash-safe progress shard (a tar is one shard).")
-    ] = 2048,
-    image_processor: Annotated[
-        str, typer.Option(help="CLIP preprocessing backend: torchvision (faster) | pil")
-    ] = "torchvision",
-):
+# ------------------------------------------------------------------ the commands
+
+
+def _feature_options():
+    from clipcap_cache.extraction.features import FeatureConfig
+
+    return options_of(FeatureConfig)
+
+
+@command(_feature_options, name="extract-features")
+def extract_features(values: dict):
     """Run frozen CLIP over a dataset once and cache the image embeddings in HDF5."""
-    from clipcap_cache.data.images import default_num_workers
+    from clipcap_cache.distributed import is_main_process
     from clipcap_cache.extraction.features import FeatureConfig, summary_dict
     from clipcap_cache.extraction.features import extract_features as run
 
-    def go():
-        config = FeatureConfig(
-            annotations=source,
-            images=None if images is None else str(images),
-            out=str(out),
-            format=format,
-            split=split,
-            split_default=split_default,
-            clip_model=clip_model,
-            batch_size=batch_size,
-            num_workers=default_num_workers() if num_workers is None else num_workers,
-            device=device,
-            dtype=dtype,
-            limit=limit,
-            strict=strict,
-            overwrite=overwrite,
-            shard_size=shard_size,
-            image_processor=image_processor,
-        )
-        return run(config)
-
-    summary = _run(go)
-    from clipcap_cache.distributed import is_main_process
-
+    with _reported(resume_hint="run the same command again to resume"):
+        config = build(FeatureConfig, values)
+        summary = run(config)
     if not is_main_process():
         return
+    out = config.out
     if summary.already_complete:
         typer.echo(f"{out} is already complete ({summary.images_written} images): nothing to do")
         return
@@ -138,16 +215,23 @@ def extract_features(
     )
 
 
-@app.command()
-def inspect(
-    features: Annotated[Path, typer.Argument(help="HDF5 feature cache.")],
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-):
+@dataclass
+class InspectOptions:
+    """What `clipcap inspect` takes."""
+
+    features: str = option(help="HDF5 feature cache.", argument=True)
+    json_output: bool = option(False, help="Print JSON.", flags=("--json",))
+
+
+@command(lambda: options_of(InspectOptions))
+def inspect(values: dict):
     """Summarise a feature cache: model, dimension, counts per split, failures, completeness."""
     from clipcap_cache.data.cache import describe
 
-    info = _run(describe, features)
-    if json_output:
+    options = InspectOptions(**values)
+    with _reported():
+        info = describe(options.features)
+    if options.json_output:
         typer.echo(json.dumps(info, indent=2))
         return
     typer.echo(
@@ -162,122 +246,121 @@ def inspect(
     typer.echo(f"  failed:     {info['failed']}" + (f" ({reasons})" if reasons else ""))
 
 
-@app.command()
-def train(
-    ctx: typer.Context,
-    features: Annotated[Path, typer.Argument(help="HDF5 feature cache to train on.")],
-    out: Annotated[Path, typer.Option(help="Run directory.")],
-    config: Annotated[
-        Path | None, typer.Option(help="JSON file of options; flags override it.")
-    ] = None,
-    gpt2_model: Annotated[str, typer.Option(help="GPT-2 hub name or directory.")] = "gpt2",
-    projector: Annotated[str, typer.Option(help="mlp | transformer")] = "mlp",
-    prefix_length: Annotated[int, typer.Option(help="Prefix embeddings per image.")] = 10,
-    normalize_prefix: Annotated[
-        bool, typer.Option("--normalize-prefix", help="L2-normalise embeddings.")
-    ] = False,
-    freeze_layers: Annotated[
-        int | None, typer.Option(help="Frozen GPT-2 blocks from the bottom (default: half).")
-    ] = None,
-    projector_layers: Annotated[int, typer.Option(help="Transformer projector depth.")] = 8,
-    projector_heads: Annotated[int, typer.Option(help="Transformer projector heads.")] = 8,
-    epochs: Annotated[int, typer.Option()] = 10,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            help="Captions (images under scst) per micro-batch, in total across torchrun processes."
-        ),
-    ] = 40,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
-    warmup_steps: Annotated[int, typer.Option()] = 5000,
-    weight_decay: Annotated[float, typer.Option()] = 0.01,
-    max_grad_norm: Annotated[float, typer.Option()] = 1.0,
-    max_caption_tokens: Annotated[int, typer.Option()] = 40,
-    group_by_length: Annotated[
-        bool,
-        typer.Option(
-            "--group-by-length/--no-group-by-length",
-            help="Batch captions of similar length together (xe): less padding, faster steps.",
-        ),
-    ] = False,
-    device: Device = "auto",
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
-    seed: Seed = 42,
-    val_features: Annotated[Path | None, typer.Option(help="Validate on this cache.")] = None,
-    validate: Annotated[bool, typer.Option("--val/--no-val", help="Validate each epoch.")] = True,
-    eval_images: Annotated[
-        int, typer.Option(help="Val images captioned for CIDEr-D and BERTScore.")
-    ] = 500,
-    bertscore: Annotated[bool, typer.Option("--bertscore/--no-bertscore")] = True,
-    bertscore_model: BertscoreModel = "roberta-large",
-    bertscore_layers: BertscoreLayers = None,
-    save_every_steps: Annotated[int, typer.Option(help="Steps between resume points.")] = 1000,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    init: Annotated[
-        Path | None, typer.Option(help="Start a new run from this checkpoint's weights.")
-    ] = None,
-    objective: Annotated[
-        str, typer.Option(help="xe (cross-entropy) | scst (self-critical, after xe with --init).")
-    ] = "xe",
-    samples: Annotated[int, typer.Option(help="scst: captions sampled per image.")] = 5,
-    baseline: Annotated[
-        str, typer.Option(help="scst: mean (of the other samples) | greedy.")
-    ] = "mean",
-    reward: Annotated[str, typer.Option(help="scst: cider | clip | cider+clip.")] = "cider",
-    cider_weight: Annotated[float, typer.Option(help="scst: CIDEr-D weight in cider+clip.")] = 1.0,
-    clip_weight: Annotated[float, typer.Option(help="scst: CLIP-S weight in cider+clip.")] = 1.0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing run.")
-    ] = False,
-):
-    """Train the projector and the unfrozen GPT-2 blocks from a feature cache."""
+@dataclass
+class ConfigFileOption:
+    """`clipcap train --config`: options from a JSON file, below the flags."""
+
+    config: str | None = option(None, help="JSON file of options; flags override it.")
+
+
+def _train_options():
     from clipcap_cache.model import ModelConfig
     from clipcap_cache.training.config import TrainConfig
+
+    return options_of(TrainConfig) + options_of(ModelConfig) + options_of(ConfigFileOption)
+
+
+@command(_train_options, context=True)
+def train(ctx: typer.Context, values: dict):
+    """Train the projector and the unfrozen GPT-2 blocks from a feature cache."""
+    from clipcap_cache.training.config import resolve_train_options
     from clipcap_cache.training.train import train as run
 
-    def go():
-        values = _resolve_options(ctx, out, config, resume)
-        model_keys = {f.name for f in fields(ModelConfig)} - {"clip_embedding_dim"}
-        train_keys = {f.name for f in fields(TrainConfig)}
-        for key in ("features", "out", "val_features", "init"):
-            values[key] = None if values[key] is None else str(values[key])
-        model_config = ModelConfig(**{k: v for k, v in values.items() if k in model_keys})
-        train_config = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
-        return run(train_config, model_config)
-
-    row = _run(go, keep_logging=True)
+    config_file = values.pop("config")
+    with _reported("add --resume to the same command to continue from the last checkpoint"):
+        train_config, model_config = resolve_train_options(_given(ctx, values), config_file)
+        row = run(train_config, model_config)
     typer.echo(json.dumps(row))
 
 
-def _resolve_options(ctx: typer.Context, out: Path, config_file: Path | None, resume: bool):
-    """Defaults < the resumed run's config, or the --init checkpoint's model < --config file < flags."""
-    values = dict(ctx.params)
-    values.pop("config")
-    # Compared by name: typer may ship its own copy of click's ParameterSource enum.
-    explicit = {
-        k for k in values if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"
-    }
-    base: dict = {}
-    saved = out / "config.json"
-    if resume and saved.is_file():
-        base.update(_flatten_config(saved))
-    init = base.get("init", values.get("init"))
-    if init is not None and not resume:
-        # The model is the --init checkpoint's, unless a flag or --config says otherwise.
-        from clipcap_cache.checkpoint import read_config
+def _decode_options(*exclude):
+    from clipcap_cache.inference.generate import DecodeConfig, StrategyFlags
 
-        base.update(read_config(init)["model"])
-    if config_file is not None:
-        base.update(_flatten_config(config_file))
-    unknown = set(base) - set(values) - {"clip_embedding_dim"}
-    if unknown:
-        raise ClipcapError(f"{config_file}: unknown options {sorted(unknown)}")
-    for key, value in base.items():
-        if key in values and key not in explicit and key not in ("resume", "overwrite", "out"):
-            values[key] = value
-    return values
+    return options_of(StrategyFlags) + options_of(DecodeConfig, exclude=exclude)
+
+
+def _caption_options():
+    from clipcap_cache.inference.caption import CaptionConfig
+
+    return options_of(CaptionConfig) + _decode_options()
+
+
+@command(_caption_options)
+def caption(values: dict):
+    """Caption images with a trained checkpoint."""
+    from clipcap_cache.inference.caption import CaptionConfig
+    from clipcap_cache.inference.caption import caption as run
+
+    with _reported():
+        results = run(build(CaptionConfig, {**values, "decode": _decode(values)}))
+    failed = [r for r in results if r.error]
+    for r in failed:
+        typer.secho(f"error: {r.image}: {r.error}", err=True, fg="red")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _serve_options():
+    from clipcap_cache.inference.serve import ServeConfig
+
+    return options_of(ServeConfig)
+
+
+@command(_serve_options)
+def serve(values: dict):
+    """Serve captions over HTTP (POST /caption, GET /health, a web page at /, API docs at /docs)."""
+    from clipcap_cache.inference.serve import ServeConfig
+    from clipcap_cache.inference.serve import serve as run
+
+    with _reported():
+        run(build(ServeConfig, values))
+
+
+def _evaluate_options():
+    from clipcap_cache.evaluation.evaluate import EvalConfig
+
+    return options_of(EvalConfig) + _decode_options("num_captions")
+
+
+@command(_evaluate_options)
+def evaluate(values: dict):
+    """Score a checkpoint with BLEU, METEOR, ROUGE-L, CIDEr (SPICE) and BERTScore."""
+    from clipcap_cache.evaluation.evaluate import EvalConfig
+    from clipcap_cache.evaluation.evaluate import evaluate as run
+
+    with _reported():
+        result = run(build(EvalConfig, {**values, "decode": _decode(values)}))
+    _echo_scores(result)
+    typer.echo(f"wrote {result['out']}/predictions.json and metrics.json")
+
+
+def _decode(values: dict):
+    """The `DecodeConfig` of a command's parsed values (its decoding options and switches)."""
+    from dataclasses import fields
+
+    from clipcap_cache.inference.generate import DecodeConfig, decode_config
+
+    names = {f.name for f in fields(DecodeConfig)} | {"greedy", "sample"}
+    return decode_config(**{k: v for k, v in values.items() if k in names})
+
+
+def _score_options():
+    from clipcap_cache.evaluation.score import ScoreConfig
+
+    return options_of(ScoreConfig)
+
+
+@command(_score_options)
+def score(values: dict):
+    """Score any captions against references: no checkpoint, no images."""
+    from clipcap_cache.evaluation.score import ScoreConfig
+    from clipcap_cache.evaluation.score import score as run
+
+    with _reported():
+        result = run(build(ScoreConfig, values))
+    _echo_scores(result)
+    if "out" in result:
+        typer.echo(f"wrote {result['out']}/metrics.json")
 
 
 def _echo_scores(result: dict) -> None:
@@ -290,223 +373,24 @@ def _echo_scores(result: dict) -> None:
         typer.echo(f"skipped: {', '.join(result['skipped'])}")
 
 
-def _flatten_config(path: Path) -> dict:
-    from clipcap_cache.files import read_json
+def _demo_options():
+    from clipcap_cache.demo import DEFAULT_WORKDIR
 
-    data = read_json(path, "config file")
-    if not isinstance(data, dict):
-        raise ClipcapError(f"{path}: expected a JSON object of options")
-    flat = {}
-    for key, value in data.items():
-        if key in ("train", "model") and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key.replace("-", "_")] = value
-    return flat
+    @dataclass
+    class DemoOptions:
+        workdir: str = option(DEFAULT_WORKDIR, help="Where the demo builds everything.")
+        fresh: bool = option(False, help="Start over.")
+
+    return options_of(DemoOptions)
 
 
-@app.command()
-def caption(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, directories or globs.")],
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder or run directory.")],
-    recursive: Annotated[bool, typer.Option("--recursive", help="Walk subfolders.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
-    beams: Beams = 5,
-    greedy: Greedy = False,
-    sample: Sample = False,
-    num_captions: NumCaptions = 1,
-    max_tokens: MaxTokens = 30,
-    top_p: TopP = 0.9,
-    temperature: Temperature = 1.0,
-    seed: Seed = 0,
-    device: Device = "auto",
-    format: Annotated[str, typer.Option(help="text | json | jsonl | csv")] = "text",
-    out: Annotated[Path | None, typer.Option(help="Write to this file.")] = None,
-    num_workers: Annotated[int, typer.Option(help="Decoding workers.")] = 0,
-):
-    """Caption images with a trained checkpoint."""
-    from clipcap_cache.inference.caption import (
-        caption_images,
-        check_output,
-        expand_inputs,
-        format_results,
-        write_output,
-    )
-    from clipcap_cache.inference.generate import decode_config
-
-    def go():
-        decode = decode_config(
-            beams, greedy, sample, num_captions, max_tokens, top_p, temperature, seed
-        )
-        check_output(None if out is None else str(out), format)
-        paths = expand_inputs(inputs, recursive)
-        check_output(None if out is None else str(out), format, paths)
-        results = caption_images(paths, str(checkpoint), decode, batch_size, device, num_workers)
-        write_output(format_results(results, format), None if out is None else str(out))
-        return results
-
-    results = _run(go)
-    failed = [r for r in results if r.error]
-    for r in failed:
-        typer.secho(f"error: {r.image}: {r.error}", err=True, fg="red")
-    if failed:
-        raise typer.Exit(1)
-
-
-@app.command()
-def serve(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder or run directory.")],
-    host: Annotated[
-        str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    device: Device = "auto",
-    max_batch: Annotated[int, typer.Option(help="Images per batched model call.")] = 16,
-    batch_window_ms: Annotated[
-        float, typer.Option(help="How long a request waits for others to batch with.")
-    ] = 5.0,
-    max_queue: Annotated[int, typer.Option(help="Images waiting at most; then 503.")] = 64,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest image upload, in MB.")] = 20.0,
-    max_images: Annotated[int, typer.Option(help="Images per request at most.")] = 16,
-):
-    """Serve captions over HTTP (POST /caption, GET /health, a web page at /, API docs at /docs)."""
-    from clipcap_cache.inference.serve import ServeConfig
-    from clipcap_cache.inference.serve import serve as run
-
-    def go():
-        config = ServeConfig(
-            checkpoint=str(checkpoint),
-            host=host,
-            port=port,
-            device=device,
-            max_batch=max_batch,
-            batch_window_ms=batch_window_ms,
-            max_queue=max_queue,
-            max_upload_mb=max_upload_mb,
-            max_images=max_images,
-        )
-        run(config)
-
-    _run(go)
-
-
-@app.command()
-def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder or run directory.")],
-    features: Annotated[Path, typer.Option(help="HDF5 cache with the images and references.")],
-    split: Annotated[str, typer.Option(help="train | val | test | all")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Output folder [RUN/eval-SPLIT].")] = None,
-    predictions: Annotated[Path | None, typer.Option(help="Score this COCO results file.")] = None,
-    beams: Beams = 5,
-    greedy: Greedy = False,
-    sample: Sample = False,
-    max_tokens: MaxTokens = 30,
-    top_p: TopP = 0.9,
-    temperature: Temperature = 1.0,
-    seed: Seed = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = 64,
-    device: Device = "auto",
-    spice: Annotated[bool, typer.Option("--spice", help="Also compute SPICE.")] = False,
-    bertscore: Annotated[bool, typer.Option("--bertscore/--no-bertscore")] = True,
-    bertscore_model: BertscoreModel = "roberta-large",
-    bertscore_layers: BertscoreLayers = None,
-    clipscore: Annotated[
-        bool, typer.Option("--clipscore", help="Also CLIPScore and RefCLIPScore.")
-    ] = False,
-):
-    """Score a checkpoint with BLEU, METEOR, ROUGE-L, CIDEr (SPICE) and BERTScore."""
-    from clipcap_cache.evaluation.evaluate import EvalConfig
-    from clipcap_cache.evaluation.evaluate import evaluate as run
-    from clipcap_cache.inference.generate import decode_config
-
-    def go():
-        decode = decode_config(beams, greedy, sample, 1, max_tokens, top_p, temperature, seed)
-        return run(
-            EvalConfig(
-                checkpoint=str(checkpoint),
-                features=str(features),
-                split=split,
-                out=None if out is None else str(out),
-                predictions=None if predictions is None else str(predictions),
-                decode=decode,
-                batch_size=batch_size,
-                device=device,
-                spice=spice,
-                bertscore=bertscore,
-                bertscore_model=bertscore_model,
-                bertscore_layers=bertscore_layers,
-                clipscore=clipscore,
-            )
-        )
-
-    result = _run(go)
-    _echo_scores(result)
-    typer.echo(f"wrote {result['out']}/predictions.json and metrics.json")
-
-
-@app.command()
-def score(
-    predictions: Annotated[
-        Path, typer.Argument(help='COCO results file: [{"image_id", "caption"}].')
-    ],
-    references: Annotated[
-        Path,
-        typer.Option(help="COCO captions, Karpathy, JSON lines or CSV file, or a feature cache."),
-    ],
-    split: Annotated[str, typer.Option(help="train | val | test | all")] = "all",
-    format: Annotated[str, typer.Option(help="auto | coco | karpathy | jsonl | csv")] = "auto",
-    out: Annotated[Path | None, typer.Option(help="Write OUT/metrics.json.")] = None,
-    features: Annotated[
-        Path | None, typer.Option(help="Feature cache with the images, for --clipscore.")
-    ] = None,
-    clipscore: Annotated[
-        bool, typer.Option("--clipscore", help="Also CLIPScore and RefCLIPScore.")
-    ] = False,
-    spice: Annotated[bool, typer.Option("--spice", help="Also compute SPICE.")] = False,
-    bertscore: Annotated[bool, typer.Option("--bertscore/--no-bertscore")] = True,
-    bertscore_model: BertscoreModel = "roberta-large",
-    bertscore_layers: BertscoreLayers = None,
-    device: Device = "auto",
-):
-    """Score any captions against references: no checkpoint, no images."""
-    from clipcap_cache.evaluation.score import ScoreConfig
-    from clipcap_cache.evaluation.score import score as run
-
-    def go():
-        return run(
-            ScoreConfig(
-                predictions=str(predictions),
-                references=str(references),
-                split=split,
-                format=format,
-                out=None if out is None else str(out),
-                features=None if features is None else str(features),
-                clipscore=clipscore,
-                spice=spice,
-                bertscore=bertscore,
-                bertscore_model=bertscore_model,
-                bertscore_layers=bertscore_layers,
-                device=device,
-            )
-        )
-
-    result = _run(go)
-    _echo_scores(result)
-    if "out" in result:
-        typer.echo(f"wrote {result['out']}/metrics.json")
-
-
-@app.command()
-def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo builds everything.")] = Path(
-        "data/demo"
-    ),
-    fresh: Annotated[bool, typer.Option("--fresh", help="Start over.")] = False,
-):
+@command(_demo_options)
+def demo(values: dict):
     """Run the whole pipeline offline on synthetic data with tiny models."""
     from clipcap_cache.demo import run_demo
 
-    _run(run_demo, workdir, fresh, echo=typer.echo)
+    with _reported():
+        run_demo(values["workdir"], values["fresh"], echo=typer.echo)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from clipcap_cache.data.annotations import TEST, TRAIN, VAL
 from clipcap_cache.files import os_errors, read_json, refuse_file, write_text_atomic
 from clipcap_cache.hub import quiet_transformers
 
+DEFAULT_WORKDIR = "data/demo"  # where `clipcap demo` builds everything
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 180, 40),
@@ -269,7 +270,7 @@ def offline_bertscore_model() -> str | None:
 
 
 def run_demo(
-    workdir: str | Path = "data/demo", fresh: bool = False, epochs: int = 15, echo=print
+    workdir: str | Path = DEFAULT_WORKDIR, fresh: bool = False, epochs: int = 15, echo=print
 ) -> dict:
     """Build the data and models if missing, then extract, train, evaluate and caption."""
     from clipcap_cache.data.annotations import read_annotations

@@ -5,9 +5,12 @@ import contextlib
 import torch
 
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.options import Option
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The `device` field of every config that runs a model.
+DEVICE = Option("auto", help="Where to run; auto is cuda, then mps, then cpu.", choices=DEVICES)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -19,28 +19,57 @@ FORMAT = "%(asctime)s %(levelname)s %(message)s"
 PACKAGE_LOGGER = "clipcap_cache"
 
 
-def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
+def setup_logging(log_file: str | Path | None = None, level: int | None = None) -> logging.Logger:
     """Send the package's log records to stderr and, if given, to `log_file` (appended).
 
-    The file also gets debug records, such as the output of third-party scorers
-    (`third_party_output_to_log`), which the console leaves out.
+    This is the console's one setup, made by whoever runs the program (the command line, or a
+    Python caller who wants the log on the console); a stage that keeps a log file adds it with
+    `log_to_file`. `level` defaults to INFO, or to WARNING in every torchrun process but the
+    first, so that a multi-process run logs once.
     """
+    from clipcap_cache.distributed import is_main_process
+
+    if level is None:
+        level = logging.INFO if is_main_process() else logging.WARNING
     logger = logging.getLogger(PACKAGE_LOGGER)
-    logger.setLevel(min(level, logging.DEBUG) if log_file is not None else level)
+    logger.setLevel(level)
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    formatter = logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
+    console._clipcap_console = True
     console.setLevel(level)
-    handlers: list[logging.Handler] = [console]
+    console.setFormatter(_formatter())
+    logger.addHandler(console)
     if log_file is not None:
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        logger.addHandler(handler)
+        log_to_file(log_file)
     return logger
+
+
+def log_to_file(log_file: str | Path) -> None:
+    """Also write the package's log to `log_file` (appended), replacing an earlier log file.
+
+    The file gets debug records too, such as the output of third-party scorers
+    (`third_party_output_to_log`), which the console leaves out. Without a console set up yet
+    (a Python caller's first stage), `setup_logging` sets up the usual one.
+    """
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    if not any(getattr(h, "_clipcap_console", False) for h in logger.handlers):
+        setup_logging()
+    for handler in list(logger.handlers):
+        if getattr(handler, "_clipcap_log_file", False):
+            logger.removeHandler(handler)
+            handler.close()
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler._clipcap_log_file = True
+    handler.setFormatter(_formatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)  # the console handler keeps its own level
+
+
+def _formatter() -> logging.Formatter:
+    return logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
 
 
 class _LineLogger(io.TextIOBase):

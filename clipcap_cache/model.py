@@ -23,9 +23,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-from clipcap_cache.checks import at_least, check_types, one_of
+from clipcap_cache.checks import at_least, check_types
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.hub import load_pretrained, resolve_name
+from clipcap_cache.options import check_choices, option
 
 log = logging.getLogger(__name__)
 PROJECTORS = ("mlp", "transformer")
@@ -36,18 +37,24 @@ IGNORE_INDEX = -100  # label value that cross-entropy skips: prefix and padding 
 class ModelConfig:
     """Architecture of the caption model; saved in every checkpoint's config.json."""
 
-    gpt2_model: str = "gpt2"  # hub name or local directory of a GPT-2-family model
-    clip_embedding_dim: int = 512  # D, taken from the feature cache
-    prefix_length: int = 10  # K, prefix embeddings per image
-    projector: str = "mlp"  # mlp | transformer
-    normalize_prefix: bool = False  # L2-normalise the CLIP embedding before projecting
-    freeze_layers: int | None = None  # frozen GPT-2 blocks from the bottom; None = half of them
-    projector_layers: int = 8  # transformer projector depth (ClipCap uses 8)
-    projector_heads: int = 8  # transformer projector heads; must divide H
+    gpt2_model: str = option(
+        "gpt2", help="GPT-2 hub name or local directory (any GPT-2-family model)."
+    )
+    clip_embedding_dim: int = option(512, help="D, taken from the feature cache.", cli=False)
+    prefix_length: int = option(10, help="K, prefix embeddings per image.")
+    projector: str = option("mlp", help="The projector's architecture.", choices=PROJECTORS)
+    normalize_prefix: bool = option(
+        False, help="L2-normalise the CLIP embedding before projecting it."
+    )
+    freeze_layers: int | None = option(
+        None, help="Frozen GPT-2 blocks from the bottom.", default_text="half of the blocks"
+    )
+    projector_layers: int = option(8, help="Transformer projector depth (ClipCap uses 8).")
+    projector_heads: int = option(8, help="Transformer projector heads; must divide H.")
 
     def __post_init__(self):
         check_types(self)
-        one_of(self, "projector", PROJECTORS)
+        check_choices(self)
         at_least(self, 1, "prefix_length", "clip_embedding_dim", "projector_layers")
         at_least(self, 1, "projector_heads")
         at_least(self, 0, "freeze_layers")

@@ -9,25 +9,33 @@ after its PTB tokenizer, SPICE on request, and BERTScore, each candidate against
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from clipcap_cache import checkpoint
-from clipcap_cache.checks import at_least, check_types, one_of
+from clipcap_cache.checks import at_least, check_types
 from clipcap_cache.data import cache as feature_cache
 from clipcap_cache.data.annotations import SPLIT_CHOICES
-from clipcap_cache.devices import DEVICES, resolve_device
+from clipcap_cache.devices import DEVICE, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.clipscore import cache_clip_model
-from clipcap_cache.evaluation.metrics import check_spice, load_metric_models, score_captions
+from clipcap_cache.evaluation.metrics import (
+    BERTSCORE,
+    BERTSCORE_LAYERS,
+    BERTSCORE_MODEL,
+    check_spice,
+    load_metric_models,
+    score_captions,
+)
 from clipcap_cache.evaluation.score import read_predictions
 from clipcap_cache.files import make_folder, write_json_atomic
 from clipcap_cache.inference.captioner import Captioner
 from clipcap_cache.inference.generate import DecodeConfig
-from clipcap_cache.logs import setup_logging
+from clipcap_cache.logs import log_to_file
+from clipcap_cache.options import check_choices, option
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +44,28 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     """Settings of one evaluation."""
 
-    checkpoint: str  # checkpoint folder or run directory
-    features: str  # HDF5 cache holding the images and references
-    split: str = "test"  # train | val | test | all
-    out: str | None = None  # output folder; default RUN/eval-SPLIT (see `default_out`)
-    predictions: str | None = None  # score this COCO results file instead of generating
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    batch_size: int = 64
-    device: str = "auto"
-    spice: bool = False
-    bertscore: bool = True
-    bertscore_model: str = "roberta-large"
-    bertscore_layers: int | None = None
-    clipscore: bool = False  # CLIPScore and RefCLIPScore with the cache's CLIP text tower
+    checkpoint: str = option(help="Checkpoint folder or run directory.", argument=True)
+    features: str = option(help="HDF5 cache with the images and references.")
+    split: str = option("test", help="Which split to score.", choices=SPLIT_CHOICES)
+    out: str | None = option(None, help="Output folder.", default_text="RUN/eval-SPLIT")
+    predictions: str | None = option(
+        None, help="Score this COCO results file instead of generating captions."
+    )
+    # The command line takes DecodeConfig's own options (one caption per image).
+    decode: DecodeConfig = option(default_factory=DecodeConfig, cli=False)
+    batch_size: int = option(64, help="Images per generation batch.")
+    device: str = DEVICE.field()
+    spice: bool = option(False, help="Also compute SPICE.")
+    bertscore: bool = BERTSCORE.field()
+    bertscore_model: str = BERTSCORE_MODEL.field()
+    bertscore_layers: int | None = BERTSCORE_LAYERS.field()
+    clipscore: bool = option(
+        False, help="Also CLIPScore and RefCLIPScore, with the cache's CLIP text tower."
+    )
 
     def __post_init__(self):
         check_types(self)
-        one_of(self, "split", SPLIT_CHOICES)
-        one_of(self, "device", DEVICES)
+        check_choices(self)
         at_least(self, 1, "batch_size", "bertscore_layers")
 
 
@@ -94,7 +106,7 @@ def evaluate(config: EvalConfig) -> dict:
     # Everything that can be checked is checked before the captioning work: the output folder too.
     out = Path(config.out) if config.out else default_out(directory, config.split)
     make_folder(out, "--out", "the results")
-    setup_logging(out / "evaluate.log")
+    log_to_file(out / "evaluate.log")
     # A metric whose model cannot be loaded (offline, say) is skipped with a warning naming it.
     models = load_metric_models(
         config.bertscore,

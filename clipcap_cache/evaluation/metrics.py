@@ -19,9 +19,14 @@ from clipcap_cache.evaluation.cider import ptb_tokenize as ptb_tokens
 from clipcap_cache.evaluation.clipscore import clipscore, load_clip_text
 from clipcap_cache.hub import quiet_transformers
 from clipcap_cache.logs import third_party_output_to_log
+from clipcap_cache.options import Option
 
 log = logging.getLogger(__name__)
 COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+# The BERTScore fields of every config that scores captions (train, evaluate, score).
+BERTSCORE = Option(True, help="Score captions with BERTScore.")
+BERTSCORE_MODEL = Option("roberta-large", help="BERTScore model: hub name or directory.")
+BERTSCORE_LAYERS = Option(None, help="BERTScore layer, needed for models bert-score does not know.")
 
 
 def java_available() -> bool:

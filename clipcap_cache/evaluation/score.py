@@ -21,14 +21,27 @@ from pathlib import Path
 
 import numpy as np
 
-from clipcap_cache.checks import check_types, one_of
+from clipcap_cache.checks import check_types
 from clipcap_cache.data import cache as feature_cache
-from clipcap_cache.data.annotations import FORMATS, SPLIT_CHOICES, read_annotations, select_split
-from clipcap_cache.devices import DEVICES, resolve_device
+from clipcap_cache.data.annotations import (
+    FORMATS,
+    SPLIT_CHOICES,
+    read_annotations,
+    select_split,
+)
+from clipcap_cache.devices import DEVICE, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.clipscore import cache_clip_model
-from clipcap_cache.evaluation.metrics import check_spice, load_metric_models, score_captions
+from clipcap_cache.evaluation.metrics import (
+    BERTSCORE,
+    BERTSCORE_LAYERS,
+    BERTSCORE_MODEL,
+    check_spice,
+    load_metric_models,
+    score_captions,
+)
 from clipcap_cache.files import make_folder, read_json, write_json_atomic
+from clipcap_cache.options import check_choices, option
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +50,26 @@ log = logging.getLogger(__name__)
 class ScoreConfig:
     """Settings of `clipcap score`."""
 
-    predictions: str  # COCO results file
-    references: str  # COCO, Karpathy, JSON lines, CSV, or a feature cache
-    split: str = "all"  # train | val | test | all
-    format: str = "auto"  # of a references annotation file
-    out: str | None = None  # folder for metrics.json; none: print only
-    features: str | None = None  # feature cache with the images' embeddings, for CLIPScore
-    clipscore: bool = False
-    spice: bool = False
-    bertscore: bool = True
-    bertscore_model: str = "roberta-large"
-    bertscore_layers: int | None = None
-    device: str = "auto"
+    predictions: str = option(help='COCO results file: [{"image_id", "caption"}].', argument=True)
+    references: str = option(
+        help="COCO captions, Karpathy, JSON lines or CSV file, or a feature cache."
+    )
+    split: str = option("all", help="Which split of the references.", choices=SPLIT_CHOICES)
+    format: str = option("auto", help="Format of a references annotation file.", choices=FORMATS)
+    out: str | None = option(None, help="Write OUT/metrics.json; without it, print only.")
+    features: str | None = option(
+        None, help="Feature cache with the images' embeddings, for --clipscore."
+    )
+    clipscore: bool = option(False, help="Also CLIPScore and RefCLIPScore.")
+    spice: bool = option(False, help="Also compute SPICE.")
+    bertscore: bool = BERTSCORE.field()
+    bertscore_model: str = BERTSCORE_MODEL.field()
+    bertscore_layers: int | None = BERTSCORE_LAYERS.field()
+    device: str = DEVICE.field()
 
     def __post_init__(self):
         check_types(self)
-        one_of(self, "split", SPLIT_CHOICES)
-        one_of(self, "format", FORMATS)
-        one_of(self, "device", DEVICES)
+        check_choices(self)
         if self.clipscore and not self.features:
             raise ClipcapError("--clipscore needs --features CACHE: the images' CLIP embeddings")
 

@@ -35,7 +35,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from clipcap_cache import __version__, distributed
-from clipcap_cache.checks import at_least, check_types, one_of
+from clipcap_cache.checks import at_least, check_types
 from clipcap_cache.data import cache, webdataset
 from clipcap_cache.data.annotations import (
     FORMATS,
@@ -48,7 +48,7 @@ from clipcap_cache.data.annotations import (
     without_captions,
 )
 from clipcap_cache.data.images import ImageDataset, ShardBatch, collate_images, default_num_workers
-from clipcap_cache.devices import DEVICES, resolve_device
+from clipcap_cache.devices import DEVICE, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.extraction.encoder import (
     DEFAULT_CLIP_MODEL,
@@ -65,41 +65,57 @@ from clipcap_cache.files import (
     write_json_atomic,
 )
 from clipcap_cache.hub import resolve_name
+from clipcap_cache.options import check_choices, option
 
 log = logging.getLogger(__name__)
+STORAGE_DTYPES = ("float16", "float32")
 
 
 @dataclass
 class FeatureConfig:
     """Settings of one extraction run; saved in the cache's attributes."""
 
-    annotations: str  # annotation file (COCO, Karpathy, JSON lines, CSV) or WebDataset tars
-    images: str | None  # image root of an annotation file; None for WebDataset tars
-    out: str  # the HDF5 file to write
-    format: str = "auto"  # auto | coco | karpathy | jsonl | csv | webdataset
-    split: str = "all"  # train | val | test | all
-    split_default: str = "train"  # split of a WebDataset sample whose json names none
-    clip_model: str = DEFAULT_CLIP_MODEL  # hub name or local directory
-    batch_size: int = 64
-    num_workers: int = field(default_factory=default_num_workers)
-    device: str = "auto"
-    dtype: str = "float16"  # storage dtype of /embeddings: float16 | float32
-    limit: int | None = None  # only the first N images, for trial runs
-    strict: bool = False  # stop at the first unreadable image
-    overwrite: bool = False  # replace an existing cache made from other inputs
-    shard_size: int = 2048  # images per crash-safe progress shard
-    image_processor: str = "torchvision"  # backend of the CLIP image processor: torchvision | pil
+    annotations: str = option(
+        help="Annotation file (COCO, Karpathy, JSON lines, CSV), or WebDataset tar shards: "
+        "a quoted brace pattern such as 'shards/{00000..00099}.tar', or a directory of tars.",
+        argument=True,
+        metavar="source",
+    )
+    images: str | None = option(
+        help="Image root of an annotation file (not used with tars).", cli_default=None
+    )
+    out: str = option(help="HDF5 cache to write.")
+    format: str = option("auto", help="Annotation format.", choices=(*FORMATS, "webdataset"))
+    split: str = option("all", help="Which split to extract.", choices=SPLIT_CHOICES)
+    split_default: str = option(
+        "train", help="WebDataset: split of samples whose json names none.", choices=SPLITS
+    )
+    clip_model: str = option(DEFAULT_CLIP_MODEL, help="CLIP hub name or local directory.")
+    batch_size: int = option(64, help="Images per encoder batch.")
+    num_workers: int = option(
+        default_factory=default_num_workers,
+        help="Image decoding workers.",
+        default_text="up to 4, one per CPU core",
+    )
+    device: str = DEVICE.field()
+    dtype: str = option("float16", help="Storage dtype of /embeddings.", choices=STORAGE_DTYPES)
+    limit: int | None = option(None, help="Only the first N images (annotation files), for trials.")
+    strict: bool = option(False, help="Stop at the first unreadable image.")
+    overwrite: bool = option(False, help="Replace an existing cache made from other inputs.")
+    shard_size: int = option(
+        2048, help="Images per crash-safe progress shard (a tar is one shard)."
+    )
+    image_processor: str = option(
+        "torchvision",
+        help="Backend of the CLIP image processor (torchvision is faster).",
+        choices=IMAGE_PROCESSORS,
+    )
 
     def __post_init__(self):
         check_types(self)
         at_least(self, 1, "batch_size", "limit", "shard_size")
         at_least(self, 0, "num_workers")
-        one_of(self, "dtype", ("float16", "float32"))
-        one_of(self, "format", (*FORMATS, "webdataset"))
-        one_of(self, "split", SPLIT_CHOICES)
-        one_of(self, "split_default", SPLITS)
-        one_of(self, "image_processor", IMAGE_PROCESSORS)
-        one_of(self, "device", DEVICES)
+        check_choices(self)
 
 
 @dataclass

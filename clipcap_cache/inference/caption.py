@@ -18,11 +18,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from clipcap_cache.checks import check_types
 from clipcap_cache.data.images import IMAGE_EXTENSIONS, ImageDataset, collate_images, find_images
+from clipcap_cache.devices import DEVICE
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import os_errors, refuse_folder, write_text_atomic
 from clipcap_cache.inference.captioner import Captioner
 from clipcap_cache.inference.generate import DecodeConfig
+from clipcap_cache.options import check_choices, option
 
 OUTPUT_FORMATS = ("text", "json", "jsonl", "csv")
 
@@ -34,6 +37,48 @@ class CaptionResult:
     image: str
     captions: list[str] = field(default_factory=list)
     error: str | None = None
+
+
+@dataclass
+class CaptionConfig:
+    """Settings of `clipcap caption`: which images, which checkpoint, how, and where to."""
+
+    inputs: list = option(
+        help="Image files, directories or globs.", argument=True, cli_type=list[str]
+    )
+    checkpoint: str = option(help="Checkpoint folder or run directory.")
+    recursive: bool = option(False, help="Walk subfolders.")
+    batch_size: int = option(16, help="Images per batch.")
+    device: str = DEVICE.field()
+    format: str = option("text", help="Output format.", choices=OUTPUT_FORMATS)
+    out: str | None = option(None, help="Write to this file.", default_text="stdout")
+    num_workers: int = option(0, help="Image decoding workers.")
+    # The command line takes DecodeConfig's own options.
+    decode: DecodeConfig = option(default_factory=DecodeConfig, cli=False)
+
+    def __post_init__(self):
+        check_types(self)
+        check_choices(self)  # batch_size and num_workers: by caption_images, for every caller
+
+
+def caption(config: CaptionConfig) -> list[CaptionResult]:
+    """Caption the images `config` names and write them out; returns one result per image.
+
+    The output format and file are checked before any model is loaded.
+    """
+    check_output(config.out, config.format)
+    paths = expand_inputs(config.inputs, config.recursive)
+    check_output(config.out, config.format, paths)  # never over one of the images
+    results = caption_images(
+        paths,
+        config.checkpoint,
+        config.decode,
+        config.batch_size,
+        config.device,
+        config.num_workers,
+    )
+    write_output(format_results(results, config.format), config.out)
+    return results
 
 
 def expand_inputs(inputs: list[str], recursive: bool = False) -> list[Path]:

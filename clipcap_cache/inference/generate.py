@@ -12,9 +12,10 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from clipcap_cache import devices
-from clipcap_cache.checks import at_least, check_types, one_of
+from clipcap_cache.checks import at_least, check_types
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.model import ClipCaptionModel, eval_mode, pad_token_id
+from clipcap_cache.options import check_choices, option
 
 STRATEGIES = ("beam", "greedy", "sample")
 
@@ -23,17 +24,18 @@ STRATEGIES = ("beam", "greedy", "sample")
 class DecodeConfig:
     """How captions are decoded."""
 
-    strategy: str = "beam"  # beam | greedy | sample
-    beams: int = 5  # beam width for `beam`
-    num_captions: int = 1  # top beams, or samples, returned per image
-    max_tokens: int = 30  # new tokens at most
-    top_p: float = 0.9  # nucleus mass for `sample`
-    temperature: float = 1.0  # softmax temperature for `sample`
-    seed: int = 0  # for `sample`
+    # The command line and the server spell the strategy as two switches (`StrategyFlags`).
+    strategy: str = option("beam", help="Decoding strategy.", choices=STRATEGIES, cli=False)
+    beams: int = option(5, help="Beam width.")
+    num_captions: int = option(1, help="Captions per image: top beams or samples.")
+    max_tokens: int = option(30, help="New tokens at most.")
+    top_p: float = option(0.9, help="Nucleus mass for --sample.")
+    temperature: float = option(1.0, help="Softmax temperature for --sample.")
+    seed: int = option(0, help="Random seed for --sample.")
 
     def __post_init__(self):
         check_types(self)
-        one_of(self, "strategy", STRATEGIES)
+        check_choices(self)
         at_least(self, 1, "beams", "num_captions", "max_tokens")
         at_least(self, 0, "seed")
         if self.strategy == "beam" and self.num_captions > self.beams:
@@ -71,28 +73,23 @@ class DecodeConfig:
         )
 
 
-def decode_config(
-    beams: int = 5,
-    greedy: bool = False,
-    sample: bool = False,
-    num_captions: int = 1,
-    max_tokens: int = 30,
-    top_p: float = 0.9,
-    temperature: float = 1.0,
-    seed: int = 0,
-) -> DecodeConfig:
-    """A `DecodeConfig` from options named like the command line's and the server's fields."""
+@dataclass
+class StrategyFlags:
+    """`DecodeConfig.strategy` as the command line and the server's form take it: beam unless one is set."""
+
+    greedy: bool = option(False, help="Greedy decoding.")
+    sample: bool = option(False, help="Nucleus sampling (see --top-p and --temperature).")
+
+
+def decode_config(*, greedy: bool = False, sample: bool = False, **settings) -> DecodeConfig:
+    """A `DecodeConfig` from options named like the command line's and the server's fields.
+
+    `settings` are `DecodeConfig`'s other fields (`beams`, `max_tokens`, ...); left out, they keep
+    its defaults.
+    """
     if greedy and sample:
         raise ClipcapError("--greedy and --sample contradict each other: choose one")
-    return DecodeConfig(
-        strategy="greedy" if greedy else "sample" if sample else "beam",
-        beams=beams,
-        num_captions=num_captions,
-        max_tokens=max_tokens,
-        top_p=top_p,
-        temperature=temperature,
-        seed=seed,
-    )
+    return DecodeConfig(strategy="greedy" if greedy else "sample" if sample else "beam", **settings)
 
 
 def clean_caption(text: str) -> str:

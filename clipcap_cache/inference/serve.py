@@ -37,12 +37,13 @@ from importlib import resources
 
 import torch
 
-from clipcap_cache.checks import at_least, check_types, one_of, positive
+from clipcap_cache.checks import at_least, check_types, positive
 from clipcap_cache.data.images import ImageLoadError
-from clipcap_cache.devices import DEVICES
+from clipcap_cache.devices import DEVICE
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.inference.captioner import Captioner
-from clipcap_cache.inference.generate import DecodeConfig, decode_config
+from clipcap_cache.inference.generate import DecodeConfig, StrategyFlags, decode_config
+from clipcap_cache.options import check_choices, option
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +52,23 @@ log = logging.getLogger(__name__)
 class ServeConfig:
     """Settings of `clipcap serve`."""
 
-    checkpoint: str
-    host: str = "127.0.0.1"  # other interfaces only when asked for
-    port: int = 8000
-    device: str = "auto"
-    max_batch: int = 16  # images per CLIP forward and generate() call
-    batch_window_ms: float = 5.0  # how long the first request of a batch waits for company
-    max_queue: int = 64  # images waiting at most; beyond that, 503
-    max_upload_mb: float = 20.0  # per image
-    max_images: int = 16  # per request
+    checkpoint: str = option(help="Checkpoint folder or run directory.")
+    host: str = option(
+        "127.0.0.1", help="Interface to bind; 0.0.0.0 exposes the server to the network."
+    )
+    port: int = option(8000, help="TCP port.")
+    device: str = DEVICE.field()
+    max_batch: int = option(16, help="Images per batched CLIP forward and generate() call.")
+    batch_window_ms: float = option(
+        5.0, help="How long the first request of a batch waits for others to join it."
+    )
+    max_queue: int = option(64, help="Images waiting at most; beyond that, 503.")
+    max_upload_mb: float = option(20.0, help="Largest image upload, in MB.")
+    max_images: int = option(16, help="Images per request at most.")
 
     def __post_init__(self):
         check_types(self)
-        one_of(self, "device", DEVICES)
+        check_choices(self)
         at_least(self, 1, "max_batch", "max_queue", "max_images")
         at_least(self, 0, "batch_window_ms")
         positive(self, "max_upload_mb")
@@ -76,6 +81,7 @@ class ServeConfig:
             )
 
 
+_DECODE, _FLAGS = DecodeConfig(), StrategyFlags()  # the form's defaults are the CLI's
 MAX_WINDOWS = 100  # the longest a request waits for company, in batch windows
 
 
@@ -285,14 +291,14 @@ def create_app(captioner: Captioner, config: ServeConfig):
     @app.post("/caption")
     async def caption(
         images: Annotated[list[UploadFile], File(description="One or more image files.")],
-        beams: Annotated[int, Form()] = 5,
-        greedy: Annotated[bool, Form()] = False,
-        sample: Annotated[bool, Form()] = False,
-        num_captions: Annotated[int, Form()] = 1,
-        max_tokens: Annotated[int, Form()] = 30,
-        top_p: Annotated[float, Form()] = 0.9,
-        temperature: Annotated[float, Form()] = 1.0,
-        seed: Annotated[int, Form()] = 0,
+        beams: Annotated[int, Form()] = _DECODE.beams,
+        greedy: Annotated[bool, Form()] = _FLAGS.greedy,
+        sample: Annotated[bool, Form()] = _FLAGS.sample,
+        num_captions: Annotated[int, Form()] = _DECODE.num_captions,
+        max_tokens: Annotated[int, Form()] = _DECODE.max_tokens,
+        top_p: Annotated[float, Form()] = _DECODE.top_p,
+        temperature: Annotated[float, Form()] = _DECODE.temperature,
+        seed: Annotated[int, Form()] = _DECODE.seed,
     ):
         """Caption uploaded images; the results keep the order of the uploads."""
         if not images:
@@ -301,7 +307,14 @@ def create_app(captioner: Captioner, config: ServeConfig):
             return _error(422, f"at most {config.max_images} images per request")
         try:
             decode = decode_config(
-                beams, greedy, sample, num_captions, max_tokens, top_p, temperature, seed
+                greedy=greedy,
+                sample=sample,
+                beams=beams,
+                num_captions=num_captions,
+                max_tokens=max_tokens,
+                top_p=top_p,
+                temperature=temperature,
+                seed=seed,
             )
         except ClipcapError as e:
             return _error(422, _field_names(str(e)))

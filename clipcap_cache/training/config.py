@@ -1,10 +1,20 @@
-"""`TrainConfig`: every training setting, checked where it is built, saved as the run's `config.json`."""
+"""`TrainConfig`, every training setting, and `resolve_train_options`, which layers their sources.
 
-from dataclasses import dataclass
+Each field is declared once with its default, choices and help (`options.option`); the command
+line's `clipcap train` options are made from these fields and `ModelConfig`'s. A run's settings
+come from, in rising precedence: the defaults; the resumed run's `config.json` (with `--resume`)
+or the `--init` checkpoint's model; a `--config` file; the options given explicitly.
+"""
 
-from clipcap_cache.checks import at_least, check_types, one_of, positive
-from clipcap_cache.devices import DEVICES, PRECISIONS
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from clipcap_cache.checks import at_least, check_types, positive
+from clipcap_cache.devices import DEVICE, PRECISIONS
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.evaluation.metrics import BERTSCORE, BERTSCORE_LAYERS, BERTSCORE_MODEL
+from clipcap_cache.model import ModelConfig
+from clipcap_cache.options import build, check_choices, option
 from clipcap_cache.training import scst
 
 OBJECTIVES = ("xe", "scst")
@@ -14,39 +24,60 @@ OBJECTIVES = ("xe", "scst")
 class TrainConfig:
     """Training settings; saved with the model config as the run's `config.json`."""
 
-    features: str  # the HDF5 feature cache to train on
-    out: str  # the run directory
-    val_features: str | None = None  # validate on every image of this cache instead of `val`
-    validate: bool = True  # run validation each epoch
-    epochs: int = 10
-    batch_size: int = 40
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-5
-    warmup_steps: int = 5000  # linear warmup, then linear decay to zero
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    max_caption_tokens: int = 40  # longer captions are truncated (EOS still appended)
-    # Batch captions of similar length together (`batches.epoch_order`); off, so that runs and
-    # resumes of runs made before it keep their order.
-    group_by_length: bool = False
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    seed: int = 42
-    eval_images: int = 500  # val images captioned each epoch for CIDEr-D and BERTScore
-    bertscore: bool = True
-    bertscore_model: str = "roberta-large"
-    bertscore_layers: int | None = None  # needed for models bert-score does not know
-    save_every_steps: int = 1000  # optimizer steps between mid-epoch resume points; 0 = epoch ends
-    compile: bool = False  # torch.compile the model
-    init: str | None = None  # start a new run from this checkpoint's weights (ignored on resume)
-    objective: str = "xe"  # xe (cross-entropy) | scst (self-critical, see scst.py)
-    samples: int = 5  # scst: captions sampled per image
-    baseline: str = "mean"  # scst: mean (of the image's other samples) | greedy
-    reward: str = "cider"  # scst: cider | clip | cider+clip
-    cider_weight: float = 1.0  # scst: weight of CIDEr-D in cider+clip
-    clip_weight: float = 1.0  # scst: weight of CLIP-S in cider+clip
-    resume: bool = False
-    overwrite: bool = False
+    features: str = option(help="HDF5 feature cache to train on.", argument=True)
+    out: str = option(help="Run directory.")
+    val_features: str | None = option(
+        None, help="Validate on every image of this cache instead of the val split."
+    )
+    validate: bool = option(True, help="Validate each epoch.", flags=("--val/--no-val",))
+    epochs: int = option(10, help="Passes over the training captions.")
+    batch_size: int = option(
+        40, help="Captions (images under scst) per micro-batch, in total across torchrun processes."
+    )
+    grad_accum: int = option(1, help="Micro-batches per optimizer step.")
+    lr: float = option(2e-5, help="Peak learning rate.")
+    warmup_steps: int = option(5000, help="Linear warmup steps, then linear decay to zero.")
+    weight_decay: float = option(0.01, help="AdamW weight decay.")
+    max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
+    max_caption_tokens: int = option(40, help="Longer captions are truncated (EOS still appended).")
+    group_by_length: bool = option(
+        False,
+        help="Batch captions of similar length together (less padding); off, so that runs made "
+        "before it resume in their own order.",
+        flags=("--group-by-length/--no-group-by-length",),
+    )
+    device: str = DEVICE.field()
+    precision: str = option(
+        "auto",
+        help="Autocast precision; auto is bf16 where the GPU has it, else fp16, fp32 on the CPU.",
+        choices=PRECISIONS,
+    )
+    seed: int = option(42, help="Random seed.")
+    eval_images: int = option(500, help="Val images captioned for CIDEr-D and BERTScore.")
+    bertscore: bool = BERTSCORE.field()
+    bertscore_model: str = BERTSCORE_MODEL.field()
+    bertscore_layers: int | None = BERTSCORE_LAYERS.field()
+    save_every_steps: int = option(
+        1000, help="Optimizer steps between mid-epoch resume points; 0: at epoch ends only."
+    )
+    compile: bool = option(False, help="torch.compile the model.")
+    init: str | None = option(
+        None, help="Start a new run from this checkpoint's weights (ignored on --resume)."
+    )
+    objective: str = option(
+        "xe",
+        help="Cross-entropy, or self-critical training (scst, after xe with --init).",
+        choices=OBJECTIVES,
+    )
+    samples: int = option(5, help="scst: captions sampled per image.")
+    baseline: str = option(
+        "mean", help="scst: mean (of the image's other samples) or greedy.", choices=scst.BASELINES
+    )
+    reward: str = option("cider", help="scst: the reward.", choices=scst.REWARDS)
+    cider_weight: float = option(1.0, help="scst: CIDEr-D weight in cider+clip.")
+    clip_weight: float = option(1.0, help="scst: CLIP-S weight in cider+clip.")
+    resume: bool = option(False, help="Continue an interrupted run.")
+    overwrite: bool = option(False, help="Replace an existing run.")
 
     def __post_init__(self):
         check_types(self)
@@ -55,11 +86,7 @@ class TrainConfig:
         at_least(self, 0, "warmup_steps", "eval_images", "save_every_steps", "weight_decay")
         at_least(self, 0, "cider_weight", "clip_weight")
         positive(self, "lr", "max_grad_norm")
-        one_of(self, "device", DEVICES)
-        one_of(self, "precision", PRECISIONS)
-        one_of(self, "objective", OBJECTIVES)
-        one_of(self, "baseline", scst.BASELINES)
-        one_of(self, "reward", scst.REWARDS)
+        check_choices(self)
         if self.objective == "scst":
             if self.baseline == "mean" and self.samples < 2:
                 raise ClipcapError("--baseline mean needs --samples 2 or more")
@@ -72,3 +99,74 @@ class TrainConfig:
                 )
         if self.resume and self.overwrite:
             raise ClipcapError("--resume and --overwrite contradict each other: choose one")
+
+
+# Taken from the explicit options only: a file never resumes, overwrites or moves a run.
+_ONLY_EXPLICIT = ("out", "resume", "overwrite")
+# Recorded in a run's config, but measured from the cache, never an option.
+_DERIVED = ("clip_embedding_dim",)
+
+
+def resolve_train_options(
+    explicit: dict, config_file: str | Path | None = None
+) -> tuple[TrainConfig, ModelConfig]:
+    """The configs of a training run from its option sources, in rising precedence.
+
+    1. The fields' defaults.
+    2. With `resume`, the run's own `OUT/config.json`; otherwise, with `init`, the model of
+       that checkpoint.
+    3. `config_file`: flat (`{"lr": 1e-4}`) or a run's own `{"train": {...}, "model": {...}}`.
+    4. `explicit`: the options the caller gave (on the command line: the flags typed), by field
+       name. `out`, `resume` and `overwrite` are taken from here alone.
+
+    An option that no config has is refused with the file it came from.
+    """
+    known = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(ModelConfig)}
+    unknown = set(explicit) - known
+    if unknown:
+        raise ClipcapError(f"unknown options {sorted(unknown)}")
+    layers = []  # (values, where from), lowest precedence first
+    out = explicit.get("out")
+    saved = Path(out) / "config.json" if out is not None else None
+    if explicit.get("resume") and saved is not None and saved.is_file():
+        layers.append((read_options_file(saved), saved))
+    if config_file is not None:
+        layers.append((read_options_file(config_file), Path(config_file)))
+    for values, source in layers:
+        unknown = set(values) - known - set(_DERIVED)
+        if unknown:
+            raise ClipcapError(f"{source}: unknown options {sorted(unknown)}")
+    init = explicit.get("init")
+    for values, _ in layers:
+        init = explicit.get("init", values.get("init", init))
+    if init is not None and not explicit.get("resume"):
+        # The model is the --init checkpoint's, unless --config or a flag says otherwise.
+        from clipcap_cache.checkpoint import read_config
+
+        layers.insert(0, (read_config(init)["model"], init))
+    values: dict = {}
+    for layer, _ in layers:
+        values.update({k: v for k, v in layer.items() if k not in _ONLY_EXPLICIT + _DERIVED})
+    values.update(explicit)
+    if "features" not in values or "out" not in values:
+        raise ClipcapError("training needs a feature cache and --out, the run directory")
+    return build(TrainConfig, values), build(ModelConfig, values)
+
+
+def read_options_file(path: str | Path) -> dict:
+    """A JSON file of options as one flat dict: `train` and `model` sections are merged in.
+
+    Keys may be spelled like flags (`max-grad-norm`) or like fields (`max_grad_norm`).
+    """
+    from clipcap_cache.files import read_json
+
+    data = read_json(path, "config file")
+    if not isinstance(data, dict):
+        raise ClipcapError(f"{path}: expected a JSON object of options")
+    flat = {}
+    for key, value in data.items():
+        if key in ("train", "model") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key.replace("-", "_")] = value
+    return flat

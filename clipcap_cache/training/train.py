@@ -52,7 +52,7 @@ from clipcap_cache.evaluation.cider import CiderD
 from clipcap_cache.evaluation.clipscore import ClipText, cache_clip_model, load_clip_text
 from clipcap_cache.files import exclusive_lock, refuse_file
 from clipcap_cache.hub import resolve_name
-from clipcap_cache.logs import setup_logging
+from clipcap_cache.logs import log_to_file
 from clipcap_cache.model import (
     ClipCaptionModel,
     ModelConfig,
@@ -258,10 +258,8 @@ def prepare_run(
     """
     if world.is_main:
         prepare_run_dir(run_dir, config)
-        setup_logging(run_dir / "train.log")
+        log_to_file(run_dir / "train.log")
         write_run_config(run_dir, config, model_config)
-    else:
-        setup_logging(level=logging.WARNING)
     log.info("run directory %s", run_dir)
 
 
