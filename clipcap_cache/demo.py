@@ -377,10 +377,10 @@ def run_demo(
     )
 
     echo("\nSample captions (test split):")
-    width = max(len(s.captions[0]) if s.captions else 5 for s in samples)
+    width = max(len(s.texts()[0]) if s.captions else 5 for s in samples)
     echo(f"  {'generated':<{width}}  reference")
     for sample, record in zip(samples, records, strict=True):
-        generated = sample.captions[0] if sample.captions else f"ERROR {sample.error}"
+        generated = sample.texts()[0] if sample.captions else f"ERROR {sample.error}"
         echo(f"  {generated:<{width}}  {record.captions[0]}")
     echo(f"\nMetrics on {result['images']} test images:")
     echo(format_table(result["metrics"]))

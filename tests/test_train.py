@@ -278,11 +278,21 @@ def test_loss_covers_caption_and_eos_only_and_learns_token_zero(gpt2_dir):
 
 
 def _saved_step(last) -> int:
-    """The step of a running job's last checkpoint, without touching its files; -1 if none yet."""
+    """The step of a running job's last checkpoint, without touching its files; -1 if none yet.
+
+    The file is read again only once it has changed, so the poll takes no CPU from the job.
+    """
+    path = last / "train_state.pt"
     try:
-        return int(torch.load(last / "train_state.pt", weights_only=True)["step"])
+        stamp = path.stat().st_mtime_ns
+        if _saved_step.seen[0] != (path, stamp):
+            _saved_step.seen[:] = [(path, stamp), int(torch.load(path, weights_only=True)["step"])]
+        return _saved_step.seen[1]
     except FileNotFoundError:  # not written yet, or mid-swap
         return -1
+
+
+_saved_step.seen = [None, -1]
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_cache, gpt2_dir):
@@ -299,7 +309,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_cache, gpt2_dir
     last = resumed / "checkpoints" / "last"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and _saved_step(last) < 5:
-        time.sleep(0.005)
+        time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     # The kill may land between the two renames of a checkpoint swap; read the state the way

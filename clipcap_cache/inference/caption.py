@@ -12,7 +12,7 @@ import csv
 import glob
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,20 +23,11 @@ from clipcap_cache.data.images import IMAGE_EXTENSIONS, ImageDataset, collate_im
 from clipcap_cache.devices import DEVICE
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import os_errors, refuse_folder, write_text_atomic
-from clipcap_cache.inference.captioner import Captioner
+from clipcap_cache.inference.captioner import Captioner, ImageCaptions
 from clipcap_cache.inference.generate import DecodeConfig
 from clipcap_cache.options import check_choices, option
 
 OUTPUT_FORMATS = ("text", "json", "jsonl", "csv")
-
-
-@dataclass
-class CaptionResult:
-    """Captions of one image, or why it has none."""
-
-    image: str
-    captions: list[str] = field(default_factory=list)
-    error: str | None = None
 
 
 @dataclass
@@ -61,7 +52,7 @@ class CaptionConfig:
         check_choices(self)  # batch_size and num_workers: by caption_images, for every caller
 
 
-def caption(config: CaptionConfig) -> list[CaptionResult]:
+def caption(config: CaptionConfig) -> list[ImageCaptions]:
     """Caption the images `config` names and write them out; returns one result per image.
 
     The output format and file are checked before any model is loaded.
@@ -115,12 +106,12 @@ def caption_images(
     device: str = "auto",
     num_workers: int = 0,
     progress: bool = True,
-) -> list[CaptionResult]:
+) -> list[ImageCaptions]:
     """Caption image files with a checkpoint; returns one result per path, in order."""
     if batch_size < 1 or num_workers < 0:
         raise ClipcapError("--batch-size must be at least 1 and --num-workers at least 0")
     captioner = Captioner.from_checkpoint(checkpoint_path, device)
-    results = [CaptionResult(image=str(p)) for p in paths]
+    results = [ImageCaptions(image=str(p)) for p in paths]
     loader = torch.utils.data.DataLoader(
         ImageDataset(paths, captioner.encoder.processor),
         batch_size=batch_size,
@@ -134,17 +125,18 @@ def caption_images(
             if pixel_values is not None:
                 captions = captioner.caption_pixels(pixel_values, decode)
                 for position, found in zip(positions, captions, strict=True):
-                    results[position].captions = [c["caption"] for c in found]
+                    results[position].captions = found
             bar.update(len(positions) + len(failed))
     return results
 
 
-def format_results(results: list[CaptionResult], output_format: str = "text") -> str:
+def format_results(results: list[ImageCaptions], output_format: str = "text") -> str:
     """Render results as tab-separated text, JSON, JSON lines or CSV."""
     check_output(None, output_format)
 
-    def as_dict(r: CaptionResult) -> dict:
-        return {"image": r.image, "captions": r.captions, **({"error": r.error} if r.error else {})}
+    def as_dict(r: ImageCaptions) -> dict:
+        captions = r.texts()
+        return {"image": r.image, "captions": captions, **({"error": r.error} if r.error else {})}
 
     if output_format == "json":
         return json.dumps([as_dict(r) for r in results], indent=2) + "\n"
@@ -157,7 +149,7 @@ def format_results(results: list[CaptionResult], output_format: str = "text") ->
         for r in results:
             if r.error:
                 writer.writerow([r.image, "", "", r.error])
-            for rank, caption in enumerate(r.captions, start=1):
+            for rank, caption in enumerate(r.texts(), start=1):
                 writer.writerow([r.image, rank, caption, ""])
         return buffer.getvalue()
     lines = []
@@ -166,7 +158,7 @@ def format_results(results: list[CaptionResult], output_format: str = "text") ->
         image = _escape(r.image)
         if r.error:
             lines.append(f"{image}\tERROR: {r.error}")
-        lines.extend(f"{image}\t{caption}" for caption in r.captions)
+        lines.extend(f"{image}\t{caption}" for caption in r.texts())
     return "\n".join(lines) + "\n"
 
 

@@ -31,10 +31,18 @@ ImageInput = str | Path | bytes | Image.Image
 
 @dataclass
 class ImageCaptions:
-    """The captions of one image, best first, or why it has none."""
+    """The captions of one image, best first, or why it has none.
+
+    The one result type of captioning: `Captioner.caption`, `clipcap caption` and the server.
+    """
 
     captions: list[dict] = field(default_factory=list)  # {"caption": str, "score": float}
     error: str | None = None
+    image: str | None = None  # the image's name, where it has one (a file's path)
+
+    def texts(self) -> list[str]:
+        """The captions' texts, best first."""
+        return [c["caption"] for c in self.captions]
 
 
 class Captioner:

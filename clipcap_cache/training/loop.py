@@ -53,7 +53,7 @@ class DeviceSums:
 
 def train_one_epoch(
     model: ClipCaptionModel,
-    forward,
+    train_module,
     objective: Objective,
     optimization: Optimization,
     state: TrainState,
@@ -64,7 +64,7 @@ def train_one_epoch(
     """One pass over the shuffled samples, from `state.batch` on; returns the epoch's row.
 
     `objective` is `CrossEntropy` (a sample is a caption) or `scst.SelfCritical` (a sample is an
-    image). `forward` is the model, or its DDP or compiled form. Every `config.save_every_steps`
+    image). `train_module` is the model, or its DDP or compiled form. Every `config.save_every_steps`
     optimizer steps the run saves a resume point in `checkpoints/last`.
     """
     model.train()
@@ -93,7 +93,7 @@ def train_one_epoch(
             samples = order[b * batch_size : (b + 1) * batch_size]
             pending.totals += train_micro_batch(
                 model,
-                forward,
+                train_module,
                 objective,
                 optimization.scaler,
                 samples,
@@ -140,7 +140,7 @@ def progress_bar(
 
 def train_micro_batch(
     model: ClipCaptionModel,
-    forward,
+    train_module,
     objective: Objective,
     scaler: torch.amp.GradScaler,
     samples: np.ndarray,
@@ -169,8 +169,10 @@ def train_micro_batch(
     # large batch would give. DDP averages over ranks, so each rank's share is scaled by their
     # number.
     weight = my_weight / group_weight * world.size
-    with contextlib.nullcontext() if sync_gradients else forward.no_sync():
-        means = objective.forward_backward(model, forward, mine, weight, scaler, amp_dtype, epoch)
+    with contextlib.nullcontext() if sync_gradients else train_module.no_sync():
+        means = objective.forward_backward(
+            model, train_module, mine, weight, scaler, amp_dtype, epoch
+        )
     return means * my_weight
 
 

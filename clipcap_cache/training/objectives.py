@@ -43,7 +43,7 @@ class Objective(Protocol):
     def forward_backward(
         self,
         model: ClipCaptionModel,
-        forward,
+        train_module,
         samples: np.ndarray,
         weight: float,
         scaler: torch.amp.GradScaler,
@@ -52,7 +52,7 @@ class Objective(Protocol):
     ) -> torch.Tensor:
         """Back-propagate the loss of some samples, its gradient scaled by `weight`.
 
-        `forward` is `model` or its DDP or compiled form, and `scaler` the AMP grad scaler that
+        `train_module` is `model` or its DDP or compiled form, and `scaler` the AMP grad scaler that
         scales the loss before `backward`. Returns the detached means over the samples of each of
         `metrics`, a (len(metrics),) tensor on the model's device.
         """
@@ -81,7 +81,7 @@ class CrossEntropy:
     def forward_backward(
         self,
         model: ClipCaptionModel,
-        forward,
+        train_module,
         samples: np.ndarray,
         weight: float,
         scaler: torch.amp.GradScaler,
@@ -92,7 +92,7 @@ class CrossEntropy:
         device = next(model.parameters()).device
         embeddings, input_ids, labels = self.data.batch(samples, self.pad_id)
         loss = forward_backward(
-            forward,
+            train_module,
             embeddings.to(device),
             input_ids.to(device),
             labels.to(device),
@@ -104,7 +104,7 @@ class CrossEntropy:
 
 
 def forward_backward(
-    forward,
+    train_module,
     embeddings: torch.Tensor,
     input_ids: torch.Tensor,
     labels: torch.Tensor,
@@ -118,6 +118,6 @@ def forward_backward(
     """
     device = embeddings.device
     with devices.autocast(device, amp_dtype):
-        loss = forward(embeddings, input_ids, labels)
+        loss = train_module(embeddings, input_ids, labels)
     scaler.scale(loss * weight).backward()
     return loss.detach().float()

@@ -121,7 +121,7 @@ def check_run_dir(
                 f"{config.batch_size}; resume with a --batch-size that divides it (the run used "
                 f"{saved.get('train', {}).get('batch_size')})"
             )
-        batches.check_resume(saved.get("train", {}), config, train_state["captions"])
+        batches.check_resume(saved.get("train", {}), config, progress.samples_done)
         return train_state, replace(model_config, freeze_layers=saved_model["freeze_layers"])
     if exists and not config.overwrite:
         raise ClipcapError(

@@ -63,7 +63,7 @@ def advantages(
 
 
 def scst_loss(
-    forward,
+    train_module,
     embeddings: torch.Tensor,
     tokens: torch.Tensor,
     advantage: torch.Tensor,
@@ -71,12 +71,12 @@ def scst_loss(
 ) -> torch.Tensor:
     """The self-critical loss of sampled sequences.
 
-    `forward` is the caption model (or its DDP or compiled wrapper): called without labels it
+    `train_module` is the caption model (or its DDP or compiled wrapper): called without labels it
     gives token log-probabilities. `embeddings` (N, D) are the CLIP embeddings of each sample's
     image, `tokens` (N, T) the sampled tokens (anything after the first EOS is ignored) and
     `advantage` (N,) their advantages.
     """
-    log_probs = forward(embeddings, tokens)  # (N, T)
+    log_probs = train_module(embeddings, tokens)  # (N, T)
     sequence = (log_probs * counted_tokens(tokens, eos)).sum(1)  # (N,)
     return -(advantage.detach().to(sequence.dtype) * sequence).mean()
 
@@ -252,7 +252,7 @@ class SelfCritical:
     def forward_backward(
         self,
         model: ClipCaptionModel,
-        forward,
+        train_module,
         samples: np.ndarray,
         weight: float,
         scaler: torch.amp.GradScaler,
@@ -280,7 +280,7 @@ class SelfCritical:
             greedy_rewards = self.reward(self._texts(greedy), references, embeddings)["total"]
         advantage = advantages(rewards["total"].view(-1, k), self.baseline, greedy_rewards)
         with devices.autocast(device, amp_dtype):
-            loss = scst_loss(forward, images, tokens, advantage.flatten().to(device), eos)
+            loss = scst_loss(train_module, images, tokens, advantage.flatten().to(device), eos)
         scaler.scale(loss * weight).backward()
         lengths = caption_lengths(tokens, eos).float()
         means = [rewards["total"].mean()]

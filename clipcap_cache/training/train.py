@@ -134,12 +134,12 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
         objective = build_objective(config, train_cache, inputs.train_rows, models)
         validate_epoch = build_validation(config, inputs, models)
         optimization = run_optimization(models.model, objective, config, inputs.amp_dtype)
-        forward = training_forward(models.model, config, inputs.world)
+        train_module = training_module(models.model, config, inputs.world)
         state = restore(run_dir, inputs.resume_state, models.model, optimization, config)
         run = run_directory(run_dir, models.tokenizer, train_cache, config)
         return fit(
             models.model,
-            forward,
+            train_module,
             objective,
             optimization,
             state,
@@ -344,20 +344,20 @@ def run_optimization(
     return make_optimization(model, config, device, total_steps, amp_dtype)
 
 
-def training_forward(model: ClipCaptionModel, config: TrainConfig, world: distributed.World):
+def training_module(model: ClipCaptionModel, config: TrainConfig, world: distributed.World):
     """The model as training calls it: the model itself, or its DDP or compiled form.
 
     Under torchrun it is wrapped in DistributedDataParallel; with --compile, compiled.
     """
-    forward = model
+    train_module = model
     device = next(model.parameters()).device
     if world.size > 1:
-        forward = DistributedDataParallel(
+        train_module = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )
     if config.compile:
-        forward = torch.compile(forward, dynamic=True)
-    return forward
+        train_module = torch.compile(train_module, dynamic=True)
+    return train_module
 
 
 def restore(
@@ -407,7 +407,7 @@ def run_directory(
 
 def fit(
     model: ClipCaptionModel,
-    forward,
+    train_module,
     objective: Objective,
     optimization: Optimization,
     state: TrainState,
@@ -430,7 +430,7 @@ def fit(
     row = state.history[-1] if state.history else {}
     for _ in range(state.epoch, config.epochs):
         row = train_one_epoch(
-            model, forward, objective, optimization, state, config, amp_dtype, run
+            model, train_module, objective, optimization, state, config, amp_dtype, run
         )
         if validate_epoch is not None:
             # The main process validates, exactly as one process would; the others wait.
