@@ -7,7 +7,7 @@ from clipcap_cache.evaluation.metrics import coco_tokenize, java_available
 pytestmark = pytest.mark.skipif(not java_available(), reason="the PTB tokenizer needs Java")
 
 
-@pytest.mark.bad_input("silent wrong results")
+@pytest.mark.bad_input("silent wrong result")
 @pytest.mark.parametrize("separator", ["\r", "\r\n", "\f", "\v", "\u2028", "\u2029", "\x85"])
 def test_a_line_break_inside_a_caption_stays_with_its_image(separator):
     captions = {

@@ -182,7 +182,7 @@ def test_stopping_fails_waiting_requests_with_503(captioner, trained_run, pictur
     assert "shutting down" in reply.json()["detail"]
 
 
-@pytest.mark.bad_input("messages")
+@pytest.mark.bad_input("message")
 def test_option_errors_name_form_fields_and_keep_negative_numbers(captioner, trained_run, pictures):
     name = next(iter(pictures))
     with client_for(captioner, trained_run) as client:
@@ -193,7 +193,7 @@ def test_option_errors_name_form_fields_and_keep_negative_numbers(captioner, tra
         assert reply.status_code == 422 and "top_p" in reply.json()["detail"], reply.text
 
 
-@pytest.mark.bad_input("bad options")
+@pytest.mark.bad_input("bad option")
 def test_more_images_per_request_than_the_queue_holds_is_refused(trained_run):
     with pytest.raises(ClipcapError, match="--max-images 9 is more than --max-queue 8"):
         ServeConfig(str(trained_run), max_images=9, max_queue=8)
@@ -222,7 +222,7 @@ def test_a_short_soak_keeps_the_server_healthy_and_its_memory_flat(trained_run):
     assert result["rss_growth"] < 0.10, result
 
 
-@pytest.mark.bad_input("messages")
+@pytest.mark.bad_input("message")
 def test_a_port_in_use_is_one_line_before_the_models_load(tmp_path):
     from conftest import assert_one_line_error, run_cli
 
