@@ -88,7 +88,9 @@ def _click_command(name: str) -> TyperCommand:
 
     callback.__signature__ = signatures.Signature(parameters)
     callback.__doc__ = entry.function.__doc__
-    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single = typer.Typer(
+        add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
+    )
     single.command(name)(callback)
     return typer.main.get_command(single)
 

@@ -41,7 +41,9 @@ def start_server(captioner, checkpoint: Path, clients: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = ServeConfig(str(checkpoint), port=port, max_batch=clients, max_queue=4 * clients)
+    config = ServeConfig(
+        str(checkpoint), port=port, max_batch=clients, max_queue=4 * clients, max_images=clients
+    )
     server = uvicorn.Server(
         uvicorn.Config(create_app(captioner, config), port=port, log_level="warning")
     )

@@ -146,8 +146,9 @@ def test_the_flag_forms_scripts_use_are_kept(commands):
 
 def _help(name: str) -> str:
     result = run_cli(name, "--help", check=0)
-    # Rich draws a table and wraps its cells: keep the words only.
-    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stdout).split())
+    # The help wraps its lines, at hyphens too: keep the words only, whole.
+    text = re.sub(r"(?<=\w-)\n\s+", "", result.stdout)
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -165,7 +166,10 @@ def test_help_shows_every_default_and_choice_list_of_the_config(commands, name):
         elif param.default is not None and param.param_type_name == "option":
             if param.is_flag and not param.secondary_opts:
                 continue  # a switch is off unless given
-            shown = param.opts[0][2:] if param.is_flag else param.default
+            if param.is_flag:  # a pair shows the side that is the default
+                shown = (param.opts if param.default else param.secondary_opts)[0][2:]
+            else:
+                shown = param.default
             assert f"[default: {shown}]" in text, (name, flag)
 
 
