@@ -72,5 +72,15 @@ class StopSignals:
         return int(distributed.all_reduce_max(flag).item())
 
 
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A DataLoader `worker_init_fn`: decoding workers ignore SIGTERM and SIGUSR1.
+
+    A cluster signals every process of a job. The workers keep decoding, so that the main process
+    can finish the shard it is encoding, and they end with it.
+    """
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name

@@ -66,7 +66,7 @@ from clipcap_cache.files import (
 )
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.options import check_choices, option
-from clipcap_cache.preemption import Preempted, StopSignals, signal_name
+from clipcap_cache.preemption import Preempted, StopSignals, ignore_stop_signals, signal_name
 
 log = logging.getLogger(__name__)
 STORAGE_DTYPES = ("float16", "float32")
@@ -241,6 +241,7 @@ class _AnnotatedImages:
             num_workers=config.num_workers,
             collate_fn=collate_images,
             pin_memory=encoder.device.type == "cuda",
+            worker_init_fn=ignore_stop_signals,
         )
         for i, (positions, pixel_values, failed) in enumerate(loader):
             shard = batch_shard[i]
@@ -296,6 +297,7 @@ class _TarShards:
             batch_size=None,
             num_workers=min(config.num_workers, len(shards)),
             collate_fn=_as_is,
+            worker_init_fn=ignore_stop_signals,
         )
         yield from loader
 
@@ -437,8 +439,8 @@ def _encode(
         except RuntimeError:
             if not stop.received:
                 raise
-            # The signal reached the decoding workers too, and the DataLoader lost them: the
-            # shard being encoded is dropped, and the same command encodes it again.
+            # The decoding workers were ended too (they ignore SIGTERM and SIGUSR1, so by another
+            # signal): the shard being encoded is dropped, and the same command encodes it again.
             _stop(stop, parts, config)
 
 
