@@ -156,7 +156,9 @@ def _reported(resume_hint: str | None = None):
     log file add it themselves. `resume_hint` says how to continue after Ctrl-C, where a command
     can.
     """
+    from clipcap_cache.distributed import is_main_process
     from clipcap_cache.logs import setup_logging
+    from clipcap_cache.preemption import Preempted
 
     setup_logging()
     try:
@@ -164,6 +166,10 @@ def _reported(resume_hint: str | None = None):
     except ClipcapError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         raise typer.Exit(1) from None
+    except Preempted as e:  # SIGTERM or SIGUSR1: the position is saved
+        if is_main_process():
+            typer.secho(str(e), err=True, fg="yellow")
+        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         message = "interrupted" + (f": {resume_hint}" if resume_hint else "")
         typer.secho(message, err=True, fg="yellow")

@@ -101,6 +101,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The largest value of a tensor over all ranks, in place (a no-op in one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_gather_objects(value) -> list:
     """Every rank's `value`, in rank order (a one-item list in one process)."""
     if not dist.is_initialized():

@@ -54,10 +54,19 @@ def torchrun(*args, processes=2):
 
 
 def kill_tree(root_pid: int) -> None:
-    """SIGKILL a process and all its descendants at once, as a node failure would.
+    """SIGKILL a process and all its descendants at once, as a node failure would."""
+    signal_tree(root_pid, signal.SIGKILL)
+    family = descendants(root_pid)
+    # A killed process lets go of its files (and its flock) only once it has exited.
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
-    torchrun starts each worker in a session of its own, so killing its process group is not
-    enough; the descendants are found through /proc.
+
+def descendants(root_pid: int) -> list[int]:
+    """A process and all its descendants, found through /proc.
+
+    torchrun starts each worker in a session of its own, so its process group is not enough.
     """
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -71,13 +80,14 @@ def kill_tree(root_pid: int) -> None:
         pid = queue.pop()
         family.append(pid)
         queue.extend(children.get(pid, []))
-    for pid in family:
+    return family
+
+
+def signal_tree(root_pid: int, signum: int) -> None:
+    """Send a signal to a process and every descendant at once, as Slurm signals a job step."""
+    for pid in descendants(root_pid):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    # A killed process lets go of its files (and its flock) only once it has exited.
-    deadline = time.monotonic() + 30
-    while any(_running(pid) for pid in family) and time.monotonic() < deadline:
-        time.sleep(0.01)
+            os.kill(pid, signum)
 
 
 def _running(pid: int) -> bool:

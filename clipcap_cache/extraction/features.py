@@ -66,6 +66,7 @@ from clipcap_cache.files import (
 )
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.options import check_choices, option
+from clipcap_cache.preemption import Preempted, StopSignals, ignore_stop_signals, signal_name
 
 log = logging.getLogger(__name__)
 STORAGE_DTYPES = ("float16", "float32")
@@ -162,8 +163,11 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
     summary = ExtractSummary(out=str(out), images_without_captions=source.uncaptioned)
     device = distributed.setup(device)
     try:
-        with exclusive_lock(out) if distributed.is_main_process() else contextlib.nullcontext():
-            _extract(config, source, device, identity, summary)
+        with (
+            exclusive_lock(out) if distributed.is_main_process() else contextlib.nullcontext(),
+            StopSignals() as stop,
+        ):
+            _extract(config, source, device, identity, summary, stop)
     finally:
         distributed.teardown()
     return summary
@@ -237,6 +241,7 @@ class _AnnotatedImages:
             num_workers=config.num_workers,
             collate_fn=collate_images,
             pin_memory=encoder.device.type == "cuda",
+            worker_init_fn=ignore_stop_signals,
         )
         for i, (positions, pixel_values, failed) in enumerate(loader):
             shard = batch_shard[i]
@@ -292,6 +297,7 @@ class _TarShards:
             batch_size=None,
             num_workers=min(config.num_workers, len(shards)),
             collate_fn=_as_is,
+            worker_init_fn=ignore_stop_signals,
         )
         yield from loader
 
@@ -306,6 +312,7 @@ def _extract(
     device: torch.device,
     identity: dict,
     summary: ExtractSummary,
+    stop: StopSignals,
 ) -> None:
     out = Path(config.out)
     if out.exists() and not config.overwrite:
@@ -354,7 +361,7 @@ def _extract(
         # rerun with any number of processes, or none, finds what is left.
         mine = pending[world.rank :: world.size]
         batches = source.batches(mine, shard_size, encoder, config)
-        _encode(batches, source.images_in(mine, shard_size), encoder, parts, config, summary)
+        _encode(batches, source.images_in(mine, shard_size), encoder, parts, config, summary, stop)
     distributed.barrier()  # every shard is written
     encoded = torch.tensor(summary.images_encoded_now, device=device)
     summary.images_encoded_now = int(distributed.all_reduce_sum(encoded).item())
@@ -413,11 +420,13 @@ def _encode(
     parts: Path,
     config: FeatureConfig,
     summary: ExtractSummary,
+    stop: StopSignals,
 ) -> None:
-    """Encode batches, writing each shard as soon as its last batch is done."""
-    rows: dict[int, list] = {}
-    failures: dict[int, list] = {}
-    uncaptioned: dict[int, int] = {}
+    """Encode batches, writing each shard as soon as its last batch is done.
+
+    On SIGTERM or SIGUSR1 (`stop`) the shard being encoded is finished and written, and the run
+    stops with `Preempted`; the same command continues from the next shard.
+    """
     with tqdm(
         total=total,
         unit="img",
@@ -425,29 +434,61 @@ def _encode(
         dynamic_ncols=True,
         disable=not distributed.is_main_process(),
     ) as bar:
-        for batch in batches:
-            if batch.failures and config.strict:
-                path, reason = batch.failures[0]
-                raise ClipcapError(
-                    f"{path}: {reason} (--strict stops at the first unreadable image)"
-                )
-            shard = batch.shard
-            if batch.pixel_values is not None:
-                embeds = encoder.encode(batch.pixel_values)  # (B, D)
-                rows.setdefault(shard, []).extend(zip(batch.records, embeds.numpy(), strict=True))
-                summary.images_encoded_now += len(batch.records)
-            failures.setdefault(shard, []).extend(batch.failures)
-            uncaptioned[shard] = uncaptioned.get(shard, 0) + batch.uncaptioned
-            bar.update(len(batch.records) + len(batch.failures))
-            if batch.last:
-                _write_shard(
-                    _shard_path(parts, shard),
-                    rows.pop(shard, []),
-                    failures.pop(shard, []),
-                    uncaptioned.pop(shard),
-                    encoder.embedding_dim,
-                    config.dtype,
-                )
+        try:
+            _encode_batches(batches, encoder, parts, config, summary, stop, bar)
+        except RuntimeError:
+            if not stop.received:
+                raise
+            # The decoding workers were ended too (they ignore SIGTERM and SIGUSR1, so by another
+            # signal): the shard being encoded is dropped, and the same command encodes it again.
+            _stop(stop, parts, config)
+
+
+def _encode_batches(
+    batches: Iterator[ShardBatch],
+    encoder: ClipEncoder,
+    parts: Path,
+    config: FeatureConfig,
+    summary: ExtractSummary,
+    stop: StopSignals,
+    bar: tqdm,
+) -> None:
+    """`_encode`'s loop: encode each batch, and write its shard once the shard's last is done."""
+    rows: dict[int, list] = {}
+    failures: dict[int, list] = {}
+    uncaptioned: dict[int, int] = {}
+    for batch in batches:
+        if batch.failures and config.strict:
+            path, reason = batch.failures[0]
+            raise ClipcapError(f"{path}: {reason} (--strict stops at the first unreadable image)")
+        shard = batch.shard
+        if batch.pixel_values is not None:
+            embeds = encoder.encode(batch.pixel_values)  # (B, D)
+            rows.setdefault(shard, []).extend(zip(batch.records, embeds.numpy(), strict=True))
+            summary.images_encoded_now += len(batch.records)
+        failures.setdefault(shard, []).extend(batch.failures)
+        uncaptioned[shard] = uncaptioned.get(shard, 0) + batch.uncaptioned
+        bar.update(len(batch.records) + len(batch.failures))
+        if batch.last:
+            _write_shard(
+                _shard_path(parts, shard),
+                rows.pop(shard, []),
+                failures.pop(shard, []),
+                uncaptioned.pop(shard),
+                encoder.embedding_dim,
+                config.dtype,
+            )
+            if stop.received:
+                _stop(stop, parts, config)
+
+
+def _stop(stop: StopSignals, parts: Path, config: FeatureConfig) -> None:
+    done = len(list(parts.glob("shard-*.safetensors")))
+    raise Preempted(
+        stop.received,
+        f"stopped by {signal_name(stop.received)} with {done} shard(s) of {config.out} written; "
+        "run the same command again to continue",
+    )
 
 
 def _write_shard(path: Path, rows, failures, uncaptioned: int, dim: int, dtype: str) -> None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from clipcap_cache import distributed
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.model import ClipCaptionModel
+from clipcap_cache.preemption import Preempted, StopSignals, signal_name
 from clipcap_cache.training import batches
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.objectives import Objective
@@ -60,13 +61,17 @@ def train_one_epoch(
     config: TrainConfig,
     amp_dtype: torch.dtype | None,
     run: RunDirectory,
+    stop: StopSignals | None = None,
 ) -> dict:
     """One pass over the shuffled samples, from `state.batch` on; returns the epoch's row.
 
     `objective` is `CrossEntropy` (a sample is a caption) or `scst.SelfCritical` (a sample is an
     image). `train_module` is the model, or its DDP or compiled form. Every `config.save_every_steps`
-    optimizer steps the run saves a resume point in `checkpoints/last`.
+    optimizer steps the run saves a resume point in `checkpoints/last`. On SIGTERM or SIGUSR1
+    (`stop`) the step is finished, the ranks agree at their next sync point, a resume point is
+    saved and `Preempted` is raised; at the epoch's last step the epoch ends as usual first.
     """
+    stop = stop or StopSignals()
     model.train()
     world = distributed.world()
     batch_size, batches_per_epoch = config.batch_size, math.ceil(len(objective) / config.batch_size)
@@ -110,6 +115,8 @@ def train_one_epoch(
                 continue
             state.step += 1
             saving = saves_resume_point(state.step, b + 1, batches_per_epoch, config)
+            stopping = b + 1 < batches_per_epoch and stop_due(stop, state.step, device, world)
+            saving = saving or bool(stopping)
             if saving or b + 1 == batches_per_epoch or read_back_due(state.step, pending, world):
                 read_back(pending, state, objective, run, b + 1)
                 bar.set_postfix(**progress_postfix(state, objective, pending.read_at - started))
@@ -118,6 +125,8 @@ def train_one_epoch(
             if saving:
                 state.seconds = time.perf_counter() - started
                 save_training_checkpoint(run, "last", model, state, optimization)
+            if stopping:
+                raise preempted(stopping, state, run)
     finally:
         bar.close()  # before any error message, so it starts a line of its own
     return epoch_row(state, objective, optimization, time.perf_counter() - started)
@@ -184,6 +193,27 @@ def saves_resume_point(
         config.save_every_steps
         and step % config.save_every_steps == 0
         and batches_done < batches_per_epoch
+    )
+
+
+def stop_due(stop: StopSignals, step: int, device: torch.device, world: distributed.World) -> int:
+    """The signal that stops the run after `step`, or 0 to go on.
+
+    One process stops after the step in which the signal arrived. Several ranks must stop at the
+    same step, so they agree where they read their metrics back (every SYNC_STEPS steps).
+    """
+    if world.size > 1 and step % SYNC_STEPS:
+        return 0
+    return stop.agreed(device, world)
+
+
+def preempted(signum: int, state: TrainState, run: RunDirectory) -> Preempted:
+    """The exception that ends a run stopped by a signal, once its resume point is saved."""
+    return Preempted(
+        signum,
+        f"stopped by {signal_name(signum)} in epoch {state.epoch + 1}, after step {state.step}; "
+        f"{run.path / 'checkpoints' / 'last'} holds the position: add --resume to the same "
+        "command to continue",
     )
 
 

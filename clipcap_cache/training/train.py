@@ -61,10 +61,11 @@ from clipcap_cache.model import (
     load_tokenizer,
     pad_token_id,
 )
+from clipcap_cache.preemption import StopSignals
 from clipcap_cache.training import scst
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.data import caption_data
-from clipcap_cache.training.loop import train_one_epoch
+from clipcap_cache.training.loop import preempted, train_one_epoch
 from clipcap_cache.training.objectives import CrossEntropy, Objective
 from clipcap_cache.training.optimization import Optimization, make_optimization
 from clipcap_cache.training.run_dir import (
@@ -124,7 +125,7 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     """
     run_dir = Path(config.out)
     refuse_file(run_dir, f"--out {run_dir} is a file; give a directory for the run")
-    with locked(run_dir):
+    with locked(run_dir), StopSignals() as stop:
         config, model_config, train_cache = resolve_settings(config, model_config)
         inputs = check_inputs(run_dir, config, model_config, train_cache)
         models = load_models(config, inputs)
@@ -147,6 +148,7 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
             inputs.amp_dtype,
             run,
             validate_epoch,
+            stop,
         )
 
 
@@ -415,10 +417,13 @@ def fit(
     amp_dtype: torch.dtype | None,
     run: RunDirectory,
     validate_epoch: Callable[[], dict] | None,
+    stop: StopSignals,
 ) -> dict:
     """Train the epochs left; after each, validate, log, and save the best and last checkpoints.
 
-    Returns the last epoch's metrics row (the last recorded one when no epoch was left).
+    Returns the last epoch's metrics row (the last recorded one when no epoch was left). A signal
+    (`stop`) ends the run with `Preempted` once its position is saved: mid-epoch at a step, or
+    after the epoch's checkpoints.
     """
     world = distributed.world()
     criterion, higher_is_better = selection(config)
@@ -430,7 +435,7 @@ def fit(
     row = state.history[-1] if state.history else {}
     for _ in range(state.epoch, config.epochs):
         row = train_one_epoch(
-            model, train_module, objective, optimization, state, config, amp_dtype, run
+            model, train_module, objective, optimization, state, config, amp_dtype, run, stop
         )
         if validate_epoch is not None:
             # The main process validates, exactly as one process would; the others wait.
@@ -446,6 +451,9 @@ def fit(
         save_training_checkpoint(run, "last", model, state, optimization, metrics=row)
         if world.is_main:
             write_metrics(run.path, state.history)
+        signum = stop.agreed(next(model.parameters()).device, world)
+        if signum and state.epoch < config.epochs:
+            raise preempted(signum, state, run)
     log.info("done: best checkpoint %s", run.path / "checkpoints" / "best")
     return row
 
