@@ -1,10 +1,19 @@
 """clipcap-cache: image captioning with CLIP prefixes and GPT-2, trained from cached CLIP features.
 
-The pipeline has two stages. `extraction.features.extract_features` runs a frozen CLIP image encoder over a
-dataset once and writes the embeddings to an HDF5 cache (`data/cache.py`). `training.train.train` then fits a
-projector and the unfrozen GPT-2 blocks from that cache alone. `Captioner` (`inference/captioner.py`) loads a
-trained checkpoint once and captions images; `caption.py`, `serve.py` and `evaluate.py` use it, and
-`demo.py` runs everything offline on synthetic data.
+The subpackages follow the pipeline:
+
+- `data/`: annotation formats, WebDataset tars, image decoding, the HDF5 feature cache and the
+  tokenized captions beside it;
+- `extraction/`: stage 1, `extract_features`, which runs the frozen CLIP image encoder once;
+- `training/`: stage 2, `train`, which fits the projector and the unfrozen GPT-2 blocks from the
+  cache alone;
+- `inference/`: `Captioner`, which loads a checkpoint once, and `caption` and `serve` around it;
+- `evaluation/`: the COCO metrics, BERTScore, CIDEr-D and CLIPScore, and `evaluate` and `score`.
+
+Beside them: the caption model (`model.py`) and its checkpoint folders (`checkpoint.py`), the
+option fields every config is built from (`options.py`, the CLI's source), and small shared
+modules (devices, distributed, files, hub, logs, preemption, errors). `demo.py` runs everything
+offline on synthetic data.
 """
 
 __version__ = "0.1.0"

@@ -145,7 +145,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
 
 def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, shapes_cache, gpt2_dir):
     # With dropout on, each rank draws its own masks: resuming exactly needs every rank's RNG.
-    extra = ["--epochs", "2", "--no-val"]
+    extra = ["--epochs", "1", "--no-val"]
     reference = tmp_path / "reference"
     torchrun(*train_args(shapes_cache, reference, gpt2_dir, *extra))
 
@@ -165,7 +165,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, shapes_c
     kill_tree(process.pid)  # torchrun and both workers
     process.wait()
     killed_at = load_train_state(last)
-    assert killed_at["epoch"] < 2, "the run finished before it could be killed"
+    assert killed_at["epoch"] < 1, "the run finished before it could be killed"
     assert killed_at["world_size"] == 2 and len(killed_at["torch_rng_per_rank"]) == 2
 
     torchrun(*train_args(shapes_cache, resumed, gpt2_dir, *extra, "--resume"))
@@ -173,7 +173,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, shapes_c
     for name in a:
         assert torch.equal(a[name], b[name]), name
     rows = (resumed / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+    assert [json.loads(r)["epoch"] for r in rows] == [1]
 
 
 def shard_args(shapes, clip_dir, out):

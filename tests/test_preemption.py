@@ -62,7 +62,10 @@ def training_started(run_dir):
     "signum, extra",
     [
         (signal.SIGTERM, ["--epochs", "2"]),
-        (signal.SIGUSR1, ["--epochs", "1", "--objective", "scst", "--samples", "2"]),
+        (
+            signal.SIGUSR1,
+            ["--epochs", "1", "--objective", "scst", "--samples", "2", "--max-caption-tokens", "8"],
+        ),
     ],
     ids=["sigterm-xe", "sigusr1-scst"],
 )
@@ -96,9 +99,9 @@ def test_a_signalled_run_saves_stops_and_resumes_bit_identically(
 
 
 def test_two_signalled_processes_stop_at_the_same_step_and_resume(tmp_path, shapes_cache, gpt2_dir):
-    # 320 captions in batches of 8: 40 steps an epoch, so the ranks agree to stop at step 20 or
-    # at the epoch's end. Every process of the job gets the signal, as Slurm sends it.
-    args = ["--epochs", "2", "--batch-size", "8", "--save-every-steps", "0", "--no-val"]
+    # 320 captions in batches of 8: 40 steps, so the ranks agree to stop at step 20, mid-epoch
+    # (the signal comes as training starts). Every process of the job gets it, as from Slurm.
+    args = ["--epochs", "1", "--batch-size", "8", "--save-every-steps", "0", "--no-val"]
     reference = tmp_path / "reference"
     torchrun(*train_args(shapes_cache, reference, gpt2_dir, *args))
 
@@ -113,7 +116,7 @@ def test_two_signalled_processes_stop_at_the_same_step_and_resume(tmp_path, shap
     text = log_file.read_text()
     assert text.count("stopped by SIGTERM") == 1, text[-3000:]
     state = load_train_state(stopped / "checkpoints" / "last")
-    assert state["step"] >= 1 and state["epoch"] < 2 and state["world_size"] == 2
+    assert state["step"] == 20 and state["epoch"] == 0 and state["world_size"] == 2
 
     torchrun(*train_args(shapes_cache, stopped, gpt2_dir, "--resume", *args))
     assert_same_weights(reference, stopped)
@@ -127,7 +130,8 @@ def test_a_signalled_extraction_stops_at_a_shard_and_a_rerun_continues(
     # decoding, so the main process finishes its shard.
     annotations, root = shapes
     reference = tmp_path / "reference.h5"
-    shards = ["--shard-size", "4"]  # with batches of 2, many small shards: it is still running
+    # 80 images in batches of 2 and shards of 4: many small shards, so it is still running.
+    shards = ["--shard-size", "4", "--limit", "80"]
     run_cli(*extract_args(annotations, root, reference, clip_dir, *shards, batch_size=2), check=0)
 
     out = tmp_path / "stopped.h5"

@@ -86,7 +86,7 @@ def test_captioning_a_run_that_saves_every_step_never_breaks_either(
     out = tmp_path / "run"
     args = [
         "train", shapes_cache, "--out", out, "--gpt2-model", gpt2_dir, "--prefix-length", "4",
-        "--epochs", "2", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
+        "--epochs", "1", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
         "--device", "cpu", "--no-bertscore", "--eval-images", "0", "--save-every-steps", "1",
     ]  # fmt: skip
     trainer = subprocess.Popen(

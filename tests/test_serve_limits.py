@@ -201,7 +201,7 @@ def test_more_images_per_request_than_the_queue_holds_is_refused(trained_run):
 
 @pytest.mark.slow
 def test_a_short_soak_keeps_the_server_healthy_and_its_memory_flat(trained_run):
-    # The benchmark's soak, bounded: 8 clients post 1 MB images for 8 s against room for 2.
+    # The benchmark's soak, bounded: 8 clients post 1 MB images for 6 s against room for 2.
     import sys
 
     from conftest import REPO
@@ -211,7 +211,7 @@ def test_a_short_soak_keeps_the_server_healthy_and_its_memory_flat(trained_run):
 
     process, url = start_server(trained_run, max_queue=2, max_upload_mb=2)
     try:
-        result = soak(url, process.pid, clients=8, seconds=8, image=noise_png(1), window=3)
+        result = soak(url, process.pid, clients=8, seconds=6, image=noise_png(1), window=2)
         healthy = httpx.get(url + "/health").status_code
     finally:
         process.terminate()
