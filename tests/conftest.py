@@ -114,19 +114,17 @@ def shapes_cache(tmp_path_factory, shapes, clip_dir):
     )
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, shapes_cache, gpt2_dir):
-    """A run trained briefly on the shapes cache (val loss only: no CIDEr-D, no BERTScore)."""
+def train_shapes_run(run_dir, shapes_cache, gpt2_dir, epochs: int):
+    """Train the tiny model on the shapes cache (val loss only: no CIDEr-D, no BERTScore)."""
     from clipcap_cache.model import ModelConfig
     from clipcap_cache.training.config import TrainConfig
     from clipcap_cache.training.train import train
 
-    run_dir = tmp_path_factory.mktemp("runs") / "shapes"
     train(
         TrainConfig(
             features=str(shapes_cache),
             out=str(run_dir),
-            epochs=30,
+            epochs=epochs,
             batch_size=32,
             lr=3e-3,
             warmup_steps=10,
@@ -142,31 +140,18 @@ def trained_run(tmp_path_factory, shapes_cache, gpt2_dir):
 
 
 @pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, shapes_cache, gpt2_dir):
+    """A run trained briefly on the shapes cache (val loss only: no CIDEr-D, no BERTScore)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "shapes"
+    return train_shapes_run(run_dir, shapes_cache, gpt2_dir, epochs=30)
+
+
+@pytest.fixture(scope="session")
 def checkpoint_run(tmp_path_factory, shapes_cache, gpt2_dir):
     """A run of one epoch: a valid run directory and checkpoint, for tests that need one to load
     or to refuse, but not a model that has learnt anything (those take `trained_run`)."""
-    from clipcap_cache.model import ModelConfig
-    from clipcap_cache.training.config import TrainConfig
-    from clipcap_cache.training.train import train
-
     run_dir = tmp_path_factory.mktemp("runs") / "one-epoch"
-    train(
-        TrainConfig(
-            features=str(shapes_cache),
-            out=str(run_dir),
-            epochs=1,
-            batch_size=32,
-            lr=3e-3,
-            warmup_steps=10,
-            seed=0,
-            device="cpu",
-            bertscore=False,
-            eval_images=0,
-            save_every_steps=0,
-        ),
-        ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4, freeze_layers=0),
-    )
-    return run_dir
+    return train_shapes_run(run_dir, shapes_cache, gpt2_dir, epochs=1)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ import time
 import pytest
 import torch
 from conftest import REPO, run_cli
-from safetensors.torch import load_file
-from test_distributed import signal_tree, torchrun, torchrun_command
+from test_distributed import signal_tree, torchrun, torchrun_command, weights
 from test_extract import extract_args
 from test_train import train_args
 
@@ -24,10 +23,6 @@ from clipcap_cache.data.cache import read_cache
 from clipcap_cache.preemption import EXIT_CODES
 
 pytestmark = pytest.mark.slow
-
-
-def weights(run):
-    return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
 
 
 def assert_same_weights(a, b):
