@@ -265,6 +265,32 @@ def test_a_resumed_run_continues_each_trackers_run_and_curve(
     assert resumed_loss[6] == pytest.approx(killed_loss[6], rel=1e-6)  # the replay matches
 
 
+# ------------------------------------------------------------------ the option
+
+
+def test_report_to_repeats_and_a_resume_keeps_the_runs_tools(monkeypatch, tmp_path):
+    from clipcap_cache.training.config import resolve_train_options
+
+    calls = []
+    monkeypatch.setattr(
+        "clipcap_cache.training.train.train", lambda *configs: calls.append(configs) or {}
+    )
+    run_cli("train", "f.h5", "--out", tmp_path / "a", check=0)
+    run_cli("train", "f.h5", "--out", tmp_path / "b", "--report-to", "wandb",
+            "--report-to", "mlflow", "--log-every-steps", "10", check=0)  # fmt: skip
+    (default, _), (given, _) = calls
+    assert (default.report_to, default.log_every_steps) == ([], 50)
+    assert (given.report_to, given.log_every_steps) == (["wandb", "mlflow"], 10)
+    # A resume takes the run's own tools from its config.json, unless told otherwise.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {"report_to": ["tensorboard"]}}))
+    resumed, _ = resolve_train_options({"features": "f.h5", "out": str(run), "resume": True})
+    assert resumed.report_to == ["tensorboard"]
+    explicit = {"features": "f.h5", "out": str(run), "resume": True, "report_to": ["none"]}
+    assert resolve_train_options(explicit)[0].report_to == ["none"]
+
+
 # ------------------------------------------------------------------ bad input
 
 
