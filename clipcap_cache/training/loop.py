@@ -129,12 +129,7 @@ def train_one_epoch(
             # Every rank decides the same (all of them take part in a read-back). The epoch's last
             # step reports too, so each of its samples is in one report.
             reporting = state.step % config.log_every_steps == 0 or b + 1 == batches_per_epoch
-            if (
-                saving
-                or reporting
-                or b + 1 == batches_per_epoch
-                or read_back_due(state.step, pending, world)
-            ):
+            if saving or reporting or read_back_due(state.step, pending, world):
                 read_back(pending, state, objective, run, b + 1)
                 bar.set_postfix(**progress_postfix(state, objective, pending.read_at - started))
             if reporting:
