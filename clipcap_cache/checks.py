@@ -55,10 +55,11 @@ def positive(config, *names: str) -> None:
 
 
 def one_of(config, name: str, choices) -> None:
-    """Refuse a field whose value is not one of `choices`."""
+    """Refuse a field whose value is not one of `choices` (for a list: any item that is not)."""
     value = getattr(config, name)
-    if value not in choices:
-        raise ClipcapError(f"{option(name)} must be one of {', '.join(choices)}, not {value!r}")
+    for item in value if isinstance(value, list) else [value]:
+        if item not in choices:
+            raise ClipcapError(f"{option(name)} must be one of {', '.join(choices)}, not {item!r}")
 
 
 def _is_union(annotation) -> bool:
@@ -66,6 +67,9 @@ def _is_union(annotation) -> bool:
 
 
 def _matches(value, kind) -> bool:
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
     if kind is float:
         return (
             isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
@@ -76,6 +80,8 @@ def _matches(value, kind) -> bool:
 
 
 def _describe(kind) -> str:
+    if typing.get_origin(kind) is list:
+        return f"a list of {_describe(typing.get_args(kind)[0])}"
     return {
         int: "an integer",
         float: "a finite number",

@@ -20,6 +20,7 @@ import torch
 from conftest import REPO, assert_one_line_error, run_cli
 from safetensors.torch import load_file
 from test_extract import extract_args
+from test_trackers import tensorboard_scalars
 from test_train import _saved_step, train_args
 
 from clipcap_cache.checkpoint import load_train_state
@@ -108,6 +109,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     # Without dropout, two ranks that each take half of every global batch of 16, with the loss
     # normalised over the batch's tokens, must follow the one-process run.
     extra = ["--epochs", "1", "--grad-accum", "2", "--no-val", "--save-every-steps", "0"]
+    # Reports at steps 3, 6, 9 and 10, where every rank must take part in the loss's read-back.
+    extra += ["--report-to", "tensorboard", "--log-every-steps", "3"]
     one = tmp_path / "one"
     run_cli(*train_args(shapes_cache, one, gpt2_no_dropout_dir, *extra), check=0)
     two = tmp_path / "two"
@@ -127,11 +130,23 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     rank_rng = load_train_state(two / "checkpoints" / "last")["torch_rng_per_rank"]
     assert len(rank_rng) == 2 and not torch.equal(rank_rng[0], rank_rng[1])
 
-    # Only rank 0 writes: the same files as one process, each log line once.
+    # Only rank 0 writes: the same files as one process, each log line once. (An event file's
+    # name holds the time, host and process id.)
     def files(run):
-        return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+        return sorted(
+            str(p.relative_to(run))
+            for p in run.rglob("*")
+            if p.is_file() and p.parent.name != "tensorboard"
+        )
 
     assert files(two) == files(one)
+    assert len(list((two / "tensorboard").iterdir())) == 1
+    # Rank 0 reports the loss of the global batch: the curve of the one-process run.
+    curve_one = tensorboard_scalars(one / "tensorboard")["train/loss"]
+    curve_two = tensorboard_scalars(two / "tensorboard")["train/loss"]
+    assert [step for step, _ in curve_two] == [step for step, _ in curve_one] == [3, 6, 9, 10]
+    for (_, value_two), (_, value_one) in zip(curve_two, curve_one, strict=True):
+        assert value_two == pytest.approx(value_one, rel=1e-5)
     log = (two / "train.log").read_text()
     assert log.count("epoch 1:") == 1
     assert "across 2 process(es)" in log and "across 2 process(es)" in result.stderr

@@ -1,6 +1,7 @@
 """The core (extract, train, caption) imports and runs without the optional packages.
 
-A GPU machine may lack the evaluation and serving packages. Each is blocked in a fresh
+A GPU machine may lack the evaluation and serving packages, and the experiment trackers are
+extras of their own. Each is blocked in a fresh
 interpreter (`sys.modules[name] = None` makes its import fail), and the core modules are imported
 and called there.
 """
@@ -10,7 +11,17 @@ import sys
 
 from conftest import REPO
 
-OPTIONAL = ("bert_score", "pycocoevalcap", "braceexpand", "fastapi", "uvicorn", "multipart")
+OPTIONAL = (
+    "bert_score",
+    "pycocoevalcap",
+    "braceexpand",
+    "fastapi",
+    "uvicorn",
+    "multipart",
+    "tensorboard",
+    "wandb",
+    "mlflow",
+)
 
 PROGRAM = f"""
 import sys
@@ -32,6 +43,14 @@ except ClipcapError as error:
     assert "needs the braceexpand package" in str(error), error
 else:
     raise AssertionError("a brace pattern without braceexpand was not refused")
+from clipcap_cache.training import trackers
+for tool in ("tensorboard", "wandb", "mlflow"):
+    try:
+        trackers.check_available([tool])
+    except ClipcapError as error:
+        assert f'pip install "clipcap-cache[{{tool}}]"' in str(error), error
+    else:
+        raise AssertionError(f"--report-to {{tool}} without its package was not refused")
 loaded = sorted(name for name in {OPTIONAL!r} if sys.modules.get(name) is not None)
 assert not loaded, loaded
 print("ok")

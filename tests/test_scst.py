@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, extract_shapes, run_cli
 from safetensors.torch import load_file
+from test_trackers import tensorboard_scalars
 from test_train import library_run, train_args
 
 from clipcap_cache.checkpoint import load_train_state, read_config
@@ -304,6 +305,10 @@ def test_cider_plus_clip_reward_with_the_greedy_baseline_logs_both_terms(
         "greedy",
         "--max-caption-tokens",
         "16",
+        "--report-to",
+        "tensorboard",
+        "--log-every-steps",
+        "1000",
         check=0,
     )
     row = json.loads((out / "metrics.jsonl").read_text())
@@ -311,6 +316,13 @@ def test_cider_plus_clip_reward_with_the_greedy_baseline_logs_both_terms(
     assert 0 < row["reward_clip"] <= 2.5  # CLIP-S is 2.5 x a clipped cosine
     # Without validation, the best checkpoint is the epoch with the highest mean reward.
     assert read_config(out / "checkpoints" / "best")["metrics"]["reward"] == row["reward"]
+    # TensorBoard holds the rewards: the epoch's row, and the one report of the epoch (its last
+    # step, --log-every-steps being longer), whose means cover the whole epoch.
+    scalars = tensorboard_scalars(out / "tensorboard")
+    for key in ("loss", "reward", "reward_cider", "reward_clip", "sample_length"):
+        epoch_key = "train_loss" if key == "loss" else key
+        assert scalars[f"train/{key}"] == [(row["step"], pytest.approx(row[epoch_key], rel=1e-6))]
+        assert scalars[f"epoch/{epoch_key}"] == [(row["step"], pytest.approx(row[epoch_key]))]
 
 
 @pytest.mark.bad_input("bad option")

@@ -15,7 +15,7 @@ from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.metrics import BERTSCORE, BERTSCORE_LAYERS, BERTSCORE_MODEL
 from clipcap_cache.model import ModelConfig
 from clipcap_cache.options import build, check_choices, option
-from clipcap_cache.training import scst
+from clipcap_cache.training import scst, trackers
 
 OBJECTIVES = ("xe", "scst")
 
@@ -60,6 +60,18 @@ class TrainConfig:
     save_every_steps: int = option(
         1000, help="Optimizer steps between mid-epoch resume points; 0: at epoch ends only."
     )
+    log_every_steps: int = option(
+        50,
+        help="Optimizer steps between reports of the training loss and learning rate (to "
+        "--report-to and train.log); each epoch's last step reports too.",
+    )
+    report_to: list[str] = option(
+        default_factory=list,
+        help="Report the run to an experiment tracker (repeat the option for several).",
+        choices=trackers.REPORT_TO,
+        metavar="TOOL",
+        default_text="none",
+    )
     compile: bool = option(False, help="torch.compile the model.")
     init: str | None = option(
         None, help="Start a new run from this checkpoint's weights (ignored on --resume)."
@@ -82,11 +94,12 @@ class TrainConfig:
     def __post_init__(self):
         check_types(self)
         at_least(self, 1, "epochs", "batch_size", "grad_accum", "max_caption_tokens")
-        at_least(self, 1, "bertscore_layers", "samples")
+        at_least(self, 1, "bertscore_layers", "samples", "log_every_steps")
         at_least(self, 0, "warmup_steps", "eval_images", "save_every_steps", "weight_decay")
         at_least(self, 0, "cider_weight", "clip_weight")
         positive(self, "lr", "max_grad_norm")
         check_choices(self)
+        trackers.check_report_to(self.report_to)
         if self.objective == "scst":
             if self.baseline == "mean" and self.samples < 2:
                 raise ClipcapError("--baseline mean needs --samples 2 or more")

@@ -5,11 +5,14 @@ The epoch's samples are shuffled (`epoch_order`) and cut into global batches of
 is a micro-batch (`train_micro_batch`): this rank's share of it goes forward and backward through
 the objective, weighted by its share of the step's samples. The metrics are summed on the device
 and read back now and then (`read_back`), which is also where a non-finite loss stops the run.
-Every `config.save_every_steps` steps a resume point is saved in `checkpoints/last`. The epoch's
-metrics row (`epoch_row`) holds weighted means over its samples.
+Every `config.save_every_steps` steps a resume point is saved in `checkpoints/last`, and every
+`config.log_every_steps` steps, and at the epoch's last, the loss and learning rate are
+reported (`report_step`) to `train.log` and the run's experiment trackers. The epoch's metrics
+row (`epoch_row`) holds weighted means over its samples.
 """
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -28,7 +31,9 @@ from clipcap_cache.training.objectives import Objective
 from clipcap_cache.training.optimization import Optimization
 from clipcap_cache.training.run_dir import RunDirectory, save_training_checkpoint
 from clipcap_cache.training.state import TrainState
+from clipcap_cache.training.trackers import Trackers
 
+log = logging.getLogger(__name__)
 SYNC_SECONDS = 0.5  # how often the host reads the loss back from the device (progress, NaN check)
 SYNC_STEPS = 20  # the same, in optimizer steps, under torchrun (where every rank must take part)
 
@@ -62,6 +67,7 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None,
     run: RunDirectory,
     stop: StopSignals | None = None,
+    trackers: Trackers | None = None,
 ) -> dict:
     """One pass over the shuffled samples, from `state.batch` on; returns the epoch's row.
 
@@ -70,8 +76,11 @@ def train_one_epoch(
     optimizer steps the run saves a resume point in `checkpoints/last`. On SIGTERM or SIGUSR1
     (`stop`) the step is finished, the ranks agree at their next sync point, a resume point is
     saved and `Preempted` is raised; at the epoch's last step the epoch ends as usual first.
+    Every `config.log_every_steps` steps, and at the last, the loss and learning rate go to
+    `trackers`.
     """
     stop = stop or StopSignals()
+    trackers = trackers or Trackers()
     model.train()
     world = distributed.world()
     batch_size, batches_per_epoch = config.batch_size, math.ceil(len(objective) / config.batch_size)
@@ -117,12 +126,18 @@ def train_one_epoch(
             saving = saves_resume_point(state.step, b + 1, batches_per_epoch, config)
             stopping = b + 1 < batches_per_epoch and stop_due(stop, state.step, device, world)
             saving = saving or bool(stopping)
-            if saving or b + 1 == batches_per_epoch or read_back_due(state.step, pending, world):
+            # Every rank decides the same (all of them take part in a read-back). The epoch's last
+            # step reports too, so each of its samples is in one report.
+            reporting = state.step % config.log_every_steps == 0 or b + 1 == batches_per_epoch
+            if saving or reporting or read_back_due(state.step, pending, world):
                 read_back(pending, state, objective, run, b + 1)
                 bar.set_postfix(**progress_postfix(state, objective, pending.read_at - started))
+            if reporting:
+                report_step(state, optimization, trackers)
             optimization.step()
             state.batch = b + 1
             if saving:
+                trackers.flush()  # a killed run's curves then reach its resume point
                 state.seconds = time.perf_counter() - started
                 save_training_checkpoint(run, "last", model, state, optimization)
             if stopping:
@@ -255,6 +270,26 @@ def read_back(
         state.sums[name] = state.sums.get(name, 0.0) + total
     pending.totals.zero_()
     pending.first_batch, pending.read_at = batch, time.perf_counter()
+
+
+def report_step(state: TrainState, optimization: Optimization, trackers: Trackers) -> None:
+    """Report the step's learning rate and the mean loss (and rewards) since the last report.
+
+    The means cover the steps since the last reported one, or since the epoch's start, weighted
+    as the epoch's are (tokens, or images under scst); the learning rate is the step's own.
+    Called once the step's metrics are read back and before the optimizer steps.
+    """
+    done = {"loss": state.loss_sum, "weight": state.weight_sum, **state.sums}
+    weight = max(done["weight"] - state.reported.get("weight", 0), 1)
+    values = {
+        name: (total - state.reported.get(name, 0.0)) / weight
+        for name, total in done.items()
+        if name != "weight"
+    }
+    values["lr"] = optimization.scheduler.get_last_lr()[0]
+    state.reported = done
+    log.debug("step %d: %s", state.step, ", ".join(f"{k}={v:.6g}" for k, v in values.items()))
+    trackers.log_metrics({f"train/{name}": value for name, value in values.items()}, state.step)
 
 
 def progress_postfix(state: TrainState, objective: Objective, seconds: float) -> dict[str, str]:

@@ -13,7 +13,7 @@ from clipcap_cache.files import os_errors, write_json_atomic
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.logs import write_jsonl
 from clipcap_cache.model import ClipCaptionModel, ModelConfig
-from clipcap_cache.training import batches
+from clipcap_cache.training import batches, trackers
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.optimization import Optimization
 from clipcap_cache.training.plots import plot_metrics
@@ -167,7 +167,8 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
     """
     with os_errors(f"cannot write the run directory {run_dir}"):
         if config.overwrite:
-            for name in RUN_ARTEFACTS:
+            # The trackers' files of the old run go too; a resume would reopen its runs.
+            for name in RUN_ARTEFACTS + trackers.RUN_FILES:
                 target = run_dir / name
                 if target.is_dir():
                     shutil.rmtree(target)

@@ -31,6 +31,9 @@ class TrainState:
     best: float | None = None  # the best value of the selection criterion (`selection`) so far
     history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
     sums: dict[str, float] = field(default_factory=dict)  # scst: summed rewards and lengths
+    # The epoch's sums at its last reported step ("loss", "weight" and `sums`' keys), so the
+    # next report is the mean since then (`loop.report_step`), a resumed run's too.
+    reported: dict[str, float] = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +58,7 @@ class TrainState:
         self.epoch += 1
         self.batch, self.loss_sum, self.weight_sum, self.samples_done = 0, 0.0, 0, 0
         self.seconds = 0.0
-        self.sums = {}
+        self.sums, self.reported = {}, {}
         self.history = [*self.history, row]
 
 

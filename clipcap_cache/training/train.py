@@ -7,9 +7,10 @@
 needs: `resolve_settings` (absolute paths, resolved hub names, the cache's embedding width),
 `check_inputs` (caches, device, the run directory against --resume/--overwrite, --init),
 `load_models` (tokenizer, model, the CLIP reward's text tower), `prepare_run` (the first write
-to the run directory, then logging), `build_objective` and `build_validation`, `restore` (a
-resumed run's weights, optimizer, random number generators and position) and `fit` (the epochs,
-each followed by validation and the best and last checkpoints).
+to the run directory, the experiment trackers of `--report-to`, then logging), `build_objective`
+and `build_validation`, `restore` (a resumed run's weights, optimizer, random number generators
+and position) and `fit` (the epochs, each followed by validation and the best and last
+checkpoints).
 
 The CLIP image encoder is never loaded: the cached embeddings are memory-mapped, and every
 caption is tokenized once into a file beside the cache that is memory-mapped too
@@ -24,7 +25,8 @@ DistributedDataParallel and `batch_size` is the global batch: every rank takes e
 of the same shuffled batch (see `clipcap_cache/distributed.py`).
 
 The run directory holds `config.json` (the resolved settings), `train.log`, `metrics.jsonl` (one row
-per epoch), `plots/*.png` and `checkpoints/{best,last}/` (see `clipcap_cache/checkpoint.py`). The
+per epoch), `plots/*.png` and `checkpoints/{best,last}/` (see `clipcap_cache/checkpoint.py`), and
+the files of the `--report-to` trackers (`training/trackers.py`). The
 last checkpoint also carries `train_state.pt`, written at every epoch end and every
 `save_every_steps` optimizer steps, so `--resume` continues a killed run; on the CPU with the same
 seed it reaches the same weights as a run that was never interrupted.
@@ -62,7 +64,7 @@ from clipcap_cache.model import (
     pad_token_id,
 )
 from clipcap_cache.preemption import StopSignals
-from clipcap_cache.training import scst
+from clipcap_cache.training import scst, trackers
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.data import caption_data
 from clipcap_cache.training.loop import preempted, train_one_epoch
@@ -130,26 +132,27 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
         inputs = check_inputs(run_dir, config, model_config, train_cache)
         models = load_models(config, inputs)
         # Everything is checked: only now is the directory changed, by the main process alone.
-        prepare_run(run_dir, config, models.model_config, inputs.world)
-        log_setup(config, inputs, models)
-        objective = build_objective(config, train_cache, inputs.train_rows, models)
-        validate_epoch = build_validation(config, inputs, models)
-        optimization = run_optimization(models.model, objective, config, inputs.amp_dtype)
-        train_module = training_module(models.model, config, inputs.world)
-        state = restore(run_dir, inputs.resume_state, models.model, optimization, config)
-        run = run_directory(run_dir, models.tokenizer, train_cache, config)
-        return fit(
-            models.model,
-            train_module,
-            objective,
-            optimization,
-            state,
-            config,
-            inputs.amp_dtype,
-            run,
-            validate_epoch,
-            stop,
-        )
+        with prepare_run(run_dir, config, models.model_config, inputs) as reporting:
+            log_setup(config, inputs, models)
+            objective = build_objective(config, train_cache, inputs.train_rows, models)
+            validate_epoch = build_validation(config, inputs, models)
+            optimization = run_optimization(models.model, objective, config, inputs.amp_dtype)
+            train_module = training_module(models.model, config, inputs.world)
+            state = restore(run_dir, inputs.resume_state, models.model, optimization, config)
+            run = run_directory(run_dir, models.tokenizer, train_cache, config)
+            return fit(
+                models.model,
+                train_module,
+                objective,
+                optimization,
+                state,
+                config,
+                inputs.amp_dtype,
+                run,
+                validate_epoch,
+                stop,
+                reporting,
+            )
 
 
 @contextlib.contextmanager
@@ -198,8 +201,10 @@ def check_inputs(
     """Check the caches, device, precision, process count, run directory and --init.
 
     Nothing is loaded or written; a bad input raises ClipcapError. A resume or --init completes
-    the model config from the saved run's.
+    the model config from the saved run's. The packages of the --report-to tools are imported
+    here, on every rank, so a missing one stops every process before the run directory changes.
     """
+    trackers.check_available(config.report_to)
     train_rows = train_cache.rows_of_split(TRAIN)
     if len(train_rows) == 0:
         raise ClipcapError(f"{config.features} has no train split to train on")
@@ -252,17 +257,31 @@ def load_models(config: TrainConfig, inputs: Inputs) -> Models:
 
 
 def prepare_run(
-    run_dir: Path, config: TrainConfig, model_config: ModelConfig, world: distributed.World
-) -> None:
-    """Create (or with --overwrite, clear) the run directory, start logging, write config.json.
+    run_dir: Path, config: TrainConfig, model_config: ModelConfig, inputs: Inputs
+) -> trackers.Trackers:
+    """Create (or clear) the run directory, open the trackers, start logging, write config.json.
 
-    Only the main process writes and logs to `train.log`; the others log warnings only.
+    Returns the trackers (`--report-to`), to be closed after the run (a context manager). Only
+    the main process writes, reports and logs to `train.log`; the others log warnings only.
+    The trackers are opened before `train.log` and `config.json` are written: a tool that cannot
+    start (W&B without a login, say) leaves no run behind that would refuse the next command.
     """
-    if world.is_main:
+    reporting = trackers.Trackers()
+    if inputs.world.is_main:
         prepare_run_dir(run_dir, config)
-        log_to_file(run_dir / "train.log")
-        write_run_config(run_dir, config, model_config)
+        resume_step = None if inputs.resume_state is None else int(inputs.resume_state["step"])
+        params = trackers.hyperparameters(config, model_config)
+        reporting = trackers.open_trackers(config.report_to, run_dir, params, resume_step)
+        try:
+            log_to_file(run_dir / "train.log")
+            write_run_config(run_dir, config, model_config)
+        except BaseException:
+            reporting.close("failed")
+            raise
     log.info("run directory %s", run_dir)
+    for tracker in reporting.trackers:
+        log.info("reporting to %s%s", tracker.name, tracker.where())
+    return reporting
 
 
 def log_setup(config: TrainConfig, inputs: Inputs, models: Models) -> None:
@@ -418,13 +437,15 @@ def fit(
     run: RunDirectory,
     validate_epoch: Callable[[], dict] | None,
     stop: StopSignals,
+    reporting: trackers.Trackers | None = None,
 ) -> dict:
     """Train the epochs left; after each, validate, log, and save the best and last checkpoints.
 
     Returns the last epoch's metrics row (the last recorded one when no epoch was left). A signal
     (`stop`) ends the run with `Preempted` once its position is saved: mid-epoch at a step, or
-    after the epoch's checkpoints.
+    after the epoch's checkpoints. Each epoch's row goes to `reporting` too, as `epoch/NAME`.
     """
+    reporting = reporting or trackers.Trackers()
     world = distributed.world()
     criterion, higher_is_better = selection(config)
     log.info(
@@ -435,7 +456,16 @@ def fit(
     row = state.history[-1] if state.history else {}
     for _ in range(state.epoch, config.epochs):
         row = train_one_epoch(
-            model, train_module, objective, optimization, state, config, amp_dtype, run, stop
+            model,
+            train_module,
+            objective,
+            optimization,
+            state,
+            config,
+            amp_dtype,
+            run,
+            stop,
+            reporting,
         )
         if validate_epoch is not None:
             # The main process validates, exactly as one process would; the others wait.
@@ -444,6 +474,12 @@ def fit(
             row = distributed.broadcast_object(row)
         state.finish_epoch(row)
         log.info("epoch %d: %s", state.epoch, format_row(row))
+        # Reported before the epoch's resume point is saved: a run killed in between replays
+        # the epoch's end, and its trackers show it once (`trackers.py`).
+        reporting.log_metrics(
+            {f"epoch/{key}": value for key, value in row.items() if key != "step"}, row["step"]
+        )
+        reporting.flush()
         score = row[criterion]
         if state.best is None or (score > state.best if higher_is_better else score < state.best):
             state.best = score
