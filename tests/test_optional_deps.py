@@ -10,7 +10,16 @@ import sys
 
 from conftest import REPO
 
-OPTIONAL = ("bert_score", "pycocoevalcap", "braceexpand", "fastapi", "uvicorn", "multipart")
+OPTIONAL = (
+    "bert_score",
+    "pycocoevalcap",
+    "braceexpand",
+    "fastapi",
+    "uvicorn",
+    "multipart",
+    "datasets",
+    "pyarrow",
+)
 
 PROGRAM = f"""
 import sys
@@ -32,6 +41,16 @@ except ClipcapError as error:
     assert "needs the braceexpand package" in str(error), error
 else:
     raise AssertionError("a brace pattern without braceexpand was not refused")
+from clipcap_cache.data import hf_datasets
+from clipcap_cache.extraction.features import FeatureConfig, extract_features
+assert hf_datasets.layout_of("someone/shapes") == "hub"
+assert hf_datasets.layout_of("data/train-{{0..3}}.parquet") == "parquet"
+try:
+    extract_features(FeatureConfig(annotations="someone/shapes", images=None, out="x.h5"))
+except ClipcapError as error:
+    assert 'pip install "clipcap-cache[datasets]"' in str(error), error
+else:
+    raise AssertionError("a hub dataset without the datasets package was not refused")
 loaded = sorted(name for name in {OPTIONAL!r} if sys.modules.get(name) is not None)
 assert not loaded, loaded
 print("ok")

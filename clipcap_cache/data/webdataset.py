@@ -49,11 +49,11 @@ def is_webdataset(source: str, format: str = "auto") -> bool:
         return False
     if Path(source).is_dir():
         return True
-    names = _expand_braces(source)
+    names = expand_braces(source)
     return bool(names) and names[0].lower().endswith(TAR_SUFFIXES)
 
 
-def _expand_braces(source: str) -> list[str] | None:
+def expand_braces(source: str) -> list[str] | None:
     """The names a brace pattern stands for (None if its braces do not balance).
 
     braceexpand is imported here, not with the module, so that extraction from annotation files
@@ -84,7 +84,7 @@ def shard_paths(source: str) -> list[Path]:
         if not shards:
             raise ClipcapError(f"{source} holds no tar shards (*.tar, *.tar.gz, *.tgz)")
         return shards
-    names = _expand_braces(source)
+    names = expand_braces(source)
     if names is None:
         raise ClipcapError(f"'{source}' is not a valid brace pattern: unbalanced braces")
     shards, missing = [], []
