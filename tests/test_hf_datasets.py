@@ -288,6 +288,44 @@ def test_undecodable_bytes_are_recorded_failures(tmp_path, images, clip_dir):
     assert not (tmp_path / "strict.h5").exists()
 
 
+@pytest.mark.bad_input("data loss")
+def test_parquet_damaged_inside_keeps_the_other_files_and_records_a_failure(
+    tmp_path, images, clip_dir
+):
+    import pyarrow.parquet as pq
+
+    records, root, _ = images
+    paths = []
+    for number, chosen in enumerate((records[:4], records[4:10])):
+        dataset = datasets.Dataset.from_dict(
+            {
+                "image": [image_struct(r, root) for r in chosen],
+                "caption": [r.captions[0] for r in chosen],
+            },
+            features=features(image=datasets.Image(), caption=datasets.Value("string")),
+        )
+        paths.append(tmp_path / "data" / f"train-{number:05d}.parquet")
+        dataset.to_parquet(paths[-1], batch_size=2)  # row groups of two rows
+    # The second file's last row group is overwritten; its footer is intact.
+    column = pq.ParquetFile(paths[1]).metadata.row_group(2).column(0)
+    start, stop = (
+        column.data_page_offset + 8,
+        column.data_page_offset + column.total_compressed_size,
+    )
+    data = bytearray(paths[1].read_bytes())
+    data[start:stop] = b"\xab" * (stop - start)
+    paths[1].write_bytes(bytes(data))
+
+    result = extract(tmp_path / "data", tmp_path / "d.h5", clip_dir)
+    assert result.returncode == 0, result.stderr
+    cache = read_cache(tmp_path / "d.h5")
+    kept = len(cache.image_ids)
+    # The first file whole, and of the second the rows the reader gave before the damage.
+    assert 4 <= kept < 10 and cache.image_ids == [r.path for r in records[:kept]]
+    assert cache.failed_paths == [f"train-00001.parquet/{kept - 4}"]
+    assert cache.failed_reasons[0].startswith("unreadable data (")
+
+
 @pytest.fixture
 def small_saved(tmp_path, images):
     records, root, _ = images
@@ -313,6 +351,7 @@ def small_saved(tmp_path, images):
         (["--caption-column", "label"], "column 'label' holds Value('int64')"),
         (["--caption-column", "words", "--image-column", "photo"], "no column 'photo'"),
         (["--caption-column", "words", "--split-column", "part"], "no column 'part'"),
+        (["--caption-column", "words", "--id-column", "key"], "no column 'key' (--id-column)"),
     ],
 )
 def test_missing_or_wrong_columns_list_the_columns_there_are(

@@ -33,7 +33,6 @@ read to its end keeps the rows before the damage and records the rest as one fai
 `datasets` is an optional extra, imported only when such an input is given.
 """
 
-import glob
 import hashlib
 import posixpath
 import re
@@ -45,6 +44,7 @@ import torch
 
 from clipcap_cache.data.annotations import ALL, SPLIT_ALIASES, SPLITS, TRAIN, ImageRecord
 from clipcap_cache.data.images import ImageLoadError, ShardBatch, decode_image, load_image
+from clipcap_cache.data.webdataset import pattern_paths
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import read_json
 
@@ -54,6 +54,12 @@ IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")
 CAPTION_NAMES = ("caption", "captions", "sentences", "text", "raw", "sentence", "txt")
 ID_NAMES = ("image_id", "id", "cocoid", "imgid", "img_id")
 SPLIT_NAMES = ("split",)
+COLUMN_FLAGS = {
+    "image": "--image-column",
+    "caption": "--caption-column",
+    "split": "--split-column",
+    "image_id": "--id-column",
+}
 UNSPLIT = "rows"  # the name of rows that no split name places (a Dataset, a Parquet file)
 # A hub id is `user/name` (or `name`); a path with an annotation or shard suffix is not one.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -89,9 +95,7 @@ def layout_of(source: str, format: str = "auto") -> str | None:
                 "and no *.parquet"
             )
         return found
-    if source.lower().endswith(".parquet") or (
-        "{" in source and ".parquet" in source.lower()
-    ):
+    if source.lower().endswith(".parquet") or ("{" in source and ".parquet" in source.lower()):
         return "parquet"
     if format == "datasets" or (
         not path.exists()
@@ -137,11 +141,18 @@ class Part:
     stop: int = 0
     shard: int | None = None
     num_shards: int = 0
+    shard_name: str | None = None  # a streamed shard's file name, when known
 
     def where(self, row: int) -> str:
-        """A row's name in failures and in the cache when it has no path: `train/17`."""
+        """A row's name in failures and in the cache when it has no path.
+
+        `train/17` (row 17 of a Dataset), `train-00001.parquet/3` (row 3 of a file), or
+        `train/shard-00002/3` (row 3 of a streamed shard).
+        """
         if self.shard is None:
             return f"{self.split_name}/{self.start + row}"
+        if self.shard_name is not None:
+            return f"{self.shard_name}/{row}"
         return f"{self.split_name}/shard-{self.shard:05d}/{row}"
 
     def rows(self, batch_size: int) -> Iterator[dict]:
@@ -163,7 +174,8 @@ class DatasetSource:
     """A datasets input resolved: its splits to read, its columns and what identifies it."""
 
     layout: str
-    splits: list[tuple[str, object, str | None]]  # (split name, dataset, its rows' split)
+    # (split name, dataset, its rows' split, its shards' file names or None)
+    splits: list[tuple[str, object, str | None, list[str] | None]]
     columns: Columns
     identity: str
     root: Path | None  # where relative image paths are found
@@ -171,7 +183,7 @@ class DatasetSource:
     def parts(self, shard_size: int) -> list[Part]:
         """The units of work in order: `shard_size` rows of a Dataset, or a streamed shard."""
         parts = []
-        for name, data, split in self.splits:
+        for name, data, split, shard_names in self.splits:
             if hasattr(data, "num_rows"):
                 rows = data.num_rows
                 parts.extend(
@@ -180,8 +192,17 @@ class DatasetSource:
                 )
             else:
                 count = data.num_shards
+                names = shard_names if shard_names and len(shard_names) == count else None
                 parts.extend(
-                    Part(data, name, split, shard=s, num_shards=count) for s in range(count)
+                    Part(
+                        data,
+                        name,
+                        split,
+                        shard=s,
+                        num_shards=count,
+                        shard_name=names[s] if names else None,
+                    )
+                    for s in range(count)
                 )
         return parts
 
@@ -203,6 +224,7 @@ def open_source(
         split_default: the split of rows that neither a split column nor a split name places.
         columns: the names given for `image`, `caption`, `split`, `image_id` (None: detect).
         images: the root of image paths that are relative (default: the source directory).
+
     """
     datasets = require_datasets()
     opener = {
@@ -211,7 +233,7 @@ def open_source(
         "hub": _open_hub,
         "imagefolder": _open_imagefolder,
     }[layout]
-    splits, identity = opener(datasets, source)
+    splits, identity, shard_names = opener(datasets, source)
     found = _columns(_features(splits[0][1], source), columns or {}, source)
     used = [c for c in (found.image, found.caption, found.split, found.image_id) if c]
     kept, rows = [], 0
@@ -227,7 +249,7 @@ def open_source(
         if split != ALL and found.split is None and (dataset_split or split_default) != split:
             continue  # every row of this split is elsewhere: it is not read at all
         data = _without_decoding(datasets, data.select_columns(used), found.image)
-        kept.append((name, data, dataset_split))
+        kept.append((name, data, dataset_split, shard_names.get(name)))
         rows += getattr(data, "num_rows", 1)  # a streamed split's length is not known
     if not kept:
         names = ", ".join(name for name, _ in splits)
@@ -236,10 +258,8 @@ def open_source(
         raise ClipcapError(
             f"{source}: the dataset has no rows" + (f" in split '{split}'" if split != ALL else "")
         )
-    if images is not None:
-        root = Path(images)
-    else:
-        root = Path(source) if Path(source).is_dir() else None
+    directory = Path(source) if Path(source).is_dir() else None
+    root = Path(images) if images is not None else directory
     named = ",".join(str(c) for c in (found.image, found.caption, found.split, found.image_id))
     return DatasetSource(layout, kept, found, f"{layout}:{identity}:columns {named}", root)
 
@@ -261,20 +281,28 @@ def _dataset_split(name: str, columns: Columns, source: str) -> str | None:
 
 def _open_saved(datasets, source: str):
     directory = Path(source)
-    split_dirs = [directory]
+    split_dirs = {None: directory}
     if (directory / "dataset_dict.json").is_file():
         index = read_json(directory / "dataset_dict.json", "save_to_disk index")
-        split_dirs = [directory / str(n) for n in (index if isinstance(index, dict) else {}).get("splits", [])]
-    for split_dir in split_dirs:
+        names = index.get("splits", []) if isinstance(index, dict) else []
+        split_dirs = {str(name): directory / str(name) for name in names}
+    for name, split_dir in split_dirs.items():
         state = split_dir / "state.json"
         # save_to_disk writes no data file for an empty dataset, and load_from_disk fails on it.
         found = read_json(state, "save_to_disk state") if state.is_file() else None
         if isinstance(found, dict) and found.get("_data_files") == []:
-            raise ClipcapError(f"{source}: the dataset has no rows (in {split_dir.name})")
+            if name is None:
+                raise ClipcapError(f"{source}: the dataset has no rows")
+            raise ClipcapError(
+                f"{source}: split '{name}' has no rows, and load_from_disk cannot read an empty "
+                "split; save the DatasetDict without it"
+            )
     try:
         loaded = datasets.load_from_disk(source)
     except (FileNotFoundError, ValueError, OSError, KeyError) as e:
-        raise ClipcapError(f"{source}: not a readable save_to_disk directory ({e})") from None
+        raise ClipcapError(
+            f"{source}: not a readable save_to_disk directory ({_first_line(e)})"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded.items())
     else:  # one Dataset: its rows have the split it was loaded as, if any
@@ -282,7 +310,7 @@ def _open_saved(datasets, source: str):
     digest = hashlib.sha256()
     for name, data in splits:
         digest.update(f"{name}:{data.num_rows}:{data._fingerprint}\n".encode())
-    return splits, digest.hexdigest()[:16]
+    return splits, digest.hexdigest()[:16], {}
 
 
 def _open_imagefolder(datasets, source: str):
@@ -293,7 +321,7 @@ def _open_imagefolder(datasets, source: str):
     digest = hashlib.sha256()
     for name, data in loaded.items():
         digest.update(f"{name}:{data.num_rows}:{data._fingerprint}\n".encode())
-    return list(loaded.items()), digest.hexdigest()[:16]
+    return list(loaded.items()), digest.hexdigest()[:16], {}
 
 
 def _open_hub(datasets, source: str):
@@ -307,7 +335,7 @@ def _open_hub(datasets, source: str):
             + _first_line(e)
             + (offline if datasets.config.HF_HUB_OFFLINE else "")
         ) from None
-    return list(streamed.items()), f"{source}@{builder.hash}"
+    return list(streamed.items()), f"{source}@{builder.hash}", {}
 
 
 def _open_parquet(datasets, source: str):
@@ -329,43 +357,25 @@ def _open_parquet(datasets, source: str):
     if rows == 0:
         raise ClipcapError(f"{source}: the Parquet files hold no rows")
     by_split = {name: paths for name, paths in by_split.items() if paths}
+    # A Parquet file is one shard of its split: its name is how failures name its rows.
+    file_names = {name: [Path(p).name for p in paths] for name, paths in by_split.items()}
     try:
         builder = datasets.load_dataset_builder("parquet", data_files=by_split)
         streamed = builder.as_streaming_dataset()
     except _READ_ERRORS as e:
         raise ClipcapError(f"{source}: cannot read the Parquet files ({_first_line(e)})") from None
-    return list(streamed.items()), digest.hexdigest()[:16]
+    return list(streamed.items()), digest.hexdigest()[:16], file_names
 
 
 def parquet_paths(source: str) -> list[Path]:
     """The Parquet files a file, brace pattern, glob or directory names, in order; all must exist."""
-    from clipcap_cache.data.webdataset import expand_braces
-
     directory = Path(source)
     if directory.is_dir():
         files = sorted(p for p in directory.rglob("*.parquet") if p.is_file())
         if not files:
             raise ClipcapError(f"{source} holds no *.parquet files")
         return files
-    names = expand_braces(source)
-    if names is None:
-        raise ClipcapError(f"'{source}' is not a valid brace pattern: unbalanced braces")
-    files, missing = [], []
-    for name in names:
-        if glob.has_magic(name):
-            files.extend(Path(p) for p in sorted(glob.glob(name)) if Path(p).is_file())
-        elif Path(name).is_file():
-            files.append(Path(name))
-        else:
-            missing.append(name)
-    if not files:
-        raise ClipcapError(f"'{source}' matches no Parquet file (no file {names[0]})")
-    if missing:
-        raise ClipcapError(
-            f"{len(missing)} of {len(names)} Parquet files of '{source}' do not exist (first: "
-            f"{missing[0]})"
-        )
-    return files
+    return pattern_paths(source, "Parquet file", "Parquet files")
 
 
 def _split_of_file(name: str) -> str:
@@ -391,8 +401,8 @@ def _columns(features: dict, given: dict, source: str) -> Columns:
     for role, name in given.items():
         if name is not None and name not in features:
             raise ClipcapError(
-                f"{source} has no column '{name}' (--{role.replace('_', '-')}-column); its "
-                f"columns are: {existing}"
+                f"{source} has no column '{name}' ({COLUMN_FLAGS[role]}); its columns are: "
+                + existing
             )
     image = given.get("image") or next(
         (n for n, f in features.items() if type(f).__name__ == "Image"), None
@@ -467,7 +477,9 @@ def parse_row(
     if split_value is None or not str(split_value).strip():
         split = part.split or split_default
     else:
-        split = SPLIT_ALIASES.get(str(split_value).strip().lower(), str(split_value).strip().lower())
+        split = SPLIT_ALIASES.get(
+            str(split_value).strip().lower(), str(split_value).strip().lower()
+        )
         if split not in SPLITS:
             raise ImageLoadError(f"unknown split {split_value!r} in column '{columns.split}'")
     image_id = row[columns.image_id] if columns.image_id else None

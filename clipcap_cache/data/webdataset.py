@@ -84,25 +84,33 @@ def shard_paths(source: str) -> list[Path]:
         if not shards:
             raise ClipcapError(f"{source} holds no tar shards (*.tar, *.tar.gz, *.tgz)")
         return shards
+    return pattern_paths(source, "tar shard", "shards")
+
+
+def pattern_paths(source: str, kind: str, kinds: str) -> list[Path]:
+    """The files a brace pattern or glob (or one file name) names, in order; all must exist.
+
+    `kind` and `kinds` name the files in errors: "tar shard" and "shards".
+    """
     names = expand_braces(source)
     if names is None:
         raise ClipcapError(f"'{source}' is not a valid brace pattern: unbalanced braces")
-    shards, missing = [], []
+    files, missing = [], []
     for name in names:
         if glob.has_magic(name):
-            shards.extend(Path(p) for p in sorted(glob.glob(name)) if Path(p).is_file())
+            files.extend(Path(p) for p in sorted(glob.glob(name)) if Path(p).is_file())
         elif Path(name).is_file():
-            shards.append(Path(name))
+            files.append(Path(name))
         else:
             missing.append(name)
-    if not shards:
-        raise ClipcapError(f"'{source}' matches no tar shard (no file {names[0]})")
+    if not files:
+        raise ClipcapError(f"'{source}' matches no {kind} (no file {names[0]})")
     if missing:
         raise ClipcapError(
-            f"{len(missing)} of {len(names)} shards of '{source}' do not exist (first: "
-            f"{missing[0]}); give a pattern that names only existing shards"
+            f"{len(missing)} of {len(names)} {kinds} of '{source}' do not exist (first: "
+            f"{missing[0]}); give a pattern that names only existing {kinds}"
         )
-    return shards
+    return files
 
 
 def fingerprint_shards(shards: list[Path]) -> str:
