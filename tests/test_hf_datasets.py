@@ -288,6 +288,20 @@ def test_undecodable_bytes_are_recorded_failures(tmp_path, images, clip_dir):
     assert not (tmp_path / "strict.h5").exists()
 
 
+@pytest.mark.bad_input("parsing")
+def test_image_paths_are_read_under_the_image_root_only(tmp_path, images, clip_dir):
+    records, root, _ = images
+    paths = [records[0].path, "../outside.png", "/etc/hostname", records[1].path]
+    datasets.Dataset.from_dict({"image": paths, "caption": ["a", "b", "c", "d"]}).save_to_disk(
+        tmp_path / "paths"
+    )
+    result = extract(tmp_path / "paths", tmp_path / "p.h5", clip_dir, "--images", root)
+    assert result.returncode == 0, result.stderr
+    cache = read_cache(tmp_path / "p.h5")
+    assert cache.image_ids == [records[0].path, records[1].path]
+    assert [r.split(" is outside")[0] for r in cache.failed_reasons] == paths[1:3]
+
+
 @pytest.mark.bad_input("data loss")
 def test_parquet_damaged_inside_keeps_the_other_files_and_records_a_failure(
     tmp_path, images, clip_dir

@@ -487,9 +487,13 @@ def parse_row(
     record = ImageRecord(image_id=image_id, path=shown, split=split, captions=captions)
     if data is not None:
         return record, bytes(data)
-    file = Path(path)
-    if not file.is_absolute() and root is not None:
-        file = root / file
+    # A path with no bytes is a file on this machine: like an annotation file's, it must lie
+    # under the image root (the dataset's folder, or --images).
+    if root is None:
+        raise ImageLoadError("the row has an image path but no image bytes; pass --images")
+    file = (root / path).resolve()
+    if not file.is_relative_to(root.resolve()):
+        raise ImageLoadError(f"{path} is outside the image root {root}")
     return record, file
 
 
