@@ -141,6 +141,21 @@ def test_one_dataset_with_bytes_and_a_split_column(tmp_path, images, clip_dir):
     assert_same_rows(tmp_path / "one.h5", references["first"])
 
 
+def test_karpathy_sentences_as_objects_with_raw_text(tmp_path, images, clip_dir):
+    records, root, references = images
+    datasets.Dataset.from_dict(
+        {
+            "image": [image_struct(r, root) for r in records],
+            "cocoid": [r.path for r in records],
+            "split": [r.split for r in records],
+            "sentences": [[{"raw": c, "tokens": c.split()} for c in r.captions] for r in records],
+        },
+    ).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "karpathy")
+    result = extract(tmp_path / "karpathy", tmp_path / "k.h5", clip_dir)
+    assert result.returncode == 0, result.stderr
+    assert_same_rows(tmp_path / "k.h5", references["all"])
+
+
 def write_parquet(records, root, directory: Path) -> list[Path]:
     """The hub's Parquet layout: split-NNNNN.parquet files with the Image feature's bytes."""
     directory.mkdir(parents=True)
