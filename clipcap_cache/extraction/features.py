@@ -123,7 +123,7 @@ class FeatureConfig:
     strict: bool = option(False, help="Stop at the first unreadable image.")
     overwrite: bool = option(False, help="Replace an existing cache made from other inputs.")
     shard_size: int = option(
-        2048, help="Images per crash-safe progress shard (a tar is one shard)."
+        2048, help="Images per crash-safe progress shard (a tar, or a streamed file, is one)."
     )
     image_processor: str = option(
         "torchvision",
