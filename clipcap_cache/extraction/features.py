@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -196,6 +197,26 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
 
 
 PARTS_FORMAT = 2  # layout of the progress shards; progress of another layout is not resumed
+
+
+class Source(Protocol):
+    """An extraction input: annotated image files, tar shards, or a Hugging Face dataset.
+
+    Its work comes in shards, numbered in order; each becomes one crash-safe progress shard.
+    """
+
+    identity: str  # what the cache's `source` attribute records, to recognise the same input
+    format: str  # the cache's `annotation_format`
+    uncaptioned: int  # images left out for having no caption, when known before reading
+
+    def shards(self, shard_size: int) -> list:
+        """The units of work, in the cache's order."""
+
+    def images_in(self, shards: list[int], shard_size: int) -> int | None:
+        """How many images some shards hold, for the progress bar (None: not known yet)."""
+
+    def batches(self, shards: list[int], shard_size, encoder, config) -> Iterator[ShardBatch]:
+        """The decoded images of some shards, each shard's last batch marked `last`."""
 
 
 @dataclass
@@ -396,7 +417,7 @@ def _as_is(batch):
 
 def _extract(
     config: FeatureConfig,
-    source: "_AnnotatedImages | _TarShards | _DatasetParts",
+    source: Source,
     device: torch.device,
     identity: dict,
     summary: ExtractSummary,
