@@ -21,6 +21,8 @@ OPTIONAL = (
     "tensorboard",
     "wandb",
     "mlflow",
+    "datasets",
+    "pyarrow",
 )
 
 PROGRAM = f"""
@@ -51,6 +53,16 @@ for tool in ("tensorboard", "wandb", "mlflow"):
         assert f'pip install "clipcap-cache[{{tool}}]"' in str(error), error
     else:
         raise AssertionError(f"--report-to {{tool}} without its package was not refused")
+from clipcap_cache.data import hf_datasets
+from clipcap_cache.extraction.features import FeatureConfig, extract_features
+assert hf_datasets.layout_of("someone/shapes") == "hub"
+assert hf_datasets.layout_of("data/train-{{0..3}}.parquet") == "parquet"
+try:
+    extract_features(FeatureConfig(annotations="someone/shapes", images=None, out="x.h5"))
+except ClipcapError as error:
+    assert 'pip install "clipcap-cache[datasets]"' in str(error), error
+else:
+    raise AssertionError("a hub dataset without the datasets package was not refused")
 loaded = sorted(name for name in {OPTIONAL!r} if sys.modules.get(name) is not None)
 assert not loaded, loaded
 print("ok")

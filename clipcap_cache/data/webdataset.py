@@ -49,11 +49,11 @@ def is_webdataset(source: str, format: str = "auto") -> bool:
         return False
     if Path(source).is_dir():
         return True
-    names = _expand_braces(source)
+    names = expand_braces(source)
     return bool(names) and names[0].lower().endswith(TAR_SUFFIXES)
 
 
-def _expand_braces(source: str) -> list[str] | None:
+def expand_braces(source: str) -> list[str] | None:
     """The names a brace pattern stands for (None if its braces do not balance).
 
     braceexpand is imported here, not with the module, so that extraction from annotation files
@@ -84,25 +84,33 @@ def shard_paths(source: str) -> list[Path]:
         if not shards:
             raise ClipcapError(f"{source} holds no tar shards (*.tar, *.tar.gz, *.tgz)")
         return shards
-    names = _expand_braces(source)
+    return pattern_paths(source, "tar shard", "shards")
+
+
+def pattern_paths(source: str, kind: str, kinds: str) -> list[Path]:
+    """The files a brace pattern or glob (or one file name) names, in order; all must exist.
+
+    `kind` and `kinds` name the files in errors: "tar shard" and "shards".
+    """
+    names = expand_braces(source)
     if names is None:
         raise ClipcapError(f"'{source}' is not a valid brace pattern: unbalanced braces")
-    shards, missing = [], []
+    files, missing = [], []
     for name in names:
         if glob.has_magic(name):
-            shards.extend(Path(p) for p in sorted(glob.glob(name)) if Path(p).is_file())
+            files.extend(Path(p) for p in sorted(glob.glob(name)) if Path(p).is_file())
         elif Path(name).is_file():
-            shards.append(Path(name))
+            files.append(Path(name))
         else:
             missing.append(name)
-    if not shards:
-        raise ClipcapError(f"'{source}' matches no tar shard (no file {names[0]})")
+    if not files:
+        raise ClipcapError(f"'{source}' matches no {kind} (no file {names[0]})")
     if missing:
         raise ClipcapError(
-            f"{len(missing)} of {len(names)} shards of '{source}' do not exist (first: "
-            f"{missing[0]}); give a pattern that names only existing shards"
+            f"{len(missing)} of {len(names)} {kinds} of '{source}' do not exist (first: "
+            f"{missing[0]}); give a pattern that names only existing {kinds}"
         )
-    return shards
+    return files
 
 
 def fingerprint_shards(shards: list[Path]) -> str:

@@ -4,9 +4,11 @@
     torchrun --nproc-per-node 8 --no-python clipcap extract-features ...   # every GPU of a node
 
     clipcap extract-features 'shards/{00000..00099}.tar' --out cc3m.h5   # WebDataset tars
+    clipcap extract-features user/flickr30k --out flickr30k.h5           # Hugging Face datasets
 
-Images are decoded and preprocessed in DataLoader workers (`images.ImageDataset`, or
-`webdataset.TarShardDataset` streaming tars) while the encoder runs in the main process, in half
+Images are decoded and preprocessed in DataLoader workers (`images.ImageDataset`,
+`webdataset.TarShardDataset` streaming tars, or `hf_datasets.DatasetPartsDataset` reading the
+rows of a Hugging Face dataset) while the encoder runs in the main process, in half
 precision under `torch.inference_mode()` on a GPU.
 
 Progress is crash-safe. Work goes to a folder beside the output, `FEATURES.h5.parts/`, as shards
@@ -27,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -36,7 +39,7 @@ from tqdm.auto import tqdm
 
 from clipcap_cache import __version__, distributed
 from clipcap_cache.checks import at_least, check_types
-from clipcap_cache.data import cache, webdataset
+from clipcap_cache.data import cache, hf_datasets, webdataset
 from clipcap_cache.data.annotations import (
     FORMATS,
     SPLIT_CHOICES,
@@ -77,19 +80,36 @@ class FeatureConfig:
     """Settings of one extraction run; saved in the cache's attributes."""
 
     annotations: str = option(
-        help="Annotation file (COCO, Karpathy, JSON lines, CSV), or WebDataset tar shards: "
-        "a quoted brace pattern such as 'shards/{00000..00099}.tar', or a directory of tars.",
+        help="Annotation file (COCO, Karpathy, JSON lines, CSV); WebDataset tar shards (a quoted "
+        "brace pattern such as 'shards/{00000..00099}.tar', or a directory of tars); or a "
+        "Hugging Face dataset (a save_to_disk or imagefolder directory, Parquet files, a hub id).",
         argument=True,
         metavar="source",
     )
     images: str | None = option(
-        help="Image root of an annotation file (not used with tars).", cli_default=None
+        help="Image root of an annotation file (not used with tars; with a dataset, the root "
+        "of image paths that are relative).",
+        cli_default=None,
     )
     out: str = option(help="HDF5 cache to write.")
-    format: str = option("auto", help="Annotation format.", choices=(*FORMATS, "webdataset"))
+    format: str = option(
+        "auto", help="Annotation format.", choices=(*FORMATS, "webdataset", "datasets")
+    )
     split: str = option("all", help="Which split to extract.", choices=SPLIT_CHOICES)
     split_default: str = option(
-        "train", help="WebDataset: split of samples whose json names none.", choices=SPLITS
+        "train",
+        help="WebDataset and datasets: split of samples that name none.",
+        choices=SPLITS,
+    )
+    image_column: str | None = option(None, help="Datasets: the image column (default: found).")
+    caption_column: str | None = option(
+        None, help="Datasets: the caption column, text or a list of texts (default: found)."
+    )
+    split_column: str | None = option(
+        None, help="Datasets: the column of each row's split (default: 'split' if there)."
+    )
+    id_column: str | None = option(
+        None, help="Datasets: the image id column (default: image_id, id, ..., else the path)."
     )
     clip_model: str = option(DEFAULT_CLIP_MODEL, help="CLIP hub name or local directory.")
     batch_size: int = option(64, help="Images per encoder batch.")
@@ -104,7 +124,7 @@ class FeatureConfig:
     strict: bool = option(False, help="Stop at the first unreadable image.")
     overwrite: bool = option(False, help="Replace an existing cache made from other inputs.")
     shard_size: int = option(
-        2048, help="Images per crash-safe progress shard (a tar is one shard)."
+        2048, help="Images per crash-safe progress shard (a tar, or a streamed file, is one)."
     )
     image_processor: str = option(
         "torchvision",
@@ -148,7 +168,10 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
     out = Path(config.out)
     refuse_folder(out, f"--out {out} is a directory; give the HDF5 file to write in it")
     device = resolve_device(config.device)
-    if webdataset.is_webdataset(config.annotations, config.format):
+    layout = hf_datasets.layout_of(config.annotations, config.format)
+    if layout is not None:
+        source = _DatasetParts.open(config, layout)
+    elif webdataset.is_webdataset(config.annotations, config.format):
         source = _TarShards.open(config)
     else:
         source = _AnnotatedImages.open(config)
@@ -174,6 +197,26 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
 
 
 PARTS_FORMAT = 2  # layout of the progress shards; progress of another layout is not resumed
+
+
+class Source(Protocol):
+    """An extraction input: annotated image files, tar shards, or a Hugging Face dataset.
+
+    Its work comes in shards, numbered in order; each becomes one crash-safe progress shard.
+    """
+
+    identity: str  # what the cache's `source` attribute records, to recognise the same input
+    format: str  # the cache's `annotation_format`
+    uncaptioned: int  # images left out for having no caption, when known before reading
+
+    def shards(self, shard_size: int) -> list:
+        """The units of work, in the cache's order."""
+
+    def images_in(self, shards: list[int], shard_size: int) -> int | None:
+        """How many images some shards hold, for the progress bar (None: not known yet)."""
+
+    def batches(self, shards: list[int], shard_size, encoder, config) -> Iterator[ShardBatch]:
+        """The decoded images of some shards, each shard's last batch marked `last`."""
 
 
 @dataclass
@@ -302,13 +345,79 @@ class _TarShards:
         yield from loader
 
 
+@dataclass
+class _DatasetParts:
+    """A Hugging Face dataset (`hf_datasets.py`); a part is one shard."""
+
+    opened: hf_datasets.DatasetSource
+    identity: str
+    format: str
+    uncaptioned: int = 0  # counted as the rows are read
+    _parts: dict = field(default_factory=dict)  # shard size -> parts
+
+    @classmethod
+    def open(cls, config: FeatureConfig, layout: str) -> "_DatasetParts":
+        if config.limit is not None:
+            raise ClipcapError(
+                "--limit does not apply to Hugging Face datasets; for a trial run save a slice "
+                "with dataset.select(range(N)).save_to_disk(DIR) and extract that"
+            )
+        if config.images is not None and not Path(config.images).is_dir():
+            raise ClipcapError(f"image root not found or not a directory: {config.images}")
+        opened = hf_datasets.open_source(
+            config.annotations,
+            layout,
+            split=config.split,
+            split_default=config.split_default,
+            columns={
+                "image": config.image_column,
+                "caption": config.caption_column,
+                "split": config.split_column,
+                "image_id": config.id_column,
+            },
+            images=config.images,
+        )
+        identity = f"{opened.identity}:default {config.split_default}"
+        return cls(opened=opened, identity=identity, format=layout)
+
+    def shards(self, shard_size: int) -> list[hf_datasets.Part]:
+        if shard_size not in self._parts:
+            self._parts[shard_size] = self.opened.parts(shard_size)
+        return self._parts[shard_size]
+
+    def images_in(self, shards: list[int], shard_size: int) -> int | None:
+        parts = [self.shards(shard_size)[s] for s in shards]
+        if any(p.shard is not None for p in parts):
+            return None  # a streamed shard's length is known once it is read
+        return sum(p.stop - p.start for p in parts)
+
+    def batches(self, shards: list[int], shard_size, encoder, config) -> Iterator[ShardBatch]:
+        dataset = hf_datasets.DatasetPartsDataset(
+            [(s, self.shards(shard_size)[s]) for s in shards],
+            self.opened.columns,
+            encoder.processor,
+            config.batch_size,
+            split=config.split,
+            split_default=config.split_default,
+            root=self.opened.root,
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=min(config.num_workers, len(shards)),
+            collate_fn=_as_is,
+            worker_init_fn=ignore_stop_signals,
+        )
+        yield from loader
+
+
 def _as_is(batch):
     return batch
 
 
 def _extract(
     config: FeatureConfig,
-    source: "_AnnotatedImages | _TarShards",
+    source: Source,
     device: torch.device,
     identity: dict,
     summary: ExtractSummary,
