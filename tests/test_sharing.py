@@ -457,3 +457,18 @@ def test_base_clip_cannot_rename_a_hub_base_model(shared_run, tmp_path):
         run_cli("export", named, tmp_path / "again", "--base-clip", "other/clip")
     )
     assert "is the hub model tiny/clip, not a local directory" in error
+
+
+@pytest.mark.bad_input("data loss")
+def test_a_folder_filled_while_the_export_is_built_is_not_replaced(shared_run, tmp_path):
+    from clipcap_cache.errors import ClipcapError
+    from clipcap_cache.sharing.export import ExportConfig, plan_export, write_export
+
+    out = tmp_path / "out"
+    plan = plan_export(ExportConfig(str(shared_run), str(out), self_contained=True))
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")  # another process, since the check
+    with pytest.raises(ClipcapError, match="is not empty: pass --overwrite"):
+        write_export(plan)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

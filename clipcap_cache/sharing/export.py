@@ -115,6 +115,7 @@ class ExportPlan:
     bases: tuple[BaseModel, BaseModel]  # CLIP, GPT-2
     copies: dict[str, Path]  # base folder name -> local directory to copy there
     card: str
+    overwrite: bool  # whether a DIR that holds files may be replaced
 
 
 def export(config: ExportConfig) -> Path:
@@ -164,7 +165,7 @@ def plan_export(config: ExportConfig) -> ExportPlan:
         license=config.license,
         datasets=list(config.datasets),
     )
-    return ExportPlan(source, out, exported, (clip, gpt2), copies, card)
+    return ExportPlan(source, out, exported, (clip, gpt2), copies, card, config.overwrite)
 
 
 def check_destination(out: Path, source: Path, overwrite: bool) -> None:
@@ -290,7 +291,7 @@ def write_export(plan: ExportPlan) -> None:
         tmp.mkdir()
         try:
             _fill(tmp, plan)
-            _swap_in(tmp, plan.out)
+            _swap_in(tmp, plan.out, plan.overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -314,8 +315,10 @@ def _fill(folder: Path, plan: ExportPlan) -> None:
     fsync(folder)
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
+def _swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename `tmp` to `out`; an existing `out` (empty, or replaced with --overwrite) goes last."""
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # filled since it was checked
+        raise ClipcapError(f"{out} is not empty: pass --overwrite to replace it")
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
