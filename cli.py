@@ -381,6 +381,45 @@ def _echo_scores(result: dict) -> None:
         typer.echo(f"skipped: {', '.join(result['skipped'])}")
 
 
+def _export_options():
+    from clipcap_cache.sharing.export import ExportConfig
+
+    return options_of(ExportConfig)
+
+
+@command(_export_options)
+def export(values: dict):
+    """Write a checkpoint as a self-contained folder with a model card, ready for the hub."""
+    from clipcap_cache.sharing.export import ExportConfig
+    from clipcap_cache.sharing.export import export as run
+
+    with _reported():
+        out = run(build(ExportConfig, values))
+    files = [p for p in out.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    typer.echo(f"wrote {out}: {len(files)} files, {size / 1e6:.1f} MB, model card {out}/README.md")
+
+
+def _push_options():
+    from clipcap_cache.sharing.push import PushConfig
+
+    return options_of(PushConfig)
+
+
+@command(_push_options)
+def push(values: dict):
+    """Export a checkpoint and upload it to the Hugging Face hub (huggingface_hub's login)."""
+    from clipcap_cache.sharing.push import PushConfig
+    from clipcap_cache.sharing.push import push as run
+
+    with _reported():
+        result = run(build(PushConfig, values))
+    typer.echo(
+        f"pushed {len(result.files)} files to {result.url} (revision {result.revision}); "
+        f"load it with --checkpoint {result.repo}"
+    )
+
+
 def _demo_options():
     from clipcap_cache.demo import DEFAULT_WORKDIR
 

@@ -9,6 +9,8 @@ The subpackages follow the pipeline:
   cache alone;
 - `inference/`: `Captioner`, which loads a checkpoint once, and `caption` and `serve` around it;
 - `evaluation/`: the COCO metrics, BERTScore, CIDEr-D and CLIPScore, and `evaluate` and `score`.
+- `sharing/`: `export` (a checkpoint as a folder that loads anywhere, with a model card) and
+  `push` (that folder uploaded to the Hugging Face hub).
 
 Beside them: the caption model (`model.py`) and its checkpoint folders (`checkpoint.py`), the
 option fields every config is built from (`options.py`, the CLI's source), and small shared

@@ -9,6 +9,12 @@ A checkpoint is a folder:
     train_state.pt      (last checkpoint only) optimizer, scheduler, RNG states and position,
                         read back with torch.load(weights_only=True)
 
+The base models are named in config.json (`clip_model`, `model.gpt2_model`) by hub name or by
+absolute directory; a name that starts with `./` is a folder inside the checkpoint (an export's
+`base/clip`, `base/gpt2`), so the folder can be moved or shared as a whole. `resolve` takes a
+checkpoint folder, a run directory or a hub id (`USER/NAME`, see `hub.download_checkpoint`), a
+local folder winning over a hub id of the same name.
+
 The folder is written as `NAME.tmp`, its files and itself flushed to disk (`files.fsync`), then
 swapped in with renames, so a crash at any moment leaves either the old folder or the new one.
 Readers never rename: they read whichever complete version exists (`readable_folder`); only the
@@ -28,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from clipcap_cache import __version__
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import fsync, read_json, write_json_atomic
+from clipcap_cache.hub import download_checkpoint, is_hub_id
 from clipcap_cache.model import (
     ClipCaptionModel,
     ModelConfig,
@@ -40,6 +47,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
+INSIDE = "./"  # a base model named "./base/clip" is that folder of the checkpoint
 READ_ATTEMPTS = 50  # a reader that meets a save in progress looks again, for about a second
 READ_RETRY_SECONDS = 0.02
 
@@ -148,10 +156,20 @@ def _read_retrying(directory: Path, read):
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint folder, or a run directory (which resolves to its best checkpoint).
+    """A checkpoint folder, a run directory (its best checkpoint), or a hub id (`USER/NAME`).
 
-    Read-only: a checkpoint caught between the two renames of a save still resolves.
+    A hub id that is not also a local path is fetched with `hub.download_checkpoint` (or found
+    in the hub cache) and resolves to that local copy. Read-only: a checkpoint caught between
+    the two renames of a save still resolves.
     """
+    if is_hub_id(path):
+        directory = download_checkpoint(str(path))
+        if readable_folder(directory) is None:
+            raise ClipcapError(
+                f"the hub repository {path} is not a clipcap checkpoint (no {WEIGHTS} and "
+                f"{CONFIG} at its top); share one with `clipcap push`"
+            )
+        return directory
     path = Path(path)
     for candidate in (path / "checkpoints" / "best", path):
         if readable_folder(candidate) is not None:
@@ -186,7 +204,25 @@ def read_config(path: str | Path) -> dict:
     for key, kind in (("clip_model", str), ("embedding_dim", int)):
         if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
             raise ClipcapError(f"{directory / CONFIG}: '{key}' is {config.get(key)!r}")
-    return config
+    return locate_base_models(config, directory)
+
+
+def locate_base_models(config: dict, directory: Path) -> dict:
+    """A copy of `config` whose base models named `./PATH` are that folder of `directory`, absolute.
+
+    Every stage reads a checkpoint's config through `read_config`, so every stage loads a
+    self-contained export's `base/clip` and `base/gpt2` wherever the folder was moved.
+    """
+
+    def located(name):
+        if isinstance(name, str) and name.startswith(INSIDE):
+            return str(directory.resolve() / name[len(INSIDE) :])
+        return name
+
+    model = dict(config["model"])
+    if "gpt2_model" in model:
+        model["gpt2_model"] = located(model["gpt2_model"])
+    return {**config, "clip_model": located(config["clip_model"]), "model": model}
 
 
 def check_clip_match(

@@ -3,9 +3,15 @@
 Every base model (CLIP, GPT-2, its tokenizer) is loaded with `from_pretrained(name_or_directory)`.
 When a name cannot be resolved, because there is no network and it is not in the local cache, the
 user gets one line that says so and how to pass a local directory instead.
+
+Checkpoints shared on the hub are fetched here too (`download_checkpoint`, through
+`huggingface_hub.snapshot_download`, which honours `HF_HUB_OFFLINE` and the hub cache), and
+`hub_library` is the one lazy import of `huggingface_hub` for the commands that need it: it is
+the optional extra `hub`, and a missing one is one line naming it.
 """
 
 import contextlib
+import re
 from pathlib import Path
 
 import transformers
@@ -59,3 +65,86 @@ def _first_line(error: Exception, limit: int = 200) -> str:
     text = str(error).strip()
     line = text.splitlines()[0] if text else type(error).__name__
     return line if len(line) <= limit else line[:limit] + "..."
+
+
+HUB_EXTRA = "hub"
+# A hub repository id: one namespace and one name of letters, digits, "-", "_" and "." (the
+# hub's own rule, `huggingface_hub.utils.validate_repo_id`, written out so that it is checked
+# even where huggingface_hub is missing).
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+_REPO_ID = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+_MODEL_NAME = re.compile(rf"(?:{_REPO_PART}/)?{_REPO_PART}")  # also a namespace-less "gpt2"
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `name` is spelled like a hub repository id, `USER/NAME`."""
+    return _valid(_REPO_ID, name)
+
+
+def is_model_name(name: str) -> bool:
+    """Whether `name` is spelled like a hub model name: `USER/NAME`, or a bare `NAME` (`gpt2`)."""
+    return _valid(_MODEL_NAME, name)
+
+
+def _valid(pattern: re.Pattern, name: str) -> bool:
+    return (
+        len(name) <= 96
+        and pattern.fullmatch(name) is not None
+        and "--" not in name
+        and ".." not in name
+    )
+
+
+def is_hub_id(name: str | Path) -> bool:
+    """Whether a checkpoint argument names a hub repository: `USER/NAME`, and no local path.
+
+    A local folder of that name wins, so `runs/coco` stays a folder wherever it exists.
+    """
+    return not Path(name).exists() and is_repo_id(str(name))
+
+
+def hub_library():
+    """The `huggingface_hub` module, imported on first use; missing, one line naming the extra."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ClipcapError(
+            f'this needs the huggingface_hub package: pip install "clipcap-cache[{HUB_EXTRA}]"'
+        ) from None
+    return huggingface_hub
+
+
+def is_offline() -> bool:
+    """Whether the hub is switched off (`HF_HUB_OFFLINE=1`), as huggingface_hub itself decides."""
+    return bool(hub_library().constants.is_offline_mode())
+
+
+def download_checkpoint(repo_id: str) -> Path:
+    """The local folder of a checkpoint shared on the hub as `repo_id`, downloaded if need be.
+
+    `snapshot_download` looks in the hub cache first and, offline (`HF_HUB_OFFLINE=1`), only
+    there; every way it can fail is one line.
+    """
+    hf = hub_library()
+    errors = hf.errors
+    try:
+        return Path(hf.snapshot_download(repo_id))
+    except errors.RepositoryNotFoundError:  # also a gated repository one may not read
+        raise ClipcapError(
+            f"checkpoint not found: {repo_id} is neither a local folder nor a model on the "
+            "Hugging Face hub (a private one needs `hf auth login`)"
+        ) from None
+    except errors.LocalEntryNotFoundError:
+        why = (
+            "HF_HUB_OFFLINE is set, so it was not downloaded"
+            if is_offline()
+            else "the hub could not be reached to download it"
+        )
+        raise ClipcapError(
+            f"checkpoint not found: {repo_id} is neither a local folder nor in the hub cache "
+            f"({hf.constants.HF_HUB_CACHE}); {why}"
+        ) from None
+    except OSError as e:  # HTTP errors, a cache that cannot be written
+        raise ClipcapError(
+            f"cannot download {repo_id} from the Hugging Face hub: {_first_line(e)}"
+        ) from None

@@ -63,6 +63,18 @@ except ClipcapError as error:
     assert 'pip install "clipcap-cache[datasets]"' in str(error), error
 else:
     raise AssertionError("a hub dataset without the datasets package was not refused")
+# huggingface_hub cannot be blocked from the start (transformers imports it), so it is blocked
+# once the core is loaded: what needs it says which extra installs it, in one line.
+sys.modules["huggingface_hub"] = None
+from clipcap_cache import checkpoint
+from clipcap_cache.sharing.push import PushConfig, push
+for needs_hub in (lambda: checkpoint.resolve("someone/model"), lambda: push(PushConfig("r", "a/b"))):
+    try:
+        needs_hub()
+    except ClipcapError as error:
+        assert 'needs the huggingface_hub package: pip install "clipcap-cache[hub]"' in str(error)
+    else:
+        raise AssertionError("a hub id without huggingface_hub was not refused")
 loaded = sorted(name for name in {OPTIONAL!r} if sys.modules.get(name) is not None)
 assert not loaded, loaded
 print("ok")

@@ -20,6 +20,8 @@ COMMANDS = (
     "evaluate",
     "score",
     "demo",
+    "export",
+    "push",
 )
 
 
@@ -60,6 +62,8 @@ def test_every_command_is_built_from_its_config_fields(commands):
     from clipcap_cache.inference.generate import DecodeConfig
     from clipcap_cache.inference.serve import ServeConfig
     from clipcap_cache.model import ModelConfig
+    from clipcap_cache.sharing.export import ExportConfig
+    from clipcap_cache.sharing.push import PushConfig
     from clipcap_cache.training.config import TrainConfig
 
     built_from = {
@@ -69,6 +73,8 @@ def test_every_command_is_built_from_its_config_fields(commands):
         "serve": [ServeConfig],
         "evaluate": [EvalConfig, DecodeConfig],
         "score": [ScoreConfig],
+        "export": [ExportConfig],
+        "push": [PushConfig],
     }
     not_options = {"clip_embedding_dim", "decode", "strategy"}
     for name, classes in built_from.items():
@@ -114,6 +120,8 @@ def test_the_flag_forms_scripts_use_are_kept(commands):
         "inspect": ["--json"],
         "demo": ["--fresh", "--workdir"],
         "serve": ["--max-upload-mb", "--batch-window-ms", "--host"],
+        "export": ["--self-contained", "--base-clip", "--base-gpt2", "--dataset", "--overwrite"],
+        "push": ["--repo", "--private", "--revision", "--self-contained", "--dataset"],
     }
     for name, flags in expected.items():
         for flag in flags:
@@ -141,6 +149,8 @@ def test_the_flag_forms_scripts_use_are_kept(commands):
         "evaluate": ["checkpoint"],
         "score": ["predictions"],
         "demo": [],
+        "export": ["source", "out"],
+        "push": ["source"],
     }
 
 
@@ -452,7 +462,9 @@ SECTION_COMMANDS = {
     "clipcap serve": ("serve",),
     "clipcap evaluate": ("evaluate",),
     "clipcap score": ("score",),
+    "clipcap export": ("export", "push"),
     "SCST": ("train",),
+    "Share a model": ("export", "push", "caption", "evaluate", "serve", "train"),
 }
 NOT_OURS = {"--only_prefix"}  # ClipCap's own flag, named for comparison
 # After an option's code span: "(16)", "(default `x`;", "(`gpt2`;", or a number: "`--lr` 2e-5,".

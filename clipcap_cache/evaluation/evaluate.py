@@ -9,7 +9,7 @@ after its PTB tokenizer, SPICE on request, and BERTScore, each candidate against
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from clipcap_cache.evaluation.metrics import (
 )
 from clipcap_cache.evaluation.score import read_predictions
 from clipcap_cache.files import make_folder, write_json_atomic
+from clipcap_cache.hub import is_hub_id
 from clipcap_cache.inference.captioner import Captioner
 from clipcap_cache.inference.generate import DecodeConfig
 from clipcap_cache.logs import log_to_file
@@ -44,7 +45,9 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     """Settings of one evaluation."""
 
-    checkpoint: str = option(help="Checkpoint folder or run directory.", argument=True)
+    checkpoint: str = option(
+        help="Checkpoint folder, run directory or hub id (USER/NAME).", argument=True
+    )
     features: str = option(help="HDF5 cache with the images and references.")
     split: str = option("test", help="Which split to score.", choices=SPLIT_CHOICES)
     out: str | None = option(None, help="Output folder.", default_text="RUN/eval-SPLIT")
@@ -104,7 +107,9 @@ def evaluate(config: EvalConfig) -> dict:
         check_spice()
 
     # Everything that can be checked is checked before the captioning work: the output folder too.
-    out = Path(config.out) if config.out else default_out(directory, config.split)
+    out = (
+        Path(config.out) if config.out else default_out(directory, config.split, config.checkpoint)
+    )
     make_folder(out, "--out", "the results")
     log_to_file(out / "evaluate.log")
     # A metric whose model cannot be loaded (offline, say) is skipped with a warning naming it.
@@ -139,6 +144,11 @@ def evaluate(config: EvalConfig) -> dict:
         "features": str(config.features),
         "metrics": metrics,
         "skipped": skipped,
+        # What a model card needs to report these scores: how the captions were made, and from
+        # which save of the checkpoint (a later best replaces the folder's weights).
+        "decode": None if config.predictions else asdict(config.decode),
+        "checkpoint_epoch": ckpt_config.get("epoch"),
+        "checkpoint_step": ckpt_config.get("step"),
     }
     write_json_atomic(
         out / "predictions.json",
@@ -149,12 +159,16 @@ def evaluate(config: EvalConfig) -> dict:
     return result
 
 
-def default_out(directory: Path, split: str) -> Path:
+def default_out(directory: Path, split: str, given: str | Path | None = None) -> Path:
     """Where results go without --out: never inside a checkpoint, which the next save replaces.
 
     `RUN/eval-SPLIT` for a run's best checkpoint, `RUN/eval-SPLIT-NAME` for its others (such as
-    `last`), and `FOLDER-eval-SPLIT` beside a checkpoint folder that is not in a run.
+    `last`), `FOLDER-eval-SPLIT` beside a checkpoint folder that is not in a run, and
+    `USER--NAME-eval-SPLIT` in the working directory for a hub id (`given`), never in the hub
+    cache.
     """
+    if given is not None and is_hub_id(given):
+        return Path(f"{str(given).replace('/', '--')}-eval-{split}")
     if directory.parent.name == "checkpoints":
         run = directory.parent.parent
         return run / (

@@ -37,7 +37,7 @@ class CaptionConfig:
     inputs: list = option(
         help="Image files, directories or globs.", argument=True, cli_type=list[str]
     )
-    checkpoint: str = option(help="Checkpoint folder or run directory.")
+    checkpoint: str = option(help="Checkpoint folder, run directory or hub id (USER/NAME).")
     recursive: bool = option(False, help="Walk subfolders.")
     batch_size: int = option(16, help="Images per batch.")
     device: str = DEVICE.field()

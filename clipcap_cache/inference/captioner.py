@@ -2,7 +2,7 @@
 
     from clipcap_cache import Captioner
 
-    captioner = Captioner.from_checkpoint("runs/coco", device="auto")
+    captioner = Captioner.from_checkpoint("runs/coco", device="auto")  # or a hub id, USER/NAME
     captioner(["a.jpg", pil_image, jpeg_bytes], beams=5, num_captions=3)
     # -> one list per image of {"caption": str, "score": float}
 
@@ -76,7 +76,7 @@ class Captioner:
         load_encoder: bool = True,
         image_processor: str = "torchvision",
     ) -> "Captioner":
-        """Load a checkpoint (or a run's best) and the CLIP model it names.
+        """Load a checkpoint (a folder, a run's best, or a hub id `USER/NAME`) and its CLIP model.
 
         Without `load_encoder` only cached embeddings can be captioned (`caption_embeddings`).
         """

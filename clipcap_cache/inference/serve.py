@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 class ServeConfig:
     """Settings of `clipcap serve`."""
 
-    checkpoint: str = option(help="Checkpoint folder or run directory.")
+    checkpoint: str = option(help="Checkpoint folder, run directory or hub id (USER/NAME).")
     host: str = option(
         "127.0.0.1", help="Interface to bind; 0.0.0.0 exposes the server to the network."
     )

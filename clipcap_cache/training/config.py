@@ -74,7 +74,9 @@ class TrainConfig:
     )
     compile: bool = option(False, help="torch.compile the model.")
     init: str | None = option(
-        None, help="Start a new run from this checkpoint's weights (ignored on --resume)."
+        None,
+        help="Start a new run from this checkpoint's weights (a folder, run or hub id; "
+        "ignored on --resume).",
     )
     objective: str = option(
         "xe",
