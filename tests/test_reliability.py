@@ -655,11 +655,11 @@ BAD_INPUT_FLOORS = {
     "data loss": 30,
     "parsing": 39,
     "numbers": 25,
-    "bad option": 7,
+    "bad option": 8,
     "traceback": 27,
     "lock": 2,
     "message": 36,
-    "silent wrong result": 7,
+    "silent wrong result": 9,
 }
 # How the README names each marker class.
 README_CLASS_NAMES = {
