@@ -263,3 +263,13 @@ def test_decode_cpu_and_auto_on_the_cpu_write_the_same_cache(tmp_path, shapes, c
         )
         caches.append(read_cache(out))
     np.testing.assert_array_equal(caches[0].embeddings, caches[1].embeddings)
+
+
+def test_a_processor_the_tensor_path_cannot_follow_is_refused():
+    from clipcap_cache.errors import ClipcapError
+    from clipcap_cache.extraction.gpu_decode import PreprocessSpec
+
+    square = CLIPImageProcessor(size={"height": 224, "width": 224})
+    with pytest.raises(ClipcapError, match="shortest-edge resize only"):
+        PreprocessSpec.from_processor(square)
+    assert PreprocessSpec.from_processor(CLIPImageProcessor()).shortest_edge == 224

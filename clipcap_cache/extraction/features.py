@@ -366,7 +366,7 @@ def _extract(
     if pending:
         encoder = load_clip(config.clip_model, device, config.image_processor)
         # Resolved here, before the progress folder changes: it needs the device and processor.
-        config = replace(config, decode=resolve_decode(config.decode, device))
+        config = replace(config, decode=resolve_decode(config.decode, device, encoder.processor))
         decoder = GpuDecoder(encoder.processor, device) if config.decode == "gpu" else None
         started = time.perf_counter()  # throughput counts encoding, not model loading
         if manifest is None:

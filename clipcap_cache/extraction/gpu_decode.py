@@ -329,10 +329,15 @@ class GpuDecoder:
         ]
 
 
-def resolve_decode(decode: str, device: torch.device) -> str:
-    """`--decode` as "gpu" or "cpu" for the encoder's device; raises ClipcapError for gpu off CUDA.
+def resolve_decode(decode: str, device: torch.device, processor=None) -> str:
+    """`--decode` as "gpu" or "cpu" for the encoder's device and image processor.
 
-    `auto` is gpu when the encoder runs on CUDA and torchvision decodes JPEGs there, else cpu.
+    `auto` is gpu when the encoder runs on CUDA, torchvision decodes JPEGs there and
+    `preprocess` can follow the processor (given), else cpu with a warning saying why.
+
+    Raises:
+        ClipcapError: `gpu` where it is not possible.
+
     """
     if decode == "cpu":
         return "cpu"
@@ -344,7 +349,13 @@ def resolve_decode(decode: str, device: torch.device) -> str:
             )
         return "cpu"
     problem = _gpu_decoding_problem(device)
+    if problem is None and processor is not None:
+        try:
+            PreprocessSpec.from_processor(processor)
+        except ClipcapError as e:
+            problem = str(e)
     if problem is None:
+        log.info("decoding JPEGs on %s", device)
         return "gpu"
     if decode == "gpu":
         raise ClipcapError(f"--decode gpu: {problem}; pass --decode cpu (or auto)")
