@@ -273,3 +273,39 @@ def test_a_processor_the_tensor_path_cannot_follow_is_refused():
     with pytest.raises(ClipcapError, match="shortest-edge resize only"):
         PreprocessSpec.from_processor(square)
     assert PreprocessSpec.from_processor(CLIPImageProcessor()).shortest_edge == 224
+
+
+def test_tar_batches_match_with_gpu_decoding(tmp_path, clip_dir):
+    """WebDataset tars: the JPEG members pass as bytes, the rest (a PNG, a cut JPEG) as before."""
+    import tarfile
+
+    from clipcap_cache.data.webdataset import TarShardDataset
+
+    members = {f"{i:04d}": data for i, data in enumerate(photo_jpegs().values())}
+    png = io.BytesIO()
+    Image.open(PHOTO).save(png, format="PNG")
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        samples = [(key, "jpg", data) for key, data in members.items()]
+        samples += [("png", "png", png.getvalue()), ("cut", "jpg", PHOTO.read_bytes()[:3000])]
+        for key, extension, data in samples:
+            for name, payload in ((f"{key}.{extension}", data), (f"{key}.txt", b"a caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    encoder = load_clip(str(clip_dir), "cpu")
+    cpu = list(TarShardDataset([(0, shard)], encoder.processor, 5))
+    worker = WorkerDecoder(encoder.processor)
+    decoder = GpuDecoder(encoder.processor, torch.device("cpu"))
+    handed_over = list(TarShardDataset([(0, shard)], encoder.processor, 5, decoder=worker))
+    items = [i for b in handed_over if b.pixel_values is not None for i in b.pixel_values.items]
+    assert sum(isinstance(i, EncodedJpeg) for i in items) == len(members)  # the PNG: CPU path
+    gpu = [decoder.finish(b) for b in handed_over]
+    assert [b.last for b in gpu] == [b.last for b in cpu]
+    for a, b in zip(cpu, gpu, strict=True):
+        assert b.records == a.records and b.failures == a.failures
+        cosine = torch.nn.functional.cosine_similarity(
+            encoder.encode(a.pixel_values), encoder.encode(b.pixel_values), dim=1
+        )
+        assert cosine.min() >= 0.999
+    assert [path for b in gpu for path, _ in b.failures] == ["00000.tar/cut.jpg"]
