@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 from safetensors.torch import load_file
-from test_train import PINNED_LOSSES, crash_after_step, library_run, train_args
+from test_train import PINNED_UNGROUPED_LOSSES, crash_after_step, library_run, train_args
 
 from clipcap_cache.checkpoint import load_train_state
 from clipcap_cache.errors import ClipcapError
@@ -97,7 +97,7 @@ def test_a_grouped_run_resumes_to_the_same_weights(tmp_path, monkeypatch, shapes
     run_cli(*train_args(shapes_cache, reference, gpt2_dir, *grouped), check=0)
     rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     # Other batches than the pinned ungrouped run of the same settings, and a loss as low.
-    for row, pinned in zip(rows, PINNED_LOSSES, strict=True):
+    for row, pinned in zip(rows, PINNED_UNGROUPED_LOSSES, strict=True):
         assert row["train_loss"] != pytest.approx(pinned["train_loss"], rel=1e-4)
         assert row["val_loss"] == pytest.approx(pinned["val_loss"], rel=0.05)
 
@@ -128,6 +128,9 @@ def test_a_mid_epoch_resume_that_would_reorder_the_epoch_is_refused(
     before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
     with pytest.raises(ClipcapError, match="grouped by length for --batch-size 8"):
         run(out, group_by_length=True, batch_size=16, resume=True)
+    # Grouping is by optimizer step: accumulating 2 batches of 8 groups by 16.
+    with pytest.raises(ClipcapError, match="grouped by length for --batch-size 8;"):
+        run(out, group_by_length=True, grad_accum=2, resume=True)
     with pytest.raises(ClipcapError, match="resume with --group-by-length"):
         run(out, group_by_length=False, resume=True)
     after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
@@ -137,11 +140,28 @@ def test_a_mid_epoch_resume_that_would_reorder_the_epoch_is_refused(
 
     # Through the CLI, one line.
     plain = tmp_path / "plain"
-    run(plain, crash_at=1)
+    run(plain, group_by_length=False, crash_at=1)
     error = assert_one_line_error(
         run_cli("train", shapes_cache, "--out", plain, "--resume", "--group-by-length")
     )
     assert "resume with --no-group-by-length" in error
+
+
+@pytest.mark.bad_input("data loss")
+def test_a_run_saved_before_grouping_existed_resumes_on_the_plain_shuffle(
+    tmp_path, monkeypatch, shapes_cache, gpt2_dir
+):
+    out = tmp_path / "old"
+    library_run(out, shapes_cache, gpt2_dir, monkeypatch, group_by_length=False, crash_at=2)
+    # Such a run's configs do not name the option.
+    for path in (out / "config.json", out / "checkpoints" / "last" / "config.json"):
+        saved = json.loads(path.read_text())
+        del saved["train"]["group_by_length"]
+        path.write_text(json.dumps(saved))
+    # The default is grouping now; the resume keeps the order the run started with.
+    result = run_cli("train", shapes_cache, "--out", out, "--resume", check=0)
+    assert json.loads(result.stdout.splitlines()[-1])["step"] == 40
+    assert json.loads((out / "config.json").read_text())["train"]["group_by_length"] is False
 
 
 @pytest.mark.slow

@@ -223,12 +223,15 @@ class TarShardDataset(torch.utils.data.IterableDataset):
         batch_size: int,
         split: str = ALL,
         split_default: str = TRAIN,
+        decoder=None,
     ):
         self.shards = shards
         self.processor = processor
         self.batch_size = batch_size
         self.split = split
         self.split_default = split_default
+        # GPU decoding (`gpu_decode.WorkerDecoder`): JPEGs pass on as bytes, in `PendingPixels`.
+        self.decoder = decoder
 
     def __iter__(self) -> Iterator[ShardBatch]:
         worker = torch.utils.data.get_worker_info()
@@ -257,17 +260,28 @@ class TarShardDataset(torch.utils.data.IterableDataset):
             try:
                 if extension is None:
                     raise ImageLoadError("no image in the sample")
-                image = decode_image(sample.members[extension])
-                pixel_values = self.processor(images=image, return_tensors="pt")["pixel_values"]
+                pixels.append(self._prepare(sample.members[extension]))
             except ImageLoadError as e:
                 batch.failures.append((record.path, str(e)))
                 continue
             batch.records.append(record)
-            pixels.append(pixel_values[0])
             if len(pixels) == self.batch_size:
-                batch.pixel_values = torch.stack(pixels)
+                batch.pixel_values = self._stack(pixels)
                 yield batch
                 batch, pixels = ShardBatch(number), []
-        batch.pixel_values = torch.stack(pixels) if pixels else None
+        batch.pixel_values = self._stack(pixels) if pixels else None
         batch.last = True
         yield batch
+
+    def _prepare(self, data: bytes):
+        if self.decoder is not None:
+            return self.decoder.from_bytes(data)
+        image = decode_image(data)
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def _stack(self, pixels: list):
+        if self.decoder is not None:
+            from clipcap_cache.extraction.gpu_decode import pending_pixels
+
+            return pending_pixels(pixels)
+        return torch.stack(pixels)

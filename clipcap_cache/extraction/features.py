@@ -9,7 +9,9 @@
 Images are decoded and preprocessed in DataLoader workers (`images.ImageDataset`,
 `webdataset.TarShardDataset` streaming tars, or `hf_datasets.DatasetPartsDataset` reading the
 rows of a Hugging Face dataset) while the encoder runs in the main process, in half
-precision under `torch.inference_mode()` on a GPU.
+precision under `torch.inference_mode()` on a GPU. With `--decode gpu` (the default on CUDA) the
+workers of image files and tars pass JPEGs on as bytes, and `gpu_decode.GpuDecoder` decodes and
+preprocesses them on the GPU; other images still take the CPU path in the workers.
 
 Progress is crash-safe. Work goes to a folder beside the output, `FEATURES.h5.parts/`, as shards
 of `shard_size` images (or one shard per tar), each written to a temporary name and renamed; a
@@ -27,7 +29,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -58,6 +60,14 @@ from clipcap_cache.extraction.encoder import (
     IMAGE_PROCESSORS,
     ClipEncoder,
     load_clip,
+)
+from clipcap_cache.extraction.gpu_decode import (
+    DECODE_CHOICES,
+    GpuDecoder,
+    JpegFileDataset,
+    WorkerDecoder,
+    collate_jpegs,
+    resolve_decode,
 )
 from clipcap_cache.files import (
     atomic_path,
@@ -131,6 +141,12 @@ class FeatureConfig:
         help="Backend of the CLIP image processor (torchvision is faster).",
         choices=IMAGE_PROCESSORS,
     )
+    decode: str = option(
+        "auto",
+        help="Where JPEGs are decoded and preprocessed: gpu (nvJPEG, other images on the CPU), "
+        "cpu (PIL in the workers), or auto: gpu when the encoder runs on CUDA.",
+        choices=DECODE_CHOICES,
+    )
 
     def __post_init__(self):
         check_types(self)
@@ -168,6 +184,8 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
     out = Path(config.out)
     refuse_folder(out, f"--out {out} is a directory; give the HDF5 file to write in it")
     device = resolve_device(config.device)
+    if config.decode == "gpu" and device.type != "cuda":
+        resolve_decode(config.decode, device)  # the one error line, before anything is opened
     layout = hf_datasets.layout_of(config.annotations, config.format)
     if layout is not None:
         source = _DatasetParts.open(config, layout)
@@ -277,12 +295,16 @@ class _AnnotatedImages:
             for b in range(start, stop, config.batch_size):
                 batches.append(list(range(b, min(b + config.batch_size, stop))))
                 batch_shard.append(shard)
-        dataset = ImageDataset([self.image_root / r.path for r in self.records], encoder.processor)
+        paths = [self.image_root / r.path for r in self.records]
+        if config.decode == "gpu":
+            dataset, collate = JpegFileDataset(paths, encoder.processor), collate_jpegs
+        else:
+            dataset, collate = ImageDataset(paths, encoder.processor), collate_images
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=batches,
             num_workers=config.num_workers,
-            collate_fn=collate_images,
+            collate_fn=collate,
             pin_memory=encoder.device.type == "cuda",
             worker_init_fn=ignore_stop_signals,
         )
@@ -334,6 +356,7 @@ class _TarShards:
             config.batch_size,
             split=config.split,
             split_default=config.split_default,
+            decoder=WorkerDecoder(encoder.processor) if config.decode == "gpu" else None,
         )
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -451,6 +474,9 @@ def _extract(
     started = time.perf_counter()
     if pending:
         encoder = load_clip(config.clip_model, device, config.image_processor)
+        # Resolved here, before the progress folder changes: it needs the device and processor.
+        config = replace(config, decode=resolve_decode(config.decode, device, encoder.processor))
+        decoder = GpuDecoder(encoder.processor, device) if config.decode == "gpu" else None
         started = time.perf_counter()  # throughput counts encoding, not model loading
         if manifest is None:
             manifest = {
@@ -470,6 +496,8 @@ def _extract(
         # rerun with any number of processes, or none, finds what is left.
         mine = pending[world.rank :: world.size]
         batches = source.batches(mine, shard_size, encoder, config)
+        if decoder is not None:
+            batches = map(decoder.finish, batches)
         _encode(batches, source.images_in(mine, shard_size), encoder, parts, config, summary, stop)
     distributed.barrier()  # every shard is written
     encoded = torch.tensor(summary.images_encoded_now, device=device)

@@ -14,9 +14,14 @@ Two choices differ from the Trainer's:
   not fit in memory fails at the first step rather than hours into the run. A short last batch
   stays last, since the loop takes batch b as `order[b * batch_size : (b + 1) * batch_size]`.
 
+The training loop groups by optimizer step: its `batch_size` here is `--batch-size` times
+`--grad-accum`, and a step's micro-batches are consecutive slices of one grouped batch. Each
+micro-batch is then as short as a batch of its own would be, and a step of N accumulated
+micro-batches sees the captions one batch of N times the size would.
+
 The order is a pure function of the lengths, the batch size, the seed and the epoch, so every
 torchrun rank computes the same one and a resumed run continues it exactly. It depends on the
-batch size, so a run stopped mid-epoch resumes with grouping only at its own batch size
+batch size, so a run stopped mid-epoch resumes with grouping only at its own batch size per step
 (`check_resume`). Without grouping the order is the shuffle training has always used.
 """
 
@@ -104,15 +109,17 @@ def check_resume(saved_train: dict, config, captions_done: int) -> None:
         return
     was_grouped = bool(saved_train.get("group_by_length", False))  # older runs did not group
     old_batch = saved_train.get("batch_size", config.batch_size)
+    old_accum = saved_train.get("grad_accum", 1)
     if was_grouped != config.group_by_length:
         flag = "--group-by-length" if was_grouped else "--no-group-by-length"
         raise ClipcapError(
             f"--resume: the run stopped {captions_done} captions into an epoch ordered with "
             f"{flag}; resume with {flag}, or at the start of an epoch"
         )
-    if was_grouped and old_batch != config.batch_size:
+    if was_grouped and old_batch * old_accum != config.batch_size * config.grad_accum:
+        step = f"--batch-size {old_batch}" + (f" --grad-accum {old_accum}" if old_accum > 1 else "")
         raise ClipcapError(
             f"--resume: the run stopped {captions_done} captions into an epoch whose batches "
-            f"were grouped by length for --batch-size {old_batch}; resume with --batch-size "
-            f"{old_batch}: another batch size groups the captions in another order"
+            f"were grouped by length for {step}; resume with {step}: another batch size per "
+            "step groups the captions in another order"
         )

@@ -41,9 +41,9 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
     max_caption_tokens: int = option(40, help="Longer captions are truncated (EOS still appended).")
     group_by_length: bool = option(
-        False,
-        help="Batch captions of similar length together (less padding); off, so that runs made "
-        "before it resume in their own order.",
+        True,
+        help="Batch captions of similar length together (less padding); a run made without it "
+        "resumes without it.",
         flags=("--group-by-length/--no-group-by-length",),
     )
     device: str = DEVICE.field()
@@ -144,7 +144,10 @@ def resolve_train_options(
     out = explicit.get("out")
     saved = Path(out) / "config.json" if out is not None else None
     if explicit.get("resume") and saved is not None and saved.is_file():
-        layers.append((read_options_file(saved), saved))
+        run_options = read_options_file(saved)
+        # A run saved before grouping existed trained on the plain shuffle: it resumes so.
+        run_options.setdefault("group_by_length", False)
+        layers.append((run_options, saved))
     if config_file is not None:
         layers.append((read_options_file(config_file), Path(config_file)))
     for values, source in layers:

@@ -86,7 +86,7 @@ def train_one_epoch(
     batch_size, batches_per_epoch = config.batch_size, math.ceil(len(objective) / config.batch_size)
     order = batches.epoch_order(
         batches.sample_lengths(objective),
-        batch_size,
+        batch_size * config.grad_accum,  # grouped by optimizer step: its micro-batches are slices
         config.seed,
         state.epoch,
         config.group_by_length,
