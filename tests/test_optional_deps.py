@@ -10,7 +10,15 @@ import sys
 
 from conftest import REPO
 
-OPTIONAL = ("bert_score", "pycocoevalcap", "braceexpand", "fastapi", "uvicorn", "multipart")
+OPTIONAL = (
+    "bert_score",
+    "pycocoevalcap",
+    "braceexpand",
+    "fastapi",
+    "uvicorn",
+    "multipart",
+    "faiss",
+)
 
 PROGRAM = f"""
 import sys
@@ -32,6 +40,14 @@ except ClipcapError as error:
     assert "needs the braceexpand package" in str(error), error
 else:
     raise AssertionError("a brace pattern without braceexpand was not refused")
+import clipcap_cache.retrieval
+try:
+    clipcap_cache.retrieval.Datastore.open("text.h5")
+except ClipcapError as error:
+    assert "retrieval needs the faiss-cpu package" in str(error), error
+    assert "clipcap-cache[retrieval]" in str(error), error
+else:
+    raise AssertionError("a datastore without faiss was not refused")
 loaded = sorted(name for name in {OPTIONAL!r} if sys.modules.get(name) is not None)
 assert not loaded, loaded
 print("ok")
