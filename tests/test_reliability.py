@@ -655,10 +655,10 @@ BAD_INPUT_FLOORS = {
     "data loss": 30,
     "parsing": 39,
     "numbers": 25,
-    "bad option": 7,
+    "bad option": 16,
     "traceback": 27,
     "lock": 2,
-    "message": 36,
+    "message": 38,
     "silent wrong result": 7,
 }
 # How the README names each marker class.
