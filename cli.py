@@ -263,7 +263,8 @@ def inspect(values: dict):
         typer.echo(json.dumps(info, indent=2))
         return
     typer.echo(
-        f"{info['path']}\n  complete:   {info['complete']}\n  clip model: {info['clip_model']}"
+        f"{info['path']}\n  complete:   {info['complete']}\n  kind:       {info['kind']}"
+        f"\n  clip model: {info['clip_model']}"
         f"\n  embeddings: {info['images']} x {info['embedding_dim']} {info['dtype']} "
         f"(image size {info['image_size']})\n  captions:   {info['captions']}"
         f"\n  source:     {info['source']}"

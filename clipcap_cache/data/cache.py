@@ -364,6 +364,7 @@ def describe(path: str | Path) -> dict:
         "path": str(path),
         "format_version": cache.attrs["format_version"],
         "complete": bool(cache.attrs.get("complete", False)),
+        "kind": "text" if is_text(cache.attrs) else "images",  # a row per caption, or per image
         "clip_model": recorded_clip_model(cache.attrs),
         "embedding_dim": cache.embedding_dim,
         "image_size": cache.attrs.get("image_size"),
