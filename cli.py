@@ -223,6 +223,26 @@ def extract_features(values: dict):
     )
 
 
+def _text_options():
+    from clipcap_cache.extraction.text import TextConfig
+
+    return options_of(TextConfig)
+
+
+@command(_text_options, name="embed-text")
+def embed_text(values: dict):
+    """Embed the captions of an annotation file or a cache with CLIP's text tower, once."""
+    from clipcap_cache.extraction.text import TextConfig
+    from clipcap_cache.extraction.text import embed_text as run
+
+    with _reported(resume_hint="run the same command again to resume"):
+        summary = run(build(TextConfig, values))
+    if summary["already_complete"]:
+        typer.echo(f"{summary['out']} is already complete ({summary['captions']} captions)")
+    else:
+        typer.echo(f"wrote {summary['out']}: {summary['captions']} captions")
+
+
 @dataclass
 class InspectOptions:
     """What `clipcap inspect` takes."""
@@ -243,7 +263,8 @@ def inspect(values: dict):
         typer.echo(json.dumps(info, indent=2))
         return
     typer.echo(
-        f"{info['path']}\n  complete:   {info['complete']}\n  clip model: {info['clip_model']}"
+        f"{info['path']}\n  complete:   {info['complete']}\n  kind:       {info['kind']}"
+        f"\n  clip model: {info['clip_model']}"
         f"\n  embeddings: {info['images']} x {info['embedding_dim']} {info['dtype']} "
         f"(image size {info['image_size']})\n  captions:   {info['captions']}"
         f"\n  source:     {info['source']}"

@@ -3,11 +3,12 @@
     clipcap demo [--workdir data/demo] [--fresh]
 
 Everything is built deterministically on the spot, with no network: a small dataset of coloured
-shapes on coloured backgrounds in the Karpathy/COCO format with train, val and test splits; tiny
-random CLIP and GPT-2 models and a BPE tokenizer trained on the captions, all written with
-`save_pretrained`. The demo then runs the same library functions as `extract-features`, `train`,
-`evaluate` and `caption`, loading the models through the same `from_pretrained` path a hub name
-takes. Tests use the builders here too.
+shapes on coloured backgrounds in the Karpathy/COCO format with train, val and test splits, and
+the pretrained tiny CLIP and GPT-2 of `clipcap_cache.testbed` (trained on those shapes and their
+captions, written with `save_pretrained`). The demo then runs the same library functions as
+`extract-features`, `train`, `evaluate` and `caption`, loading the models through the same
+`from_pretrained` path a hub name takes. Tests use the builders here too: the tiny *random*
+models below where only shapes matter, the testbed where quality must mean something.
 """
 
 import json
@@ -297,15 +298,25 @@ def run_demo(
         make_shapes_dataset(workdir / "shapes")
     else:
         echo("1/5 synthetic dataset found, reusing it")
-    clip_dir, gpt2_dir = workdir / "models" / "tiny-clip", workdir / "models" / "tiny-gpt2"
-    if not (clip_dir / "config.json").exists() or not (gpt2_dir / "config.json").exists():
-        echo("2/5 building tiny random CLIP and GPT-2 models and a BPE tokenizer")
-        build_tiny_clip(clip_dir)
-        build_tiny_gpt2(gpt2_dir, all_demo_captions())
-    else:
-        echo("2/5 tiny models found, reusing them")
+    from clipcap_cache.testbed import build_testbed, recorded_recipes
 
-    features = workdir / "features.h5"
+    models = workdir / "models"
+    before = recorded_recipes(models)
+    if before is None:
+        echo("2/5 building the pretrained tiny CLIP (contrastive) and GPT-2 (language model)")
+    else:
+        echo("2/5 pretrained tiny models found, reusing them")
+    clip_dir, gpt2_dir = build_testbed(models)
+    features, run_dir = workdir / "features.h5", workdir / "run"
+    if before is not None and before != recorded_recipes(models):
+        # Built from another recipe: what was made with the old models is of no use now.
+        echo("    the models' recipe changed: extracting and training again")
+        for stale in (features, run_dir):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
+
     echo("3/5 extract-features")
     summary = extract_features(
         FeatureConfig(
@@ -325,7 +336,6 @@ def run_demo(
     )
 
     bertscore_model = offline_bertscore_model()
-    run_dir = workdir / "run"
     last = run_dir / "checkpoints" / "last" / "config.json"
     done_epochs = read_json(last, "checkpoint config")["epoch"] if last.exists() else 0
     echo("4/5 train")

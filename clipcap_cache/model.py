@@ -134,11 +134,19 @@ class ClipCaptionModel(nn.Module):
                 config.projector_heads,
             )
 
-    def prefix_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, D) CLIP embeddings -> (B, K, H) GPT-2 input embeddings."""
+    def prefix_embeddings(
+        self, clip_embeddings: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, D) CLIP embeddings -> (B, K, H) GPT-2 input embeddings.
+
+        `noise` (B, D), in training only, is added after the normalisation, as CapDec does: the
+        noisy embedding is not normalised again.
+        """
         x = clip_embeddings.to(self.projector_dtype)
         if self.config.normalize_prefix:
             x = F.normalize(x, dim=-1)
+        if noise is not None:
+            x = x + noise.to(x.dtype)
         return self.projector(x)
 
     @property
@@ -150,16 +158,19 @@ class ClipCaptionModel(nn.Module):
         clip_embeddings: torch.Tensor,
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean cross-entropy over the caption tokens and EOS; without labels, token log-probs.
+        """Mean cross-entropy over the labelled tokens; without labels, token log-probs.
 
         `input_ids` (B, T) are right-padded; `labels` (B, T) equal them with IGNORE_INDEX at the
         padding. Right padding needs no attention mask under causal attention: a real token never
         attends to a later pad. Without `labels` the result is `token_log_probs` (B, T), which
         self-critical training differentiates (it goes through `forward` so that
-        DistributedDataParallel sees the pass).
+        DistributedDataParallel sees the pass). A prompt (retrieved captions) is part of
+        `input_ids`, its labels IGNORE_INDEX. `noise` (B, D) is added to the embeddings
+        (`prefix_embeddings`).
         """
-        prefix = self.prefix_embeddings(clip_embeddings)  # (B, K, H)
+        prefix = self.prefix_embeddings(clip_embeddings, noise)  # (B, K, H)
         if labels is None:
             return self.token_log_probs(prefix, input_ids)
         tokens = self.gpt2.transformer.wte(input_ids)  # (B, T, H)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models saved with save_pretrained, a synthetic dataset, a cache.
+"""Shared fixtures: tiny random models saved with save_pretrained, the pretrained tiny testbed
+(`clipcap_cache.testbed`), a synthetic dataset, a cache.
 
 Nothing is downloaded: the hub is switched off, and every model is loaded from a directory through
 the same `from_pretrained` path a hub name takes.
@@ -64,6 +65,28 @@ def clip_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory):
     return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2", all_demo_captions())
+
+
+def testbed_cache(tmp_path_factory) -> Path:
+    """Where the pretrained testbed is cached: beside pytest's numbered temporary folders, which
+    outlive a run, so a suite pays for the build once (and again only when its recipe changes)."""
+    return tmp_path_factory.getbasetemp().parent / "clipcap-testbed"
+
+
+@pytest.fixture(scope="session")
+def pretrained_clip_dir(tmp_path_factory):
+    """A tiny CLIP trained contrastively on the shapes: its image and text towers agree."""
+    from clipcap_cache.testbed import build_pretrained_clip
+
+    return build_pretrained_clip(testbed_cache(tmp_path_factory) / "clip")
+
+
+@pytest.fixture(scope="session")
+def pretrained_gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2 pretrained on the caption text: its samples are captions."""
+    from clipcap_cache.testbed import build_pretrained_gpt2
+
+    return build_pretrained_gpt2(testbed_cache(tmp_path_factory) / "gpt2")
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ OPTIONAL = (
     "mlflow",
     "datasets",
     "pyarrow",
+    "faiss",
 )
 
 PROGRAM = f"""
@@ -63,6 +64,14 @@ except ClipcapError as error:
     assert 'pip install "clipcap-cache[datasets]"' in str(error), error
 else:
     raise AssertionError("a hub dataset without the datasets package was not refused")
+import clipcap_cache.retrieval
+try:
+    clipcap_cache.retrieval.Datastore.open("text.h5")
+except ClipcapError as error:
+    assert "retrieval needs the faiss-cpu package" in str(error), error
+    assert "clipcap-cache[retrieval]" in str(error), error
+else:
+    raise AssertionError("a datastore without faiss was not refused")
 # huggingface_hub cannot be blocked from the start (transformers imports it), so it is blocked
 # once the core is loaded: what needs it says which extra installs it, in one line.
 sys.modules["huggingface_hub"] = None

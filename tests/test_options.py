@@ -13,6 +13,7 @@ from clipcap_cache.options import MISSING, defaults
 
 COMMANDS = (
     "extract-features",
+    "embed-text",
     "inspect",
     "train",
     "caption",
@@ -58,6 +59,7 @@ def test_every_command_is_built_from_its_config_fields(commands):
     from clipcap_cache.evaluation.evaluate import EvalConfig
     from clipcap_cache.evaluation.score import ScoreConfig
     from clipcap_cache.extraction.features import FeatureConfig
+    from clipcap_cache.extraction.text import TextConfig
     from clipcap_cache.inference.caption import CaptionConfig
     from clipcap_cache.inference.generate import DecodeConfig
     from clipcap_cache.inference.serve import ServeConfig
@@ -68,6 +70,7 @@ def test_every_command_is_built_from_its_config_fields(commands):
 
     built_from = {
         "extract-features": [FeatureConfig],
+        "embed-text": [TextConfig],
         "train": [TrainConfig, ModelConfig],
         "caption": [CaptionConfig, DecodeConfig],
         "serve": [ServeConfig],
@@ -145,6 +148,7 @@ def test_the_flag_forms_scripts_use_are_kept(commands):
     }
     assert arguments == {
         "extract-features": ["annotations"],
+        "embed-text": ["source"],
         "inspect": ["features"],
         "train": ["features"],
         "caption": ["inputs"],
@@ -460,6 +464,9 @@ def test_the_defaults_of_a_config_are_its_fields():
 
 SECTION_COMMANDS = {
     "clipcap extract-features": ("extract-features", "inspect"),
+    "clipcap embed-text": ("embed-text",),
+    "Captions from retrieval": ("train", "caption", "evaluate", "serve", "embed-text"),
+    "from text alone": ("train", "embed-text"),
     "clipcap train": ("train",),
     "Many GPUs": ("train", "extract-features"),
     "clipcap caption": ("caption",),

@@ -655,10 +655,10 @@ BAD_INPUT_FLOORS = {
     "data loss": 39,
     "parsing": 43,
     "numbers": 25,
-    "bad option": 21,
+    "bad option": 30,
     "traceback": 27,
     "lock": 2,
-    "message": 50,
+    "message": 52,
     "silent wrong result": 10,
 }
 # How the README names each marker class.

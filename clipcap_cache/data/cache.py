@@ -70,6 +70,14 @@ def rows_of_split(splits: np.ndarray, split: str) -> np.ndarray:
     return np.flatnonzero(splits == split)
 
 
+TEXT_KIND = "text"  # the `kind` attribute of a text file from `clipcap embed-text`
+
+
+def is_text(attrs: dict) -> bool:
+    """Whether a cache's rows are caption text embeddings (`clipcap embed-text`), not images."""
+    return attrs.get("kind") == TEXT_KIND
+
+
 def recorded_clip_model(attrs: dict) -> str | None:
     """The CLIP model a cache's attributes record, or None where a cache records none."""
     return attrs.get("clip_model")
@@ -284,6 +292,12 @@ class MappedCache:
         with h5py.File(self.path, "r") as f:
             return list(f["captions"].asstr()[start:stop])
 
+    def image_ids_of(self, rows: np.ndarray) -> list[str]:
+        """The image ids of some rows, read from the file."""
+        with h5py.File(self.path, "r") as f:
+            ids = f["image_ids"].asstr()[()]
+        return [ids[int(row)] for row in rows]
+
     def references(self, rows: np.ndarray) -> list[list[str]]:
         """All captions of each of some rows, in the order of `rows`."""
         indices = self.captions_of_rows(rows)
@@ -350,6 +364,7 @@ def describe(path: str | Path) -> dict:
         "path": str(path),
         "format_version": cache.attrs["format_version"],
         "complete": bool(cache.attrs.get("complete", False)),
+        "kind": "text" if is_text(cache.attrs) else "images",  # a row per caption, or per image
         "clip_model": recorded_clip_model(cache.attrs),
         "embedding_dim": cache.embedding_dim,
         "image_size": cache.attrs.get("image_size"),

@@ -36,15 +36,23 @@ class ClipText:
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """L2-normalised text embeddings (N, D) of `PROMPT + text`, float32, CPU."""
+        embeds = self.embed([f"{PROMPT} {t}" for t in texts], batch_size)
+        return torch.nn.functional.normalize(embeds, dim=-1)
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """CLIP's `text_embeds` (N, D) of the texts as they are, float32, CPU, not normalised."""
         limit = self.model.config.max_position_embeddings
         out = []
         for start in range(0, len(texts), batch_size):
-            batch = [f"{PROMPT} {t}" for t in texts[start : start + batch_size]]
             tokens = self.tokenizer(
-                batch, padding=True, truncation=True, max_length=limit, return_tensors="pt"
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=limit,
+                return_tensors="pt",
             ).to(self.device)
-            embeds = self.model(**tokens).text_embeds.float()
-            out.append(torch.nn.functional.normalize(embeds, dim=-1).cpu())
+            out.append(self.model(**tokens).text_embeds.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.config.projection_dim)
 
 

@@ -65,6 +65,10 @@ class EvalConfig:
     clipscore: bool = option(
         False, help="Also CLIPScore and RefCLIPScore, with the cache's CLIP text tower."
     )
+    datastore: str | None = option(
+        None,
+        help="Retrieve from this text file instead of the one the checkpoint was trained with.",
+    )
 
     def __post_init__(self):
         check_types(self)
@@ -94,7 +98,7 @@ def evaluate(config: EvalConfig) -> dict:
         raise ClipcapError(f"{config.features} has no captioned images in split '{config.split}'")
     image_ids = [cache.image_ids[r] for r in rows]
     references = {image_id: all_refs[r] for image_id, r in zip(image_ids, rows, strict=True)}
-    predictions = None
+    predictions, retrieved_of = None, None
     if config.predictions:
         predictions = read_predictions(
             config.predictions, image_ids, "the evaluated split", partial=True
@@ -122,16 +126,20 @@ def evaluate(config: EvalConfig) -> dict:
     )
     if predictions is None:
         # Cached embeddings need no CLIP model: only the caption model is loaded.
-        captioner = Captioner.from_checkpoint(directory, device, load_encoder=False)
+        captioner = Captioner.from_checkpoint(
+            directory, device, load_encoder=False, datastore=config.datastore
+        )
+        embeddings = torch.from_numpy(cache.embeddings[rows])
+        # An image's own captions are never retrieved: they are its references.
+        retrieved = captioner.retrieve(embeddings, image_ids)
         captions = captioner.caption_embeddings(
-            torch.from_numpy(cache.embeddings[rows]),
-            config.decode,
-            config.batch_size,
-            progress=True,
+            embeddings, config.decode, config.batch_size, progress=True, retrieved=retrieved
         )
         predictions = {
             image_id: c[0]["caption"] for image_id, c in zip(image_ids, captions, strict=True)
         }
+        if retrieved is not None:
+            retrieved_of = dict(zip(image_ids, retrieved, strict=True))
     row_of = dict(zip(image_ids, rows.tolist(), strict=True))
     embeddings = cache.embeddings[[row_of[k] for k in predictions]]
     metrics, skipped = score_captions(
@@ -152,7 +160,11 @@ def evaluate(config: EvalConfig) -> dict:
     }
     write_json_atomic(
         out / "predictions.json",
-        [{"image_id": _coco_id(k), "caption": v} for k, v in predictions.items()],
+        [
+            {"image_id": _coco_id(k), "caption": v}
+            | ({"retrieved": retrieved_of[k]} if retrieved_of else {})
+            for k, v in predictions.items()
+        ],
     )
     write_json_atomic(out / "metrics.json", result)
     result["out"] = str(out)

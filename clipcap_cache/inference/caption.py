@@ -44,6 +44,10 @@ class CaptionConfig:
     format: str = option("text", help="Output format.", choices=OUTPUT_FORMATS)
     out: str | None = option(None, help="Write to this file.", default_text="stdout")
     num_workers: int = option(0, help="Image decoding workers.")
+    datastore: str | None = option(
+        None,
+        help="Retrieve from this text file instead of the one the checkpoint was trained with.",
+    )
     # The command line takes DecodeConfig's own options.
     decode: DecodeConfig = option(default_factory=DecodeConfig, cli=False)
 
@@ -67,6 +71,7 @@ def caption(config: CaptionConfig) -> list[ImageCaptions]:
         config.batch_size,
         config.device,
         config.num_workers,
+        datastore=config.datastore,
     )
     write_output(format_results(results, config.format), config.out)
     return results
@@ -106,11 +111,15 @@ def caption_images(
     device: str = "auto",
     num_workers: int = 0,
     progress: bool = True,
+    datastore: str | None = None,
 ) -> list[ImageCaptions]:
-    """Caption image files with a checkpoint; returns one result per path, in order."""
+    """Caption image files with a checkpoint; returns one result per path, in order.
+
+    A retrieval-augmented checkpoint retrieves from `datastore`, or from its own.
+    """
     if batch_size < 1 or num_workers < 0:
         raise ClipcapError("--batch-size must be at least 1 and --num-workers at least 0")
-    captioner = Captioner.from_checkpoint(checkpoint_path, device)
+    captioner = Captioner.from_checkpoint(checkpoint_path, device, datastore=datastore)
     results = [ImageCaptions(image=str(p)) for p in paths]
     loader = torch.utils.data.DataLoader(
         ImageDataset(paths, captioner.encoder.processor),
@@ -123,9 +132,10 @@ def caption_images(
             for position, reason in failed:
                 results[position].error = reason
             if pixel_values is not None:
-                captions = captioner.caption_pixels(pixel_values, decode)
-                for position, found in zip(positions, captions, strict=True):
-                    results[position].captions = found
+                found = captioner.caption_batch(pixel_values, decode)
+                for position, result in zip(positions, found, strict=True):
+                    results[position].captions = result.captions
+                    results[position].retrieved = result.retrieved
             bar.update(len(positions) + len(failed))
     return results
 
@@ -135,8 +145,10 @@ def format_results(results: list[ImageCaptions], output_format: str = "text") ->
     check_output(None, output_format)
 
     def as_dict(r: ImageCaptions) -> dict:
-        captions = r.texts()
-        return {"image": r.image, "captions": captions, **({"error": r.error} if r.error else {})}
+        found = {"image": r.image, "captions": r.texts()}
+        if r.retrieved is not None:  # a retrieval-augmented model: what its prompt held
+            found["retrieved"] = r.retrieved
+        return {**found, **({"error": r.error} if r.error else {})}
 
     if output_format == "json":
         return json.dumps([as_dict(r) for r in results], indent=2) + "\n"

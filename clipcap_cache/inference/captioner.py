@@ -7,7 +7,10 @@
     # -> one list per image of {"caption": str, "score": float}
 
 A score is the caption's mean log-probability per token under the model, its EOS included
-(`generate.sequence_scores`): 0 is certain, and lower is less likely. `clipcap caption`,
+(`generate.sequence_scores`): 0 is certain, and lower is less likely. A retrieval-augmented
+checkpoint retrieves from the datastore it was trained with, or from `datastore=OTHER.h5` (a
+datastore of another domain, with no retraining); `caption` and `caption_batch` then give each
+image's retrieved captions too (`ImageCaptions.retrieved`). `clipcap caption`,
 `clipcap serve` and `clipcap evaluate` all caption through this class, so the checkpoint, the CLIP
 model named in it, the check that the two match and the inference precision are decided here once.
 """
@@ -25,6 +28,7 @@ from clipcap_cache.errors import ClipcapError
 from clipcap_cache.extraction.encoder import ClipEncoder, load_clip
 from clipcap_cache.inference.generate import DecodeConfig, decode_config, generate_captions
 from clipcap_cache.model import ClipCaptionModel
+from clipcap_cache.retrieval import Datastore, RetrievalSettings, Retriever, check_datastore
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -39,6 +43,7 @@ class ImageCaptions:
     captions: list[dict] = field(default_factory=list)  # {"caption": str, "score": float}
     error: str | None = None
     image: str | None = None  # the image's name, where it has one (a file's path)
+    retrieved: list[str] | None = None  # with retrieval: the captions put in the prompt
 
     def texts(self) -> list[str]:
         """The captions' texts, best first."""
@@ -55,11 +60,22 @@ class Captioner:
         config: dict,
         encoder: ClipEncoder | None = None,
         name: str = "checkpoint",
+        datastore: Datastore | None = None,
     ):
         if encoder is not None:
             checkpoint.check_clip_match(
                 config, encoder.name, encoder.embedding_dim, f"CLIP model {encoder.name}", name
             )
+        settings = RetrievalSettings.from_checkpoint(config)
+        if datastore is not None and settings is None:
+            raise ClipcapError(
+                f"{name} was trained without retrieval: a datastore does not apply to it"
+            )
+        self.retriever = None
+        if settings is not None:
+            datastore = datastore or Datastore.open(settings.datastore)
+            check_datastore(datastore, config, name)
+            self.retriever = Retriever(datastore, settings, tokenizer)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -75,16 +91,28 @@ class Captioner:
         device: str | torch.device = "auto",
         load_encoder: bool = True,
         image_processor: str = "torchvision",
+        datastore: str | Path | None = None,
     ) -> "Captioner":
         """Load a checkpoint (a folder, a run's best, or a hub id `USER/NAME`) and its CLIP model.
 
         Without `load_encoder` only cached embeddings can be captioned (`caption_embeddings`).
+        A retrieval-augmented checkpoint retrieves from `datastore` where one is given, else from
+        the datastore it was trained with.
         """
         device = resolve_device(device) if isinstance(device, str) else device
         directory = checkpoint.resolve(path)
+        config = checkpoint.read_config(directory)
+        name = f"the checkpoint {directory}"
+        settings = RetrievalSettings.from_checkpoint(config)
+        if datastore is not None and settings is None:
+            raise ClipcapError(f"{name} was trained without retrieval: --datastore does not apply")
+        store = None
+        if settings is not None:  # checked before any model loads
+            store = Datastore.open(datastore or settings.datastore)
+            check_datastore(store, config, name)
         model, tokenizer, config = checkpoint.load_checkpoint(directory, device)
         encoder = load_clip(config["clip_model"], device, image_processor) if load_encoder else None
-        return cls(model, tokenizer, config, encoder, f"the checkpoint {directory}")
+        return cls(model, tokenizer, config, encoder, name, store)
 
     def __call__(self, images: list[ImageInput], **options) -> list[list[dict]]:
         """Caption images given as paths, PIL images or encoded bytes; one list per image.
@@ -110,9 +138,8 @@ class Captioner:
             except ImageLoadError as e:
                 results[i].error = str(e)
         if good:
-            captions = self.caption_pixels(torch.stack(pixels), decode)
-            for i, found in zip(good, captions, strict=True):
-                results[i].captions = found
+            for i, found in zip(good, self.caption_batch(torch.stack(pixels), decode), strict=True):
+                results[i].captions, results[i].retrieved = found.captions, found.retrieved
         return results
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
@@ -131,7 +158,30 @@ class Captioner:
 
     def caption_pixels(self, pixel_values: torch.Tensor, decode: DecodeConfig) -> list[list[dict]]:
         """Caption preprocessed images (B, 3, S, S) with one CLIP forward and one `generate()`."""
-        return self.caption_embeddings(self.encoder.encode(pixel_values), decode, len(pixel_values))
+        return [r.captions for r in self.caption_batch(pixel_values, decode)]
+
+    def caption_batch(
+        self, pixel_values: torch.Tensor, decode: DecodeConfig
+    ) -> list[ImageCaptions]:
+        """`caption_pixels`, each result with the captions retrieved for it (with retrieval)."""
+        embeddings = self.encoder.encode(pixel_values)
+        retrieved = self.retrieve(embeddings)
+        captions = self.caption_embeddings(
+            embeddings, decode, len(pixel_values), retrieved=retrieved
+        )
+        return [
+            ImageCaptions(captions=found, retrieved=retrieved[i] if retrieved else None)
+            for i, found in enumerate(captions)
+        ]
+
+    def retrieve(self, embeddings, image_ids: list[str] | None = None) -> list[list[str]] | None:
+        """The captions retrieved for CLIP embeddings (N, D); None for a model without retrieval.
+
+        With `image_ids` (known for a cache's rows), each image's own captions are skipped.
+        """
+        if self.retriever is None:
+            return None
+        return self.retriever.retrieve(torch.as_tensor(embeddings).float().numpy(), image_ids)
 
     def caption_embeddings(
         self,
@@ -139,8 +189,17 @@ class Captioner:
         decode: DecodeConfig,
         batch_size: int = 64,
         progress: bool = False,
+        retrieved: list[list[str]] | None = None,
     ) -> list[list[dict]]:
-        """Caption CLIP embeddings (N, D), such as a feature cache's rows."""
+        """Caption CLIP embeddings (N, D), such as a feature cache's rows.
+
+        A retrieval-augmented model puts `retrieved` (each image's retrieved captions, from
+        `retrieve`) in its prompts; left out, they are retrieved here.
+        """
+        prompts = None
+        if self.retriever is not None:
+            retrieved = retrieved if retrieved is not None else self.retrieve(embeddings)
+            prompts = self.retriever.prompt_ids(retrieved)
         found = generate_captions(
             self.model,
             self.tokenizer,
@@ -150,5 +209,6 @@ class Captioner:
             autocast=self.autocast,
             progress=progress,
             with_scores=True,
+            prompts=prompts,
         )
         return [[{"caption": text, "score": score} for text, score in image] for image in found]

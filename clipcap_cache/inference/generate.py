@@ -112,11 +112,14 @@ def generate_captions(
     autocast: torch.dtype | None = None,
     progress: bool = False,
     with_scores: bool = False,
+    prompts: list[list[int]] | None = None,
 ) -> list[list]:
     """Caption each (D,) embedding of `clip_embeddings` (N, D); returns N lists of captions.
 
     With `with_scores`, each caption comes as `(text, score)`: its mean log-probability per token
-    under the model, the caption's tokens and its EOS counted (see `sequence_scores`).
+    under the model, the caption's tokens and its EOS counted (see `sequence_scores`). `prompts`
+    holds the token ids each image's caption follows (a retrieval prompt): the model reads the
+    prefix, then the prompt, and the caption is what it writes next.
     """
     with eval_mode(model):
         device = next(model.parameters()).device
@@ -132,26 +135,70 @@ def generate_captions(
             starts = range(0, len(clip_embeddings), batch_size)
             for start in tqdm(starts, desc="caption", unit="batch", disable=not progress):
                 batch = clip_embeddings[start : start + batch_size].to(device)
+                batch_prompts = prompts[start : start + batch_size] if prompts else None
+                found: list = [None] * len(batch)
                 with devices.autocast(device, autocast):
                     prefix = model.prefix_embeddings(batch)  # (B, K, H)
-                    attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
-                    tokens = model.gpt2.generate(
-                        inputs_embeds=prefix,
-                        attention_mask=attention_mask,
-                        generation_config=generation_config,
+                for positions, context in prompted(model, prefix, batch_prompts):
+                    texts = _decode(
+                        model, tokenizer, context, generation_config, decode, autocast, with_scores
                     )
-                # With only inputs_embeds given, generate() returns the new tokens alone.
-                texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-                texts = [clean_caption(t) for t in texts]
-                n = decode.num_captions
-                if with_scores:
-                    with devices.autocast(device, autocast):
-                        scores = sequence_scores(
-                            model, prefix.repeat_interleave(n, dim=0), tokens, eos
-                        )
-                    texts = list(zip(texts, scores.tolist(), strict=True))
-                captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
+                    for position, text in zip(positions, texts, strict=True):
+                        found[position] = text
+                captions.extend(found)
     return captions
+
+
+def prompted(
+    model: ClipCaptionModel, prefix: torch.Tensor, prompts: list[list[int]] | None
+) -> list[tuple[list[int], torch.Tensor]]:
+    """The contexts a batch is decoded from: its prefixes (B, K, H), each followed by its prompt.
+
+    Images whose prompts have the same length are decoded together, `(positions, (b, K+P, H))`,
+    so that no context is padded: the positions the model reads are those it was trained at.
+    """
+    if not prompts:
+        return [(list(range(len(prefix))), prefix)]
+    by_length: dict[int, list[int]] = {}
+    for position, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(position)
+    groups = []
+    for positions in by_length.values():
+        ids = torch.tensor([prompts[p] for p in positions], device=prefix.device)
+        words = model.gpt2.transformer.wte(ids).to(prefix.dtype)  # (b, P, H)
+        groups.append((positions, torch.cat([prefix[positions], words], dim=1)))
+    return groups
+
+
+def _decode(
+    model: ClipCaptionModel,
+    tokenizer,
+    context: torch.Tensor,
+    generation_config: GenerationConfig,
+    decode: DecodeConfig,
+    autocast: torch.dtype | None,
+    with_scores: bool,
+) -> list[list]:
+    """One `generate()` call from contexts (B, C, H): B lists of captions (with scores)."""
+    device = context.device
+    with devices.autocast(device, autocast):
+        attention_mask = torch.ones(context.shape[:2], dtype=torch.long, device=device)
+        tokens = model.gpt2.generate(
+            inputs_embeds=context,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+        )
+    # With only inputs_embeds given, generate() returns the new tokens alone.
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    texts = [clean_caption(t) for t in texts]
+    n = decode.num_captions
+    if with_scores:
+        with devices.autocast(device, autocast):
+            scores = sequence_scores(
+                model, context.repeat_interleave(n, dim=0), tokens, tokenizer.eos_token_id
+            )
+        texts = list(zip(texts, scores.tolist(), strict=True))
+    return [texts[i : i + n] for i in range(0, len(texts), n)]
 
 
 def sequence_scores(

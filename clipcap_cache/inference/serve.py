@@ -7,7 +7,8 @@ Endpoints (FastAPI; the OpenAPI UI is at /docs):
 - `POST /caption`: multipart uploads in the repeatable field `images`, and decoding options as
   form fields named like the command line's (`beams`, `greedy`, `sample`, `num_captions`,
   `max_tokens`, `top_p`, `temperature`, `seed`). Answers
-  `{"results": [{"filename", "captions": [{"caption", "score"}], "error"}]}` in the order sent:
+  `{"results": [{"filename", "captions": [{"caption", "score"}], "error"}]}` in the order sent
+  (with `"retrieved": [...]`, the captions of the prompt, for a retrieval-augmented model):
   200 when at least one image was captioned (a bad image gets its `error`), 400 when none was,
   413 for an upload over `max_upload_mb`, 422 for no images or bad options, and 503 with
   Retry-After when the queue is full.
@@ -41,7 +42,7 @@ from clipcap_cache.checks import at_least, check_types, positive
 from clipcap_cache.data.images import ImageLoadError
 from clipcap_cache.devices import DEVICE
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.inference.captioner import Captioner
+from clipcap_cache.inference.captioner import Captioner, ImageCaptions
 from clipcap_cache.inference.generate import DecodeConfig, StrategyFlags, decode_config
 from clipcap_cache.options import check_choices, option
 
@@ -65,6 +66,10 @@ class ServeConfig:
     max_queue: int = option(64, help="Images waiting at most; beyond that, 503.")
     max_upload_mb: float = option(20.0, help="Largest image upload, in MB.")
     max_images: int = option(16, help="Images per request at most.")
+    datastore: str | None = option(
+        None,
+        help="Retrieve from this text file instead of the one the checkpoint was trained with.",
+    )
 
     def __post_init__(self):
         check_types(self)
@@ -157,7 +162,7 @@ class Batcher:
     def release(self, images: int) -> None:
         self.reserved -= images
 
-    async def submit(self, pixels: torch.Tensor, decode: DecodeConfig) -> list[list[dict]]:
+    async def submit(self, pixels: torch.Tensor, decode: DecodeConfig) -> list[ImageCaptions]:
         """Caption preprocessed images, whose room `reserve` holds."""
         if not self.alive:
             raise Stopped("the batcher is not running")
@@ -222,10 +227,10 @@ class Batcher:
             self.waiting.remove(job)
         return batch, size
 
-    def _caption(self, batch: list[_Job]) -> list[list[list[dict]]]:
+    def _caption(self, batch: list[_Job]) -> list[list[ImageCaptions]]:
         """One CLIP forward and one generate() for all the images of the batch."""
         pixels = torch.cat([job.pixels for job in batch])
-        captions = self.captioner.caption_pixels(pixels, batch[0].decode)
+        captions = self.captioner.caption_batch(pixels, batch[0].decode)
         self.batches += 1
         self.images += len(pixels)
         results, start = [], 0
@@ -362,7 +367,9 @@ def create_app(captioner: Captioner, config: ServeConfig):
         except Stopped as e:
             return _error(503, str(e))
         for i, found in zip(good, captions, strict=True):
-            results[i]["captions"] = found
+            results[i]["captions"] = found.captions
+            if found.retrieved is not None:
+                results[i]["retrieved"] = found.retrieved
         log.info("captioned %d image(s) in %.3f s", len(good), time.perf_counter() - started)
         return {"results": results}
 
@@ -437,7 +444,9 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     _check_port_free(config.host, config.port)  # before the models load, not after
-    captioner = Captioner.from_checkpoint(config.checkpoint, config.device)
+    captioner = Captioner.from_checkpoint(
+        config.checkpoint, config.device, datastore=config.datastore
+    )
     app = create_app(captioner, config)
     log.info("serving %s on http://%s:%d", captioner.name, config.host, config.port)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")

@@ -15,6 +15,7 @@ from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.metrics import BERTSCORE, BERTSCORE_LAYERS, BERTSCORE_MODEL
 from clipcap_cache.model import ModelConfig
 from clipcap_cache.options import build, check_choices, option
+from clipcap_cache.retrieval import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, check_template
 from clipcap_cache.training import scst, trackers
 
 OBJECTIVES = ("xe", "scst")
@@ -90,6 +91,25 @@ class TrainConfig:
     reward: str = option("cider", help="scst: the reward.", choices=scst.REWARDS)
     cider_weight: float = option(1.0, help="scst: CIDEr-D weight in cider+clip.")
     clip_weight: float = option(1.0, help="scst: CLIP-S weight in cider+clip.")
+    retrieval: int = option(
+        0, help="K captions retrieved from --datastore into the prompt (SmallCap); 0: off."
+    )
+    datastore: str | None = option(
+        None, help="Text file of captions to retrieve from (clipcap embed-text)."
+    )
+    retrieval_template: str = option(
+        DEFAULT_TEMPLATE, help="The prompt; {captions} is replaced by the retrieved captions."
+    )
+    retrieval_separator: str = option(
+        DEFAULT_SEPARATOR,
+        help="What joins the retrieved captions in the prompt.",
+        default_text=repr(DEFAULT_SEPARATOR),
+    )
+    noise_variance: float = option(
+        0.0,
+        help="Variance of Gaussian noise added to the input embeddings (CapDec: 0.016 when "
+        "training from text alone).",
+    )
     resume: bool = option(False, help="Continue an interrupted run.")
     overwrite: bool = option(False, help="Replace an existing run.")
 
@@ -98,7 +118,7 @@ class TrainConfig:
         at_least(self, 1, "epochs", "batch_size", "grad_accum", "max_caption_tokens")
         at_least(self, 1, "bertscore_layers", "samples", "log_every_steps")
         at_least(self, 0, "warmup_steps", "eval_images", "save_every_steps", "weight_decay")
-        at_least(self, 0, "cider_weight", "clip_weight")
+        at_least(self, 0, "cider_weight", "clip_weight", "retrieval", "noise_variance")
         positive(self, "lr", "max_grad_norm")
         check_choices(self)
         trackers.check_report_to(self.report_to)
@@ -112,6 +132,16 @@ class TrainConfig:
                     "--objective scst keeps the checkpoint with the best val CIDEr-D of greedy "
                     "captions: --eval-images must be at least 1 (or pass --no-val)"
                 )
+        if self.retrieval and not self.datastore:
+            raise ClipcapError("--retrieval needs --datastore, the text file to retrieve from")
+        if self.datastore and not self.retrieval:
+            raise ClipcapError("--datastore is used with --retrieval K, the captions per prompt")
+        if self.retrieval:
+            check_template(self.retrieval_template)
+            if self.objective == "scst":
+                raise ClipcapError("--retrieval trains with --objective xe only")
+        if self.noise_variance and self.objective == "scst":
+            raise ClipcapError("--noise-variance applies to --objective xe only")
         if self.resume and self.overwrite:
             raise ClipcapError("--resume and --overwrite contradict each other: choose one")
 

@@ -68,6 +68,9 @@ class CrossEntropy:
 
     data: CaptionData
     pad_id: int
+    # The standard deviation of Gaussian noise added to each input embedding (`--noise-variance`,
+    # CapDec), drawn from torch's seeded generator, whose state a resume restores.
+    noise_std: float = 0.0
     unit: ClassVar[str] = "caption"
     metrics: ClassVar[tuple[str, ...]] = ("loss",)
 
@@ -91,6 +94,7 @@ class CrossEntropy:
         """Back-propagate some captions; returns their mean loss per token (1,), on the device."""
         device = next(model.parameters()).device
         embeddings, input_ids, labels = self.data.batch(samples, self.pad_id)
+        noise = torch.randn(embeddings.shape) * self.noise_std if self.noise_std else None
         loss = forward_backward(
             train_module,
             embeddings.to(device),
@@ -99,6 +103,7 @@ class CrossEntropy:
             weight,
             scaler,
             amp_dtype,
+            noise.to(device) if noise is not None else None,
         )
         return loss.reshape(1)
 
@@ -111,13 +116,15 @@ def forward_backward(
     weight: float,
     scaler: torch.amp.GradScaler,
     amp_dtype: torch.dtype | None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One micro-batch: the loss under autocast, and its gradient scaled by `weight`.
 
+    `noise` (B, D) is added to the embeddings after their normalisation (`--noise-variance`).
     Returns the detached mean loss per token, still on the device.
     """
     device = embeddings.device
     with devices.autocast(device, amp_dtype):
-        loss = train_module(embeddings, input_ids, labels)
+        loss = train_module(embeddings, input_ids, labels, noise)
     scaler.scale(loss * weight).backward()
     return loss.detach().float()

@@ -98,6 +98,13 @@ def check_run_dir(
                     f"--resume: the run was trained with {option(name)} {old}; a resume restores "
                     f"its optimizer, so {option(name)} {getattr(config, name)} would be ignored"
                 )
+        for name in ("retrieval", "datastore", "retrieval_template", "retrieval_separator"):
+            old = saved.get("train", {}).get(name, getattr(TrainConfig, name, None))
+            if getattr(config, name) != old:
+                raise ClipcapError(
+                    f"--resume: the run was trained with {option(name)} {old!r}, not "
+                    f"{getattr(config, name)!r}: its prompts would change mid-run"
+                )
         trained_with = saved.get("train", {}).get("objective", "xe")
         if config.objective != trained_with:
             # Its position in the epoch counts captions under xe and images under scst.

@@ -64,9 +64,15 @@ from clipcap_cache.model import (
     pad_token_id,
 )
 from clipcap_cache.preemption import StopSignals
+from clipcap_cache.retrieval import (
+    Datastore,
+    RetrievalSettings,
+    Retriever,
+    check_datastore,
+)
 from clipcap_cache.training import scst, trackers
 from clipcap_cache.training.config import TrainConfig
-from clipcap_cache.training.data import caption_data
+from clipcap_cache.training.data import Prompts, caption_data
 from clipcap_cache.training.loop import preempted, train_one_epoch
 from clipcap_cache.training.objectives import CrossEntropy, Objective
 from clipcap_cache.training.optimization import Optimization, make_optimization
@@ -104,6 +110,7 @@ class Inputs:
     world: distributed.World
     resume_state: dict | None  # the `train_state.pt` to resume from; None for a new run
     init_dir: Path | None  # the --init checkpoint whose weights a new run starts from
+    datastore: Datastore | None  # the --datastore of a retrieval-augmented run, indexed
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ class Models:
     tokenizer: object
     pad_id: int  # the token that pads caption batches
     clip_text: ClipText | None  # the cache's CLIP text tower, where the reward has a CLIP-S term
+    retriever: Retriever | None  # the datastore and the prompt, with --retrieval
 
 
 def train(config: TrainConfig, model_config: ModelConfig) -> dict:
@@ -182,6 +190,7 @@ def resolve_settings(
         val_features=config.val_features and str(Path(config.val_features).resolve()),
         init=config.init and resolve_name(config.init),
         bertscore_model=resolve_name(config.bertscore_model),
+        datastore=config.datastore and str(Path(config.datastore).resolve()),
     )
     train_cache = feature_cache.open_cache(config.features)
     model_config = replace(
@@ -189,6 +198,11 @@ def resolve_settings(
         clip_embedding_dim=train_cache.embedding_dim,
         gpt2_model=resolve_name(model_config.gpt2_model),
     )
+    if feature_cache.is_text(train_cache.attrs) and not model_config.normalize_prefix:
+        # Text and image embeddings meet only once both are unit vectors (CapDec): the model
+        # records it, so that captioning normalises image embeddings the same way.
+        log.info("training from text alone: the input embeddings are L2-normalised")
+        model_config = replace(model_config, normalize_prefix=True)
     return config, model_config, train_cache
 
 
@@ -221,6 +235,10 @@ def check_inputs(
     init_dir = None
     if config.init and resume_state is None:  # a resumed run continues from its own weights
         init_dir, model_config = check_init(config, model_config, train_cache)
+    datastore = None
+    if config.retrieval:
+        datastore = Datastore.open(config.datastore)
+        check_datastore(datastore, embedding_source(train_cache), f"the features {config.features}")
     return Inputs(
         model_config=model_config,
         train_cache=train_cache,
@@ -232,6 +250,7 @@ def check_inputs(
         world=world,
         resume_state=resume_state,
         init_dir=init_dir,
+        datastore=datastore,
     )
 
 
@@ -253,7 +272,30 @@ def load_models(config: TrainConfig, inputs: Inputs) -> Models:
     if "clip" in reward_terms:
         clip_model = cache_clip_model(inputs.train_cache.attrs, config.features, "--reward clip")
         clip_text = load_clip_text(clip_model, device)
-    return Models(model, model.config, tokenizer, pad_token_id(tokenizer), clip_text)
+    retriever = None
+    if inputs.datastore is not None:
+        retriever = Retriever(inputs.datastore, retrieval_settings(config), tokenizer)
+    return Models(model, model.config, tokenizer, pad_token_id(tokenizer), clip_text, retriever)
+
+
+def retrieval_settings(config: TrainConfig) -> RetrievalSettings | None:
+    """What a retrieval-augmented run records in its checkpoints; None without retrieval."""
+    if not config.retrieval:
+        return None
+    return RetrievalSettings(
+        k=config.retrieval,
+        template=config.retrieval_template,
+        separator=config.retrieval_separator,
+        datastore=config.datastore,
+    )
+
+
+def embedding_source(cache: feature_cache.MappedCache) -> dict:
+    """The CLIP model and width of a cache's embeddings, as `check_clip_match` takes them."""
+    return {
+        "clip_model": feature_cache.recorded_clip_model(cache.attrs),
+        "embedding_dim": cache.embedding_dim,
+    }
 
 
 def prepare_run(
@@ -320,16 +362,43 @@ def build_objective(
     if config.objective == "scst":
         return _self_critical(config, train_cache, train_rows, models.tokenizer, models.clip_text)
     data, truncated = caption_data(
-        train_cache, train_rows, models.tokenizer, config.max_caption_tokens
+        train_cache, train_rows, models.tokenizer, config.max_caption_tokens, models.retriever
     )
     log.info(
-        "train: %d images, %d captions; %d of the cache's captions truncated to %d tokens",
+        "train: %d %s, %d captions; %d of the cache's captions truncated to %d tokens",
         len(train_rows),
+        "caption rows (text alone)" if feature_cache.is_text(train_cache.attrs) else "images",
         len(data),
         truncated,
         config.max_caption_tokens,
     )
-    return CrossEntropy(data, models.pad_id)
+    if data.prompts is not None:
+        check_prompt_length(data.prompts, models, config)
+        log.info(
+            "retrieval: %d captions per prompt from %s, each image's own skipped; longest "
+            "prompt %d tokens",
+            config.retrieval,
+            config.datastore,
+            data.prompts.longest,
+        )
+    if config.noise_variance:
+        log.info(
+            "noise: Gaussian of variance %g added to each input embedding", config.noise_variance
+        )
+    return CrossEntropy(data, models.pad_id, math.sqrt(config.noise_variance))
+
+
+def check_prompt_length(prompts: Prompts, models: Models, config: TrainConfig) -> None:
+    """Refuse prompts that leave GPT-2 no room for the prefix and a whole caption."""
+    room = models.model.gpt2.config.n_positions
+    needed = models.model_config.prefix_length + prompts.longest + config.max_caption_tokens + 1
+    if needed > room:
+        raise ClipcapError(
+            f"the longest retrieval prompt is {prompts.longest} tokens: with the prefix "
+            f"({models.model_config.prefix_length}) and a caption of up to "
+            f"{config.max_caption_tokens + 1} tokens that is {needed} positions, more than this "
+            f"GPT-2's {room}; lower --retrieval or --max-caption-tokens"
+        )
 
 
 def build_validation(
@@ -338,7 +407,9 @@ def build_validation(
     """What scores the model after each epoch (`validation.validate`); None without validation."""
     if inputs.val_cache is None:
         return None
-    validation = validation_set(inputs.val_cache, inputs.val_rows, models.tokenizer, config)
+    validation = validation_set(
+        inputs.val_cache, inputs.val_rows, models.tokenizer, config, models.retriever
+    )
     log.info("val: %d images, %d captions", len(inputs.val_rows), len(validation.data))
     return functools.partial(
         validate,
@@ -421,6 +492,8 @@ def run_directory(
             "clip_model": feature_cache.recorded_clip_model(train_cache.attrs),
             "cache_source": train_cache.attrs.get("source"),
             "embedding_dim": train_cache.embedding_dim,
+            "trained_on": "text" if feature_cache.is_text(train_cache.attrs) else "images",
+            "retrieval": asdict(settings) if (settings := retrieval_settings(config)) else None,
             "train": asdict(config),
         },
     )

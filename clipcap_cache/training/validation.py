@@ -13,6 +13,7 @@ from clipcap_cache.evaluation.cider import CiderD
 from clipcap_cache.evaluation.metrics import bertscore, make_bertscorer
 from clipcap_cache.inference.generate import DecodeConfig, generate_captions
 from clipcap_cache.model import IGNORE_INDEX, ClipCaptionModel, eval_mode
+from clipcap_cache.retrieval import Retriever
 from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.data import CaptionData, caption_data
 
@@ -25,19 +26,29 @@ class ValidationSet:
     embeddings: torch.Tensor  # (E, D) the images captioned for CIDEr-D and BERTScore
     references: list[list[str]]
     cider: CiderD | None  # their references' document frequencies (None with --eval-images 0)
+    prompts: list[list[int]] | None = None  # with retrieval: the scored images' prompts
 
 
 def validation_set(
-    val_cache: feature_cache.MappedCache, val_rows: np.ndarray, tokenizer, config: TrainConfig
+    val_cache: feature_cache.MappedCache,
+    val_rows: np.ndarray,
+    tokenizer,
+    config: TrainConfig,
+    retriever: Retriever | None = None,
 ) -> ValidationSet:
-    data, _ = caption_data(val_cache, val_rows, tokenizer, config.max_caption_tokens)
+    """The val captions and scored images; with a `retriever`, their prompts (own images skipped)."""
+    data, _ = caption_data(val_cache, val_rows, tokenizer, config.max_caption_tokens, retriever)
     scored = val_rows[: config.eval_images]
     references = val_cache.references(scored)
+    prompts = None
+    if data.prompts is not None:
+        prompts = [data.prompts.token_ids[r].tolist() for r in scored.tolist()]
     return ValidationSet(
         data,
         torch.from_numpy(np.asarray(val_cache.embeddings[scored])),
         references,
         CiderD(references) if references else None,
+        prompts,
     )
 
 
@@ -117,6 +128,7 @@ def validate(
             DecodeConfig(strategy="greedy"),
             batch_size=batch_size,
             autocast=devices.inference_autocast(device),
+            prompts=validation.prompts,
         )
         captions = [c[0] for c in captions]
         cider = validation.cider.score(captions, validation.references)
