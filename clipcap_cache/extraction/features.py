@@ -11,11 +11,11 @@ precision under `torch.inference_mode()` on a GPU.
 
 Progress is crash-safe. Work goes to a folder beside the output, `FEATURES.h5.parts/`, as shards
 of `shard_size` images (or one shard per tar), each written to a temporary name and renamed; a
-shard holds its embeddings and, in its metadata, its images' records and failures. Rerunning the same command
-after a crash (even kill -9) skips the finished shards. When every shard is done they are gathered
-into the HDF5 file (`cache.write_cache`, also atomic, a shard at a time) and the folder is removed,
-so the final file holds exactly the rows an uninterrupted run would. Under torchrun each rank
-encodes every N-th pending shard and rank 0 gathers.
+shard holds its embeddings and, as a tensor of JSON bytes, its images' records and failures.
+Rerunning the same command after a crash (even kill -9) skips the finished shards. When every
+shard is done they are gathered into the HDF5 file (`cache.write_cache`, also atomic, a shard at
+a time) and the folder is removed, so the final file holds exactly the rows an uninterrupted run
+would. Under torchrun each rank encodes every N-th pending shard and rank 0 gathers.
 """
 
 import contextlib

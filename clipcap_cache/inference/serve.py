@@ -9,12 +9,14 @@ Endpoints (FastAPI; the OpenAPI UI is at /docs):
   `max_tokens`, `top_p`, `temperature`, `seed`). Answers
   `{"results": [{"filename", "captions": [{"caption", "score"}], "error"}]}` in the order sent:
   200 when at least one image was captioned (a bad image gets its `error`), 400 when none was,
-  413 for an upload over `max_upload_mb`, 422 for no images or bad options, and 503 with
-  Retry-After when the queue is full.
+  413 for an upload over `max_upload_mb`, 422 for no images, bad options or options over the
+  server's limits, 408 for a body slower than `body_timeout_s`, and 503 with Retry-After when
+  the queue is full. On a loopback bind, a foreign Host gets 400 and a foreign Origin 403.
 - `GET /health`: the models, the device and the queue depth.
 - `GET /`: the web page (`static/index.html`).
 
-Dynamic batching: images are decoded in a thread pool, then queued. One batching task waits
+Dynamic batching: images are decoded in a pool of `decode_threads` threads (an image whose
+header declares more than `max_image_pixels` is refused undecoded), then queued. One batching task waits
 `batch_window_ms` after the first waiting request, and another window whenever the last one
 brought more or a request is still decoding its images (up to 100 windows). It then takes the
 oldest request and the waiting ones with the same decoding options, up to `max_batch` images, and
