@@ -46,6 +46,14 @@ def at_least(config, minimum: float, *names: str) -> None:
             raise ClipcapError(f"{option(name)} must be at least {minimum}, not {value}")
 
 
+def at_most(config, maximum: float, *names: str) -> None:
+    """Refuse any of the named fields that is above `maximum` (None is left alone)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value > maximum:
+            raise ClipcapError(f"{option(name)} must be at most {maximum}, not {value}")
+
+
 def positive(config, *names: str) -> None:
     """Refuse any of the named fields that is zero or negative."""
     for name in names:

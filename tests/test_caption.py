@@ -127,3 +127,49 @@ def test_bad_checkpoints_get_one_line_errors(checkpoint_run, shapes, tmp_path):
     config["model"]["prefix_length"] = 7
     (wrong_shape / "config.json").write_text(json.dumps(config))
     assert "shape" in assert_one_line_error(caption(wrong_shape, photos))
+
+
+@pytest.mark.bad_input("silent wrong result")
+def test_a_symlink_loop_under_a_glob_captions_each_file_once(trained_run, shapes, tmp_path):
+    import glob
+
+    from clipcap_cache.inference.caption import expand_inputs
+
+    _, root = shapes
+    (tmp_path / "loop" / "a").mkdir(parents=True)
+    shutil.copy(sorted((root / "images").iterdir())[0], tmp_path / "loop" / "a" / "x.png")
+    (tmp_path / "loop" / "a" / "up").symlink_to("..")  # a loop: a/up/a/up/... is a/ again
+    (tmp_path / "loop" / "a" / "link.png").symlink_to("x.png")  # the same file by another name
+    pattern = str(tmp_path / "loop" / "**" / "*.png")
+    assert len(glob.glob(pattern, recursive=True)) > 40  # what the standard glob finds
+    result = caption(trained_run, pattern, "--recursive", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    images = [entry["image"] for entry in json.loads(result.stdout)]
+    assert images == [str(tmp_path / "loop" / "a" / "link.png")]
+    # Two loops in one folder made the standard glob's walk exponential; this stays instant.
+    (tmp_path / "loop" / "a" / "up2").symlink_to("..")
+    assert len(expand_inputs([pattern], recursive=True)) == 1
+    assert expand_inputs([str(tmp_path / "loop")], recursive=True) == [
+        tmp_path / "loop" / "a" / "link.png"
+    ]
+
+
+@pytest.mark.bad_input("traceback")
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--seed", "99999999999999999999"], "--seed must be at most 9223372036854775807"),
+        (["--temperature", "1e-300"], "--temperature must be between 0.01 and 100"),
+        (["--temperature", "inf"], "--temperature must be a finite number"),
+        (["--top-p", "nan"], "--top-p must be a finite number"),
+        # The tiny GPT-2 has 128 positions, 4 of them for the prefix.
+        (["--max-tokens", "300"], "--max-tokens 300 is more than this model can generate"),
+        (["--beams", "10000"], "--beams must be at most 100"),
+    ],
+)
+def test_decoding_options_beyond_the_model_are_one_line(trained_run, shapes, options, message):
+    image = sorted((shapes[1] / "images").iterdir())[0]
+    sample = [] if "--beams" in options else ["--sample"]
+    line = assert_one_line_error(caption(trained_run, image, *sample, *options))
+    assert message in line
+    assert "at most 124" in line or "--max-tokens" not in options

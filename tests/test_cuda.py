@@ -162,7 +162,8 @@ def test_captioner_and_serve_on_cuda(trained_run, shapes, captioner):
     from clipcap_cache.inference.serve import ServeConfig, create_app
 
     files = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
-    with TestClient(create_app(on_gpu, ServeConfig(str(trained_run)))) as client:
+    app = create_app(on_gpu, ServeConfig(str(trained_run)))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         assert client.get("/health").json()["device"] == DEVICE
         reply = client.post("/caption", files=files, data={"beams": "3"})
     assert reply.status_code == 200

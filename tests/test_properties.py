@@ -1,9 +1,12 @@
 """Property tests of the input boundary: anything a user can feed in either works or gets our error.
 
 Hypothesis generates the inputs: arbitrary text and bytes for each annotation format, captions of
-any text written the way each format defines, and arbitrary JSON values for every config field.
+any text written the way each format defines, arbitrary JSON values for every config field, tar
+shards of arbitrary members (names, contents, truncation), brace patterns, and arbitrary text in
+every form field of the server.
 """
 
+import contextlib
 import csv
 import io
 import json
@@ -19,6 +22,7 @@ from clipcap_cache.data.annotations import FORMATS, read_annotations
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.extraction.features import FeatureConfig
 from clipcap_cache.inference.generate import DecodeConfig
+from clipcap_cache.inference.serve import ServeConfig
 from clipcap_cache.model import ModelConfig
 from clipcap_cache.training.config import TrainConfig
 
@@ -133,6 +137,7 @@ REQUIRED = {
     ModelConfig: {},
     FeatureConfig: {"annotations": "a.json", "images": "images", "out": "f.h5"},
     DecodeConfig: {},
+    ServeConfig: {"checkpoint": "run"},
 }
 CASES = [(cls, f.name) for cls in REQUIRED for f in fields(cls)]
 
@@ -147,3 +152,121 @@ def test_any_json_value_builds_a_config_or_gets_our_error(cls, name, value):
         assert "\n" not in str(e)
         return
     assert getattr(config, name) == value
+
+
+# ---------------------------------------------------------------- tar shards (WebDataset)
+
+member_names = st.from_regex(
+    r"(\.?[a-z0-9]{0,3}/)?[a-z0-9.]{0,4}\.(png|jpg|txt|json|JSON|cls|tar)?", fullmatch=True
+)
+member_data = st.binary(max_size=64) | st.sampled_from(
+    [b'{"captions": ["a", 1]}', b'{"caption": "x", "split": "dev"}', b"[]", b"\xff\xfe", b"ok"]
+)
+
+
+@FAST
+@given(
+    members=st.lists(st.tuples(member_names, member_data), max_size=8),
+    cut=st.integers(min_value=0, max_value=4096),
+)
+def test_any_tar_gives_samples_or_recorded_failures(members, cut):
+    import tarfile
+
+    from clipcap_cache.data.images import ImageLoadError, decode_image
+    from clipcap_cache.data.webdataset import parse_sample, read_samples
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name or "x")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    content = buffer.getvalue()
+    with tempfile.TemporaryDirectory() as folder:
+        shard = Path(folder) / "00000.tar"
+        shard.write_bytes(content[: len(content) - cut] if cut < len(content) else content)
+        for sample in read_samples(shard):
+            if sample.failure is not None:
+                assert "tar" in sample.failure
+                continue
+            try:
+                record = parse_sample(sample, "train")
+            except ImageLoadError as e:
+                assert str(e) and "\n" not in str(e)
+                continue
+            assert record.image_id == sample.key and record.split in ("train", "val", "test")
+            assert all(isinstance(c, str) and c == c.strip() and c for c in record.captions)
+            extension = sample.image_extension()
+            if extension is not None:
+                with contextlib.suppress(ImageLoadError):  # any other exception fails
+                    decode_image(sample.members[extension])
+
+
+brace_patterns = st.text(alphabet=st.sampled_from(list("{},.\\ab09-Z")), max_size=16)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(pattern=brace_patterns)
+def test_brace_counts_equal_the_expansion(pattern):
+    from braceexpand import UnbalancedBracesError, braceexpand
+
+    from clipcap_cache.data.webdataset import count_brace_names
+
+    try:
+        expected = len(list(braceexpand(pattern)))
+    except UnbalancedBracesError:
+        with pytest.raises(UnbalancedBracesError):
+            count_brace_names(pattern)
+        return
+    assert count_brace_names(pattern) == expected
+
+
+# ---------------------------------------------------------------- the server's form fields
+
+FORM_FIELDS = (
+    "beams",
+    "greedy",
+    "sample",
+    "num_captions",
+    "max_tokens",
+    "top_p",
+    "temperature",
+    "seed",
+)
+form_values = st.text(max_size=12) | st.sampled_from(
+    ["0", "-1", "1", "2", "1e-300", "1e308", "nan", "inf", "true", "false", str(2**64), "٣", "²"]
+)
+
+
+@pytest.fixture(scope="module")
+def form_client(captioner, trained_run):
+    from fastapi.testclient import TestClient
+
+    from clipcap_cache.inference.serve import create_app
+
+    config = ServeConfig(str(trained_run), max_caption_tokens=8)
+    with TestClient(create_app(captioner, config), base_url="http://127.0.0.1") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def form_png(shapes):
+    return sorted((shapes[1] / "images").iterdir())[0].read_bytes()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(fields=st.dictionaries(st.sampled_from(FORM_FIELDS), form_values, max_size=4))
+def test_any_form_fields_get_captions_or_one_line_422(form_client, form_png, fields):
+    reply = form_client.post(
+        "/caption", files=[("images", ("a.png", form_png, "image/png"))], data=fields
+    )
+    assert reply.status_code in (200, 422), (fields, reply.text)
+    if reply.status_code == 422:
+        detail = reply.json()["detail"]
+        assert isinstance(detail, str) and detail and "\n" not in detail
+    else:
+        assert reply.json()["results"][0]["captions"]

@@ -448,7 +448,7 @@ def test_the_server_and_the_captioner_answer_with_what_they_retrieved(
     captioner = Captioner.from_checkpoint(retrieval_run, "cpu", datastore=other)
     direct = captioner.caption(paths, DecodeConfig(strategy="greedy"))
     config = ServeConfig(str(retrieval_run), datastore=str(other))
-    with TestClient(create_app(captioner, config)) as client:
+    with TestClient(create_app(captioner, config), base_url="http://127.0.0.1") as client:
         files = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
         reply = client.post("/caption", files=files, data={"greedy": "true"})
     assert reply.status_code == 200

@@ -124,3 +124,56 @@ def test_clipscore_without_features_is_refused(test_split):
         folder / "results.json", "--references", folder / "captions_test.json", "--clipscore"
     )
     assert "--clipscore needs --features" in assert_one_line_error(result)
+
+
+def run_python(*args, timeout=180):
+    """A fresh Python process with this checkout first on the path; returns it once it ended."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+needs_java = pytest.mark.skipif(
+    __import__("shutil").which("java") is None, reason="METEOR needs Java"
+)
+
+
+@needs_java
+@pytest.mark.bad_input("traceback")
+def test_a_caption_of_ten_thousand_words_is_scored_and_the_process_exits(test_split, tmp_path):
+    from conftest import REPO
+
+    folder, _ = test_split
+    predictions = json.loads((folder / "results.json").read_text())
+    predictions[0]["caption"] = " ".join(f"word{i % 50}" for i in range(10_000))
+    (tmp_path / "long.json").write_text(json.dumps(predictions))
+    args = ["score", tmp_path / "long.json", "--references", folder / "captions_test.json"]
+    # Before, METEOR's Java scorer died on it and the process then waited at exit for ever.
+    done = run_python(REPO / "cli.py", *args, "--no-bertscore", "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    assert 0 < metrics["METEOR"] < 1
+
+
+@needs_java
+@pytest.mark.bad_input("traceback")
+def test_a_failed_meteor_scorer_is_skipped_and_the_process_exits(tmp_path):
+    script = tmp_path / "dead_meteor.py"
+    script.write_text(
+        "from clipcap_cache.evaluation.metrics import SafeMeteor\n"
+        "meteor = SafeMeteor()\n"
+        "meteor.scorer.meteor_p.kill()  # the Java process dies, as on a caption it cannot take\n"
+        "meteor.scorer.meteor_p.wait()\n"
+        "print(meteor.compute_score({'1': ['a red square']}, {'1': ['a red square']}))\n"
+    )
+    done = run_python(script, timeout=60)  # pycocoevalcap's __del__ waited for its lock for ever
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(None, None)"
+    assert "METEOR skipped: its Java scorer failed" in done.stderr

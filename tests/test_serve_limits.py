@@ -23,7 +23,8 @@ def pictures(shapes):
 
 
 def client_for(captioner, trained_run, **settings):
-    return TestClient(create_app(captioner, ServeConfig(str(trained_run), **settings)))
+    app = create_app(captioner, ServeConfig(str(trained_run), **settings))
+    return TestClient(app, base_url="http://127.0.0.1")  # a loopback Host, as browsers send
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_a_chunked_upload_over_the_limit_is_refused_while_it_streams(small_limit
 def test_a_declared_length_over_the_limit_is_refused_before_reading(small_limit_server):
     with socket.create_connection(("127.0.0.1", small_limit_server), timeout=10) as sock:
         sock.sendall(
-            b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n"
+            b"POST /caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999999\r\n"
             b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
         )
         assert sock.recv(65536).startswith(b"HTTP/1.1 413")
@@ -114,14 +115,14 @@ def test_decoding_happens_within_the_queue_limit(captioner, trained_run, picture
     active, peak, lock = 0, 0, threading.Lock()
     preprocess = captioner.preprocess
 
-    def counted(data):
+    def counted(data, **options):
         nonlocal active, peak
         with lock:
             active += 1
             peak = max(peak, active)
         try:
             time.sleep(0.05)  # a slow decode, so that requests overlap
-            return preprocess(data)
+            return preprocess(data, **options)
         finally:
             with lock:
                 active -= 1
@@ -145,7 +146,12 @@ def test_decoding_happens_within_the_queue_limit(captioner, trained_run, picture
     for name, reply in zip(names, replies, strict=True):
         if reply.status_code == 200:
             expected = captioner([pictures[name]], beams=5)[0]
-            assert reply.json()["results"][0]["captions"] == expected
+            found = reply.json()["results"][0]["captions"]
+            # Batched with others or alone: the same captions, scores equal up to float rounding.
+            assert [c["caption"] for c in found] == [c["caption"] for c in expected]
+            assert [c["score"] for c in found] == pytest.approx(
+                [c["score"] for c in expected], abs=1e-5
+            )
     assert health["queue_depth"] == 0
 
 

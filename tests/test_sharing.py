@@ -221,7 +221,7 @@ def test_caption_evaluate_serve_and_train_init_take_a_hub_id(
         port = probe.getsockname()[1]
     run_cli("serve", "--checkpoint", "me/shapes-sc", "--port", port, "--device", "cpu", check=0)
     upload = [("images", (images[0].name, images[0].read_bytes(), "image/png"))]
-    with TestClient(apps[0]) as client:
+    with TestClient(apps[0], base_url="http://127.0.0.1") as client:
         reply = client.post("/caption", files=upload, data={"greedy": "true", "max_tokens": "12"})
     assert reply.status_code == 200, reply.text
     assert reply.json()["results"][0]["captions"][0]["caption"] == run_captions[0][0]["caption"]

@@ -181,3 +181,94 @@ def test_two_processes_divide_the_tars_and_write_the_same_cache(tmp_path, shards
     result = torchrun(*args, "--clip-model", clip_dir, "--batch-size", "4", "--num-workers", "0")
     assert result.stdout.count("wrote ") == 1
     assert_same_cache(tmp_path / "one.h5", tmp_path / "two.h5")
+
+
+@pytest.mark.bad_input("traceback")
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        ("{0..99999999}.tar", "stands for 100,000,000 names, more than 1,000,000"),
+        ("00000.tar" + "{,,,,,,,,,}" * 8, "stands for 100,000,000 names"),  # repeats: a hang
+        ("{00000..00002.tar", "unbalanced braces"),  # without --format: not '--images is required'
+        ("{00000,00000}.tar", "names the shard"),  # one tar twice: every sample doubled
+        ("{" * 5000 + "}" * 5000 + ".tar", "nests its braces 5000 deep, more than 20"),
+    ],
+)
+def test_brace_patterns_are_bounded_before_they_expand(
+    tmp_path, shards, clip_dir, pattern, message
+):
+    import time
+
+    tars, _, _, _ = shards
+    started = time.monotonic()
+    result = extract(str(tars[0].parent / pattern), tmp_path / "x.h5", clip_dir)
+    assert message in assert_one_line_error(result)
+    assert time.monotonic() - started < 10  # refused at once, not after expanding
+    assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.bad_input("traceback")
+def test_a_sparse_member_of_terabytes_is_a_failure_not_read(tmp_path, shapes, clip_dir):
+    annotations, root = shapes
+    good = (root / read_annotations(annotations)[0].path).read_bytes()
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "a.png", good)
+        add_member(tar, "a.txt", b"kept")
+        add_member(tar, "b.png", good)
+        # A header that claims 2 TB for a member whose data is not there: what a sparse member
+        # looks like to a reader that trusts its size. Reading it would fill the memory.
+        info = tarfile.TarInfo("b.txt")
+        info.size = 2 * 2**40
+        tar.addfile(info)
+    result = extract(shard, tmp_path / "sparse.h5", clip_dir)
+    cache = read_cache(tmp_path / "sparse.h5")
+    assert result.returncode == 0 and cache.image_ids == ["a"], result.stderr
+    assert cache.failed_paths == ["00000.tar/b.png"]
+    assert cache.failed_reasons[0].startswith("member too large (b.txt: 2,199,023,255,552 bytes")
+
+
+@pytest.mark.bad_input("silent wrong result")
+@pytest.mark.parametrize("layout", ["one tar", "two tars", "same-named tars in two folders"])
+def test_a_key_in_two_samples_is_refused_naming_both(tmp_path, shapes, clip_dir, layout):
+    annotations, root = shapes
+    pngs = [(root / r.path).read_bytes() for r in read_annotations(annotations)[:2]]
+    members = {
+        "one tar": {"a/00000.tar": [("k1", 0), ("k2", 1), ("k1", 1)]},
+        "two tars": {"a/00000.tar": [("k1", 0)], "a/00001.tar": [("k2", 0), ("k1", 1)]},
+        "same-named tars in two folders": {"d1/s.tar": [("k1", 0)], "d2/s.tar": [("k1", 1)]},
+    }[layout]
+    for name, samples in members.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        with tarfile.open(tmp_path / name, "w") as tar:
+            for key, image in samples:
+                add_member(tar, f"{key}.png", pngs[image])
+                add_member(tar, f"{key}.txt", f"caption of image {image}".encode())
+    source = (
+        tmp_path / "a" if layout != "same-named tars in two folders" else tmp_path / "{d1,d2}/s.tar"
+    )
+    result = extract(source, tmp_path / "dup.h5", clip_dir)
+    message = assert_one_line_error(result)
+    first, second = list(members) if len(members) == 2 else [*members] * 2
+    assert f"the key 'k1' is in {tmp_path / first}" in message
+    assert f"again in {tmp_path / second}" in message
+    assert not (tmp_path / "dup.h5").exists()
+
+
+def test_captions_beyond_a_safetensors_header_are_kept(tmp_path, shapes, clip_dir):
+    # Seven samples of 15 MB captions: 105 MB of records, over safetensors' 100 MB header limit,
+    # which held a progress shard's records and failed every rerun alike.
+    annotations, root = shapes
+    good = (root / read_annotations(annotations)[0].path).read_bytes()
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(7):
+            add_member(tar, f"{i}.png", good)
+            add_member(tar, f"{i}.txt", (f"caption {i} " * 1_400_000).encode())
+    result = extract(shard, tmp_path / "long.h5", clip_dir)
+    assert result.returncode == 0, result.stderr
+    cache = read_cache(tmp_path / "long.h5")
+    assert cache.image_ids == [str(i) for i in range(7)]
+    assert [len(c) for c in cache.captions] == [
+        len(f"caption {i} " * 1_400_000) - 1 for i in range(7)
+    ]

@@ -86,7 +86,11 @@ def layout_of(source: str, format: str = "auto") -> str | None:
     if format not in ("auto", "datasets"):
         return None
     path = Path(source)
-    if path.is_dir():
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except OSError:  # a name the system cannot even look up (too long, say): not a dataset
+        is_dir, exists = False, False
+    if is_dir:
         found = _directory_layout(path)
         if found is None and format == "datasets":
             raise ClipcapError(
@@ -98,7 +102,7 @@ def layout_of(source: str, format: str = "auto") -> str | None:
     if source.lower().endswith(".parquet") or ("{" in source and ".parquet" in source.lower()):
         return "parquet"
     if format == "datasets" or (
-        not path.exists()
+        not exists
         and _HUB_ID.fullmatch(source)
         and "/" in source
         and not source.lower().endswith(_FILE_SUFFIXES)

@@ -9,6 +9,7 @@ short reason, so that callers can record the failure and carry on.
 preprocessing run in DataLoader workers, away from the encoder.
 """
 
+import glob
 import io
 import os
 import warnings
@@ -96,11 +97,50 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def find_images(directory: Path, recursive: bool = False) -> list[Path]:
-    """All image files in a directory, sorted, optionally walking subfolders."""
+    """All image files in a directory, sorted, optionally walking subfolders.
+
+    `**` does not descend into symlinked folders (pathlib's rule), and a file reached twice (a
+    link beside its target) is listed once, at its first path.
+    """
     pattern = "**/*" if recursive else "*"
-    return sorted(
-        p for p in directory.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    return unique_files(
+        sorted(
+            p
+            for p in directory.glob(pattern)
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
     )
+
+
+def glob_images(pattern: str, recursive: bool = False) -> list[Path]:
+    """The image files a glob pattern matches, sorted, each file once.
+
+    With `recursive`, `**` matches any depth of folders but, like `find_images`, does not follow a
+    symlinked folder: a link to a parent (a loop) would otherwise match every file again at each
+    depth until the system's path limit, and two such links would take exponential time. The
+    standard `glob` module follows them; pathlib's glob, used here, does not.
+    """
+    if recursive and "**" in pattern:
+        path = Path(pattern)
+        anchor = Path(path.anchor or ".")
+        matches = anchor.glob(str(path.relative_to(path.anchor)) if path.anchor else pattern)
+    else:
+        matches = (Path(p) for p in glob.glob(pattern))
+    return unique_files(sorted(p for p in matches if p.suffix.lower() in IMAGE_EXTENSIONS))
+
+
+def unique_files(paths: list[Path]) -> list[Path]:
+    """`paths` without those that name a file already listed (by resolved path), order kept."""
+    seen, kept = set(), []
+    for path in paths:
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: keep the name, for its error
+            real = path
+        if real not in seen:
+            seen.add(real)
+            kept.append(path)
+    return kept
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -41,50 +41,160 @@ _IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/)?[^./][^.]*)\.([^/]+)$")
 
 
+MAX_SHARD_NAMES = 1_000_000  # names a brace pattern may stand for; more is a typo, not a dataset
+MAX_BRACE_DEPTH = 20  # braces within braces, at most
+# The largest members read: a tar member is read into memory whole, and its header's size (which a
+# sparse member of a few kB may put at terabytes) is checked first. An image beyond its limit would
+# be a bomb anyway; a caption file of more than a few kB is not a caption.
+MAX_IMAGE_MEMBER_BYTES = 128 * 2**20
+MAX_TEXT_MEMBER_BYTES = 16 * 2**20
+
+
 def is_webdataset(source: str, format: str = "auto") -> bool:
     """Whether an extraction source names tar shards rather than an annotation file."""
     if format == "webdataset":
         return True
     if format != "auto":
         return False
-    if Path(source).is_dir():
+    path = Path(source)
+    if _is_dir(path):
         return True
+    if _is_file(path) or not ("{" in source or "}" in source):
+        return source.lower().endswith(TAR_SUFFIXES)
     names = expand_braces(source)
+    if names is None:  # unbalanced: a pattern of tars if it names one, for shard_paths to report
+        return any(suffix in source.lower() for suffix in TAR_SUFFIXES)
     return bool(names) and names[0].lower().endswith(TAR_SUFFIXES)
 
 
 def expand_braces(source: str) -> list[str] | None:
     """The names a brace pattern stands for (None if its braces do not balance).
 
-    braceexpand is imported here, not with the module, so that extraction from annotation files
-    works where it is not installed; only a pattern with braces needs it.
+    The names are counted first, without making them (`count_brace_names`): a pattern of 10^8
+    names is refused at once instead of filling the memory. braceexpand is imported here, not with
+    the module, so that extraction from annotation files works where it is not installed; only a
+    pattern with braces needs it.
     """
+    if "{" not in source and "}" not in source:
+        return [source]
     try:
         from braceexpand import UnbalancedBracesError, braceexpand
     except ImportError:
-        if "{" in source or "}" in source:
-            raise ClipcapError(
-                f"'{source}' is a brace pattern, which needs the braceexpand package "
-                "(pip install braceexpand)"
-            ) from None
-        return [source]
+        raise ClipcapError(
+            f"'{source}' is a brace pattern, which needs the braceexpand package "
+            "(pip install braceexpand)"
+        ) from None
+    depth = deepest = 0
+    for char in source:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        deepest = max(deepest, depth)
+    if deepest > MAX_BRACE_DEPTH:
+        raise ClipcapError(
+            f"'{source}' nests its braces {deepest} deep, more than {MAX_BRACE_DEPTH}"
+        )
     try:
-        return list(braceexpand(source))
+        count = count_brace_names(source)
     except UnbalancedBracesError:
         return None
+    if count > MAX_SHARD_NAMES:
+        raise ClipcapError(
+            f"'{source}' stands for {count:,} names, more than {MAX_SHARD_NAMES:,}: give a "
+            "pattern of the shards that exist, or a directory of tars"
+        )
+    return list(braceexpand(source))
+
+
+def count_brace_names(pattern: str) -> int:
+    """How many names `braceexpand(pattern)` yields, computed without making them.
+
+    The rules are braceexpand's own (its parser, step for step, with counts for strings):
+    a pattern is the product of its parts, a `{a,b}` sequence the sum of its items, `{1..9..2}`
+    and `{a..e}` ranges their lengths, and a brace group that is neither counts as its content.
+    Raises braceexpand's `UnbalancedBracesError` for unbalanced braces.
+    """
+    from braceexpand import UnbalancedBracesError, alphabet, char_range_re, int_range_re
+
+    def in_pattern(text: str) -> int:
+        start = pos = depth = 0
+        total = 1
+        while pos < len(text):
+            if text[pos] == "\\":
+                pos += 2
+                continue
+            if text[pos] == "{":
+                depth += 1
+            elif text[pos] == "}":
+                depth -= 1
+                if depth == 0:
+                    inner = text[start + 1 : pos]
+                    found = in_expression(inner)
+                    total *= in_pattern(inner) if found is None else found
+                    start = pos + 1
+            if text[pos] == "{" and depth == 1:
+                start = pos
+            pos += 1
+        if depth != 0:
+            raise UnbalancedBracesError(f"Unbalanced braces: '{text}'")
+        return total
+
+    def in_expression(expr: str) -> int | None:
+        match = int_range_re.match(expr)
+        if match:
+            first, last, step = match.groups()
+            step = (int(step) or 1) if step else 1
+            first, last = int(first), int(last)
+            if first < last:
+                return len(range(first, last + 1, step))
+            return len(range(first, last - 1, -step))
+        match = char_range_re.match(expr)
+        if match:
+            first, last, step = match.groups()
+            step = (int(step) or 1) if step else 1
+            first, last = alphabet.index(first), alphabet.index(last)
+            if first < last:
+                return len(alphabet[first : last + 1 : step])
+            last = last or -len(alphabet)
+            return len(alphabet[first : last - 1 : -step])
+        return in_sequence(expr)
+
+    def in_sequence(seq: str) -> int | None:
+        start = pos = depth = 0
+        items = []
+        while pos < len(seq):
+            if seq[pos] == "\\":
+                pos += 2
+                continue
+            if seq[pos] == "{":
+                depth += 1
+            elif seq[pos] == "}":
+                depth -= 1
+            elif seq[pos] == "," and depth == 0:
+                items.append(seq[start:pos])
+                start = pos + 1
+            pos += 1
+        if depth != 0 or not items:
+            return None
+        items.append(seq[start:])
+        return sum(in_pattern(item) for item in items)
+
+    return in_pattern(pattern)
 
 
 def shard_paths(source: str) -> list[Path]:
-    """The tar shards a brace pattern, glob or directory names, in order; all must exist."""
+    """The tar shards a brace pattern, glob or directory names, in order; all must exist.
+
+    A shard named twice (`'{a,a}.tar'`, or a link and its target) is refused: its samples would
+    be extracted twice, under the same image ids.
+    """
     directory = Path(source)
-    if directory.is_dir():
+    if _is_dir(directory):
         shards = sorted(
             p for p in directory.iterdir() if p.is_file() and p.name.lower().endswith(TAR_SUFFIXES)
         )
         if not shards:
             raise ClipcapError(f"{source} holds no tar shards (*.tar, *.tar.gz, *.tgz)")
-        return shards
-    return pattern_paths(source, "tar shard", "shards")
+        return _refuse_repeats(shards, source)
+    return _refuse_repeats(pattern_paths(source, "tar shard", "shards"), source)
 
 
 def pattern_paths(source: str, kind: str, kinds: str) -> list[Path]:
@@ -99,7 +209,7 @@ def pattern_paths(source: str, kind: str, kinds: str) -> list[Path]:
     for name in names:
         if glob.has_magic(name):
             files.extend(Path(p) for p in sorted(glob.glob(name)) if Path(p).is_file())
-        elif Path(name).is_file():
+        elif _is_file(Path(name)):
             files.append(Path(name))
         else:
             missing.append(name)
@@ -111,6 +221,34 @@ def pattern_paths(source: str, kind: str, kinds: str) -> list[Path]:
             f"{missing[0]}); give a pattern that names only existing {kinds}"
         )
     return files
+
+
+def _is_dir(path: Path) -> bool:
+    """`Path.is_dir`, False for a name the system cannot even look up (too long, say)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _refuse_repeats(shards: list[Path], source: str) -> list[Path]:
+    seen: dict[Path, Path] = {}
+    for shard in shards:
+        real = shard.resolve()
+        if real in seen:
+            raise ClipcapError(
+                f"'{source}' names the shard {seen[real]} twice (again as {shard}): each tar "
+                "may be given once"
+            )
+        seen[real] = shard
+    return shards
 
 
 def fingerprint_shards(shards: list[Path]) -> str:
@@ -128,7 +266,8 @@ class Sample:
     key: str
     shard: str  # the tar's file name
     members: dict[str, bytes] = field(default_factory=dict)
-    failure: str | None = None  # why the sample (or the rest of its tar) could not be read
+    failure: str | None = None  # why the rest of its tar could not be read
+    error: str | None = None  # why this sample cannot be used (a member too large to read)
 
     def path(self) -> str:
         """`SHARD.tar/KEY.jpg` (or `SHARD.tar/KEY` with no image): how failures and the cache name it."""
@@ -150,7 +289,19 @@ def read_samples(path: Path) -> Iterator[Sample]:
     wanted = (*_IMAGE_EXTENSIONS, "txt", "json")
     current: Sample | None = None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        # Seekable mode, not the stream mode ("r|*"): a stream skips a member by reading its
+        # declared size in 10 kB blocks even past the end of the file, so a header claiming
+        # terabytes took minutes; a seek takes no time, and a gzip seek stops at the end.
+        tar = tarfile.open(path, mode="r:*")
+    except (tarfile.TarError, EOFError, zlib.error):
+        # Its message lists every compression tried, on several lines.
+        yield Sample("", path.name, failure="not a tar file, or an empty or damaged one")
+        return
+    except OSError as e:
+        yield Sample("", path.name, failure=f"cannot read the tar ({e.strerror or e})")
+        return
+    try:
+        with tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -164,11 +315,24 @@ def read_samples(path: Path) -> Iterator[Sample]:
                 if current is None:
                     current = Sample(key, path.name)
                 if extension in wanted and extension not in current.members:
+                    limit = (
+                        MAX_IMAGE_MEMBER_BYTES
+                        if extension in _IMAGE_EXTENSIONS
+                        else MAX_TEXT_MEMBER_BYTES
+                    )
+                    if member.size > limit:  # the header's size, before anything is read
+                        current.error = current.error or (
+                            f"member too large ({member.name}: {member.size:,} bytes, limit "
+                            f"{limit:,})"
+                        )
+                        continue
                     current.members[extension] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        reason = f"truncated or corrupt tar ({str(e) or type(e).__name__})"
+        message = " ".join((str(e) or type(e).__name__).split())
         failed = current or Sample("", path.name)
-        failed.failure = reason
+        failed.failure = f"truncated or corrupt tar ({message})"
+        if failed.error is not None:  # both: the member that was too large comes first
+            failed.failure = f"{failed.error}; {failed.failure}"
         yield failed
         return
     if current is not None:
@@ -177,6 +341,8 @@ def read_samples(path: Path) -> Iterator[Sample]:
 
 def parse_sample(sample: Sample, split_default: str) -> ImageRecord:
     """The sample's captions and split; raises `ImageLoadError` for an unreadable sidecar."""
+    if sample.error is not None:
+        raise ImageLoadError(sample.error)
     sidecar = {}
     if "json" in sample.members:
         try:

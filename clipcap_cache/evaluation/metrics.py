@@ -6,6 +6,7 @@ rules, tokenizes instead. BERTScore comes from bert-score, each candidate scored
 references.
 """
 
+import contextlib
 import logging
 import shutil
 import subprocess
@@ -73,9 +74,7 @@ def coco_metrics(
         (Cider(), ["CIDEr"]),
     ]
     if java_available():
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        scorers.insert(1, (Meteor(), ["METEOR"]))
+        scorers.insert(1, (SafeMeteor(), ["METEOR"]))
         if spice:
             from pycocoevalcap.spice.spice import Spice
 
@@ -87,11 +86,67 @@ def coco_metrics(
     for scorer, names in scorers:
         with third_party_output_to_log("pycocoevalcap"):
             score, _ = scorer.compute_score(gts, res)
+        if score is None:  # METEOR's Java process failed; it said why
+            skipped += names
+            continue
         values = score if isinstance(score, list) else [score]
         scores.update({n: float(v) for n, v in zip(names, values, strict=True)})
         if hasattr(scorer, "close"):
             scorer.close()
     return scores, skipped
+
+
+MAX_METEOR_WORDS = 100  # of a caption, after tokenization: METEOR scores only the first ones
+
+
+def _meteor_type():
+    """`SafeMeteor`'s base, pycocoevalcap's METEOR, imported only when METEOR runs."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor
+
+
+class SafeMeteor:
+    """pycocoevalcap's METEOR, with captions cut to `MAX_METEOR_WORDS` and a failure contained.
+
+    The Java scorer dies on a caption of some thousands of words, and pycocoevalcap's wrapper then
+    raises while it holds its lock, which its `__del__` waits for at exit: the process never
+    ends. Here each caption (prediction and references alike) is cut to its first 100 tokens,
+    which no real caption reaches (COCO's average about 10), so the scorer never sees such a
+    caption; and should it fail anyway, METEOR is skipped with a warning and the Java process is
+    killed, never waited for under the lock.
+    """
+
+    def __init__(self):
+        self.scorer = _meteor_type()()
+
+    def compute_score(self, gts: dict, res: dict):
+        cut = {k: [_first_words(c) for c in v] for k, v in gts.items()}
+        try:
+            return self.scorer.compute_score(
+                cut, {k: [_first_words(c) for c in v] for k, v in res.items()}
+            )
+        except (ValueError, OSError) as e:  # a dead Java process: an empty or broken line
+            log.warning("METEOR skipped: its Java scorer failed (%s)", e)
+            return None, None
+        finally:
+            if self.scorer.lock.locked():
+                self.scorer.lock.release()  # held by the failed call; __del__ acquires it
+
+    def close(self) -> None:
+        """End the Java process (pycocoevalcap's `__del__` does too, now that it cannot block)."""
+        process = self.scorer.meteor_p
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            with contextlib.suppress(OSError):  # a pipe the dead process broke
+                stream.close()
+
+
+def _first_words(caption: str) -> str:
+    words = caption.split()
+    return " ".join(words[:MAX_METEOR_WORDS]) if len(words) > MAX_METEOR_WORDS else caption
 
 
 def check_spice() -> None:

@@ -15,11 +15,11 @@ preprocesses them on the GPU; other images still take the CPU path in the worker
 
 Progress is crash-safe. Work goes to a folder beside the output, `FEATURES.h5.parts/`, as shards
 of `shard_size` images (or one shard per tar), each written to a temporary name and renamed; a
-shard holds its embeddings and, in its metadata, its images' records and failures. Rerunning the same command
-after a crash (even kill -9) skips the finished shards. When every shard is done they are gathered
-into the HDF5 file (`cache.write_cache`, also atomic, a shard at a time) and the folder is removed,
-so the final file holds exactly the rows an uninterrupted run would. Under torchrun each rank
-encodes every N-th pending shard and rank 0 gathers.
+shard holds its embeddings and, as a tensor of JSON bytes, its images' records and failures.
+Rerunning the same command after a crash (even kill -9) skips the finished shards. When every
+shard is done they are gathered into the HDF5 file (`cache.write_cache`, also atomic, a shard at
+a time) and the folder is removed, so the final file holds exactly the rows an uninterrupted run
+would. Under torchrun each rank encodes every N-th pending shard and rank 0 gathers.
 """
 
 import contextlib
@@ -36,7 +36,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from clipcap_cache import __version__, distributed
@@ -214,7 +214,9 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
     return summary
 
 
-PARTS_FORMAT = 2  # layout of the progress shards; progress of another layout is not resumed
+# Layout of the progress shards; progress of another layout is not resumed. Layout 3 keeps a
+# shard's records in a tensor, not in the safetensors header, which holds at most 100 MB.
+PARTS_FORMAT = 3
 
 
 class Source(Protocol):
@@ -504,7 +506,8 @@ def _extract(
     summary.images_encoded_now = int(distributed.all_reduce_sum(encoded).item())
     summary.seconds = time.perf_counter() - started
     if world.is_main:
-        _gather(parts, out, num_shards, manifest, summary)
+        names = [str(t) for t in source.tars] if isinstance(source, _TarShards) else None
+        _gather(parts, out, num_shards, manifest, summary, names)
         shutil.rmtree(parts, ignore_errors=True)
 
 
@@ -629,24 +632,33 @@ def _stop(stop: StopSignals, parts: Path, config: FeatureConfig) -> None:
 
 
 def _write_shard(path: Path, rows, failures, uncaptioned: int, dim: int, dtype: str) -> None:
-    """One finished shard: its embeddings, and in the metadata its records and failures."""
+    """One finished shard: its embeddings, and its records and failures as UTF-8 JSON bytes.
+
+    The records go in a uint8 tensor, not in the header's metadata: safetensors refuses a header
+    over 100 MB, which a tar of long captions passes, and then every rerun would fail alike.
+    """
     embeddings = np.stack([e for _, e in rows]) if rows else np.zeros((0, dim), np.float32)
     records = [[r.image_id, r.path, r.split, r.captions] for r, _ in rows]
-    metadata = {
-        "records": json.dumps(records),
-        "failures": json.dumps(failures),
-        "uncaptioned": str(uncaptioned),
+    index = json.dumps({"records": records, "failures": failures, "uncaptioned": uncaptioned})
+    tensors = {
+        "embeddings": embeddings.astype(dtype),
+        "index": np.frombuffer(index.encode(), dtype=np.uint8),
     }
     with atomic_path(path) as tmp:
-        save_file({"embeddings": embeddings.astype(dtype)}, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp))
 
 
 def _read_shard(path: Path) -> tuple[list[ImageRecord], list, int]:
     """A shard's records, failures and count of uncaptioned samples, without its embeddings."""
     with safe_open(str(path), "np") as f:
-        metadata = f.metadata()
-    records = [ImageRecord(*fields) for fields in json.loads(metadata["records"])]
-    return records, json.loads(metadata["failures"]), int(metadata["uncaptioned"])
+        index = json.loads(f.get_tensor("index").tobytes().decode())
+    records = [ImageRecord(*fields) for fields in index["records"]]
+    return records, index["failures"], int(index["uncaptioned"])
+
+
+def _read_embeddings(path: Path) -> np.ndarray:
+    with safe_open(str(path), "np") as f:
+        return f.get_tensor("embeddings")
 
 
 def _images_in_shard(path: Path) -> int:
@@ -654,19 +666,50 @@ def _images_in_shard(path: Path) -> int:
     return len(records) + len(failures)
 
 
-def _gather(parts: Path, out: Path, num_shards: int, manifest: dict, summary: ExtractSummary):
+def _refuse_repeated_ids(kept_by_shard: list[list[ImageRecord]], shard_names: list[str]) -> None:
+    """Refuse two samples of one key: they would be two rows of one image id.
+
+    WebDataset keys are the image ids, and evaluation matches predictions and references by id,
+    so a key that appears twice (in one tar, or in two) would silently score one of them only.
+    """
+    seen: dict[str, tuple[int, str]] = {}
+    for shard, records in enumerate(kept_by_shard):
+        for record in records:
+            if record.image_id in seen:
+                first_shard, first_path = seen[record.image_id]
+                raise ClipcapError(
+                    f"the key {record.image_id!r} is in {shard_names[first_shard]} "
+                    f"({first_path}) and again in {shard_names[shard]} ({record.path}): "
+                    "WebDataset keys are the image ids and must be unique; rename or drop one "
+                    "and run again with --overwrite"
+                )
+            seen[record.image_id] = (shard, record.path)
+
+
+def _gather(
+    parts: Path,
+    out: Path,
+    num_shards: int,
+    manifest: dict,
+    summary: ExtractSummary,
+    shard_names: list[str] | None = None,
+):
     """Gather the finished shards into the final HDF5 cache, streaming their embeddings.
 
     Only the records are read up front; the embeddings go into the file a shard at a time, so the
-    gather never holds more than one shard of them.
+    gather never holds more than one shard of them. With `shard_names` (the tars of WebDataset
+    input) an image id that two samples share is refused, naming both.
     """
     shard_paths = [_shard_path(parts, shard) for shard in range(num_shards)]
-    kept, failed = [], []
+    kept, failed, kept_by_shard = [], [], []
     for path in shard_paths:
         records, failures, uncaptioned = _read_shard(path)
         kept.extend(records)
+        kept_by_shard.append(records)
         failed.extend(failures)
         summary.images_without_captions += uncaptioned
+    if shard_names is not None:
+        _refuse_repeated_ids(kept_by_shard, shard_names)
     summary.images_written = len(kept)
     summary.images_failed = len(failed)
     summary.failure_reasons = dict(Counter(reason.split(" (")[0] for _, reason in failed))
@@ -695,7 +738,7 @@ def _gather(parts: Path, out: Path, num_shards: int, manifest: dict, summary: Ex
             rows=len(kept),
             dim=manifest["embedding_dim"],
             dtype=np.dtype(manifest["storage_dtype"]),
-            chunks=(load_file(str(path))["embeddings"] for path in shard_paths),
+            chunks=(_read_embeddings(path) for path in shard_paths),
         )
         cache.write_cache(
             out,

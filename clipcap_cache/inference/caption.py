@@ -19,7 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from clipcap_cache.checks import check_types
-from clipcap_cache.data.images import IMAGE_EXTENSIONS, ImageDataset, collate_images, find_images
+from clipcap_cache.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageDataset,
+    collate_images,
+    find_images,
+    glob_images,
+    unique_files,
+)
 from clipcap_cache.devices import DEVICE
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.files import os_errors, refuse_folder, write_text_atomic
@@ -78,7 +85,10 @@ def caption(config: CaptionConfig) -> list[ImageCaptions]:
 
 
 def expand_inputs(inputs: list[str], recursive: bool = False) -> list[Path]:
-    """Files, directories and glob patterns -> image paths, in the order given, without repeats."""
+    """Files, directories and glob patterns -> image paths, in the order given, without repeats.
+
+    A file named twice, by any path (a symlink, `./a.png` beside `a.png`), is captioned once.
+    """
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -90,17 +100,13 @@ def expand_inputs(inputs: list[str], recursive: bool = False) -> list[Path]:
         elif path.exists():
             paths.append(path)
         elif glob.has_magic(item):
-            matches = sorted(
-                Path(p)
-                for p in glob.glob(item, recursive=recursive)
-                if Path(p).suffix.lower() in IMAGE_EXTENSIONS
-            )
+            matches = glob_images(item, recursive)
             if not matches:
                 raise ClipcapError(f"no images match {item}")
             paths.extend(matches)
         else:
             paths.append(path)  # reported as a missing file, like any other unreadable image
-    return list(dict.fromkeys(paths))
+    return unique_files(paths)
 
 
 def caption_images(
@@ -120,6 +126,7 @@ def caption_images(
     if batch_size < 1 or num_workers < 0:
         raise ClipcapError("--batch-size must be at least 1 and --num-workers at least 0")
     captioner = Captioner.from_checkpoint(checkpoint_path, device, datastore=datastore)
+    decode.check_positions(captioner.model)  # before any image is decoded
     results = [ImageCaptions(image=str(p)) for p in paths]
     loader = torch.utils.data.DataLoader(
         ImageDataset(paths, captioner.encoder.processor),

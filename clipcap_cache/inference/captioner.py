@@ -22,7 +22,13 @@ import torch
 from PIL import Image, ImageOps
 
 from clipcap_cache import checkpoint
-from clipcap_cache.data.images import ImageLoadError, decode_image, load_image, to_rgb
+from clipcap_cache.data.images import (
+    MAX_IMAGE_PIXELS,
+    ImageLoadError,
+    decode_image,
+    load_image,
+    to_rgb,
+)
 from clipcap_cache.devices import inference_autocast, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.extraction.encoder import ClipEncoder, load_clip
@@ -142,16 +148,22 @@ class Captioner:
                 results[i].captions, results[i].retrieved = found.captions, found.retrieved
         return results
 
-    def preprocess(self, image: ImageInput) -> torch.Tensor:
-        """One image as CLIP's (3, S, S) pixels; raises `ImageLoadError` for an unusable one."""
+    def preprocess(
+        self, image: ImageInput, max_pixels: int | None = MAX_IMAGE_PIXELS
+    ) -> torch.Tensor:
+        """One image as CLIP's (3, S, S) pixels; raises `ImageLoadError` for an unusable one.
+
+        A file or bytes whose header declares more than `max_pixels` pixels is refused before
+        it is decoded (the server lowers the bound: a decode costs memory in proportion).
+        """
         if self.encoder is None:
             raise ClipcapError("this Captioner was loaded without its CLIP encoder")
         if isinstance(image, Image.Image):
             image = to_rgb(ImageOps.exif_transpose(image))
         elif isinstance(image, bytes | bytearray):
-            image = decode_image(bytes(image))
+            image = decode_image(bytes(image), max_pixels)
         elif isinstance(image, str | Path):
-            image = load_image(image)
+            image = load_image(image, max_pixels)
         else:
             raise ImageLoadError(f"not an image, a path or bytes ({type(image).__name__})")
         return self.encoder.processor(images=image, return_tensors="pt")["pixel_values"][0]

@@ -12,12 +12,18 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from clipcap_cache import devices
-from clipcap_cache.checks import at_least, check_types
+from clipcap_cache.checks import at_least, at_most, check_types
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.model import ClipCaptionModel, eval_mode, pad_token_id
 from clipcap_cache.options import check_choices, option
 
 STRATEGIES = ("beam", "greedy", "sample")
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+MAX_BEAMS = 100  # a width beyond this costs minutes per image and gains nothing
+MAX_NUM_CAPTIONS = 100
+# A colder softmax overflows float32 once the logits are divided by it (1e-300 gives inf and
+# NaN probabilities); a hotter one is uniform noise already.
+TEMPERATURE_RANGE = (0.01, 100.0)
 
 
 @dataclass
@@ -28,7 +34,9 @@ class DecodeConfig:
     strategy: str = option("beam", help="Decoding strategy.", choices=STRATEGIES, cli=False)
     beams: int = option(5, help="Beam width.")
     num_captions: int = option(1, help="Captions per image: top beams or samples.")
-    max_tokens: int = option(30, help="New tokens at most.")
+    max_tokens: int = option(
+        30, help="New tokens at most (the model's positions less its prefix at most)."
+    )
     top_p: float = option(0.9, help="Nucleus mass for --sample.")
     temperature: float = option(1.0, help="Softmax temperature for --sample.")
     seed: int = option(0, help="Random seed for --sample.")
@@ -38,6 +46,9 @@ class DecodeConfig:
         check_choices(self)
         at_least(self, 1, "beams", "num_captions", "max_tokens")
         at_least(self, 0, "seed")
+        at_most(self, MAX_SEED, "seed")
+        at_most(self, MAX_BEAMS, "beams")
+        at_most(self, MAX_NUM_CAPTIONS, "num_captions")
         if self.strategy == "beam" and self.num_captions > self.beams:
             raise ClipcapError(
                 f"--num-captions {self.num_captions} is more than --beams "
@@ -47,8 +58,23 @@ class DecodeConfig:
             raise ClipcapError(
                 "greedy decoding gives one caption per image; use --beams or --sample for more"
             )
-        if not 0 < self.top_p <= 1 or self.temperature <= 0:
-            raise ClipcapError("--top-p must be in (0, 1] and --temperature positive")
+        if not 0 < self.top_p <= 1:
+            raise ClipcapError(f"--top-p must be in (0, 1], not {self.top_p}")
+        low, high = TEMPERATURE_RANGE
+        if not low <= self.temperature <= high:
+            raise ClipcapError(
+                f"--temperature must be between {low} and {high}, not {self.temperature}"
+            )
+
+    def check_positions(self, model: ClipCaptionModel) -> None:
+        """Refuse a `max_tokens` that would run past the model's positions after its prefix."""
+        room = max_new_tokens(model)
+        if self.max_tokens > room:
+            raise ClipcapError(
+                f"--max-tokens {self.max_tokens} is more than this model can generate: its GPT-2 "
+                f"has {room + model.config.prefix_length} positions, {model.config.prefix_length} "
+                f"of them for the prefix, so at most {room}"
+            )
 
     def generation_config(self, eos_token_id: int, pad_token_id: int) -> GenerationConfig:
         common = dict(
@@ -71,6 +97,11 @@ class DecodeConfig:
             temperature=self.temperature,
             **common,
         )
+
+
+def max_new_tokens(model: ClipCaptionModel) -> int:
+    """How many tokens the model can generate after its prefix: GPT-2's positions less K."""
+    return model.gpt2.config.n_positions - model.config.prefix_length
 
 
 @dataclass
@@ -121,6 +152,7 @@ def generate_captions(
     holds the token ids each image's caption follows (a retrieval prompt): the model reads the
     prefix, then the prompt, and the caption is what it writes next.
     """
+    decode.check_positions(model)
     with eval_mode(model):
         device = next(model.parameters()).device
         eos = tokenizer.eos_token_id

@@ -10,12 +10,14 @@ Endpoints (FastAPI; the OpenAPI UI is at /docs):
   `{"results": [{"filename", "captions": [{"caption", "score"}], "error"}]}` in the order sent
   (with `"retrieved": [...]`, the captions of the prompt, for a retrieval-augmented model):
   200 when at least one image was captioned (a bad image gets its `error`), 400 when none was,
-  413 for an upload over `max_upload_mb`, 422 for no images or bad options, and 503 with
-  Retry-After when the queue is full.
+  413 for an upload over `max_upload_mb`, 422 for no images, bad options or options over the
+  server's limits, 408 for a body slower than `body_timeout_s`, and 503 with Retry-After when
+  the queue is full. On a loopback bind, a foreign Host gets 400 and a foreign Origin 403.
 - `GET /health`: the models, the device and the queue depth.
 - `GET /`: the web page (`static/index.html`).
 
-Dynamic batching: images are decoded in a thread pool, then queued. One batching task waits
+Dynamic batching: images are decoded in a pool of `decode_threads` threads (an image whose
+header declares more than `max_image_pixels` is refused undecoded), then queued. One batching task waits
 `batch_window_ms` after the first waiting request, and another window whenever the last one
 brought more or a request is still decoding its images (up to 100 windows). It then takes the
 oldest request and the waiting ones with the same decoding options, up to `max_batch` images, and
@@ -27,23 +29,31 @@ arrive as uploads only.
 
 import asyncio
 import functools
+import ipaddress
 import itertools
 import logging
 import re
 import socket
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from importlib import resources
 
 import torch
 
-from clipcap_cache.checks import at_least, check_types, positive
-from clipcap_cache.data.images import ImageLoadError
+from clipcap_cache.checks import at_least, at_most, check_types, positive
+from clipcap_cache.data.images import MAX_IMAGE_PIXELS, ImageLoadError
 from clipcap_cache.devices import DEVICE
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.inference.captioner import Captioner, ImageCaptions
-from clipcap_cache.inference.generate import DecodeConfig, StrategyFlags, decode_config
+from clipcap_cache.inference.generate import (
+    MAX_BEAMS,
+    MAX_NUM_CAPTIONS,
+    DecodeConfig,
+    StrategyFlags,
+    decode_config,
+)
 from clipcap_cache.options import check_choices, option
 
 log = logging.getLogger(__name__)
@@ -70,13 +80,36 @@ class ServeConfig:
         None,
         help="Retrieve from this text file instead of the one the checkpoint was trained with.",
     )
+    max_image_pixels: int = option(
+        40_000_000, help="Largest image, in pixels (width x height), read from its header."
+    )
+    decode_threads: int = option(4, help="Images decoded at once, across all requests.")
+    max_beams: int = option(16, help="Largest beams a request may ask for.")
+    max_num_captions: int = option(16, help="Largest num_captions a request may ask for.")
+    max_caption_tokens: int = option(100, help="Largest max_tokens a request may ask for.")
+    body_timeout_s: float = option(
+        30.0, help="Seconds a request's body may take to arrive; a slower upload gets 408."
+    )
+    allowed_hosts: str | None = option(
+        None,
+        help="Comma-separated names the Host and Origin headers may carry, or '*' for any.",
+        default_text="the loopback names on a loopback --host, else any",
+    )
 
     def __post_init__(self):
         check_types(self)
         check_choices(self)
-        at_least(self, 1, "max_batch", "max_queue", "max_images")
+        at_least(self, 1, "max_batch", "max_queue", "max_images", "max_image_pixels")
+        at_least(self, 1, "decode_threads", "max_beams", "max_num_captions", "max_caption_tokens")
         at_least(self, 0, "batch_window_ms")
-        positive(self, "max_upload_mb")
+        positive(self, "max_upload_mb", "body_timeout_s")
+        at_most(self, MAX_UPLOAD_MB, "max_upload_mb")
+        at_most(self, MAX_WINDOW_MS, "batch_window_ms")
+        at_most(self, MAX_BODY_TIMEOUT_S, "body_timeout_s")
+        at_most(self, MAX_DECODE_THREADS, "decode_threads")
+        at_most(self, MAX_IMAGE_PIXELS, "max_image_pixels")
+        at_most(self, MAX_BEAMS, "max_beams")
+        at_most(self, MAX_NUM_CAPTIONS, "max_num_captions")
         if not 0 < self.port < 65536:
             raise ClipcapError(f"--port must be between 1 and 65535, not {self.port}")
         if self.max_images > self.max_queue:
@@ -84,6 +117,64 @@ class ServeConfig:
                 f"--max-images {self.max_images} is more than --max-queue {self.max_queue}: "
                 "such a request could never be queued"
             )
+        if self.allowed_hosts is not None and not self.allowed_hosts.replace(",", "").strip():
+            raise ClipcapError("--allowed-hosts names no host: give names, or '*' for any")
+
+    def limits(self, decode: DecodeConfig) -> None:
+        """Refuse decoding options beyond this server's limits (a request's 422)."""
+        for name, limit in (
+            ("beams", self.max_beams),
+            ("num_captions", self.max_num_captions),
+            ("max_tokens", self.max_caption_tokens),
+        ):
+            if getattr(decode, name) > limit:
+                flag = "--" + _LIMIT_OPTION[name].replace("_", "-")
+                raise ClipcapError(
+                    f"{name} {getattr(decode, name)} is over this server's limit of {limit} "
+                    f"(serve {flag})"
+                )
+
+
+# Upper bounds of the server's own settings: beyond them a value is a typo, not a choice.
+MAX_UPLOAD_MB = 1024.0
+MAX_WINDOW_MS = 10_000.0
+MAX_BODY_TIMEOUT_S = 3600.0
+MAX_DECODE_THREADS = 256
+_LIMIT_OPTION = {
+    "beams": "max_beams",
+    "num_captions": "max_num_captions",
+    "max_tokens": "max_caption_tokens",
+}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a --host value) is a loopback interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def trusted_hosts(config: ServeConfig) -> frozenset[str] | None:
+    """The names the Host and Origin headers may carry; None: any.
+
+    A server bound to a loopback interface answers to the loopback names, so a web page that
+    rebinds its own DNS name to 127.0.0.1 cannot read it; `--allowed-hosts` adds names (the
+    public name of a reverse proxy in front of it). A server bound to another interface answers
+    to any name unless `--allowed-hosts` lists them. `*` in the list allows any.
+    """
+    loopback = (
+        {*LOOPBACK_NAMES, config.host.strip("[]").lower()} if is_loopback(config.host) else set()
+    )
+    if config.allowed_hosts is None:
+        return frozenset(loopback) if loopback else None
+    names = {n.strip().lower().strip("[]") for n in config.allowed_hosts.split(",")} - {""}
+    if "*" in names:
+        return None
+    return frozenset(names | loopback)
 
 
 _DECODE, _FLAGS = DecodeConfig(), StrategyFlags()  # the form's defaults are the CLI's
@@ -246,17 +337,22 @@ def create_app(captioner: Captioner, config: ServeConfig):
     from typing import Annotated
 
     from fastapi import FastAPI, File, Form, UploadFile
-    from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
 
     batcher = Batcher(captioner, config.max_batch, config.batch_window_ms, config.max_queue)
     max_bytes = int(config.max_upload_mb * 2**20)
+    # Decoding is bounded twice: by the pixels an image's header declares (checked before it is
+    # decoded) and by the images decoded at once, so its memory is at most about
+    # decode_threads x max_image_pixels x 4 bytes, whatever the number of requests.
+    decoders = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
 
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
         yield
         await batcher.stop()
+        decoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="clipcap",
@@ -269,7 +365,15 @@ def create_app(captioner: Captioner, config: ServeConfig):
         BodyLimit,
         limit=max_bytes * config.max_images + 2**20,  # the images, and room for the form fields
         message=f"the request is over {config.max_images} x {config.max_upload_mb} MB",
+        timeout=config.body_timeout_s,
     )
+    # Added last, so it runs first: a foreign Host or Origin is refused before any body is read.
+    app.add_middleware(HostCheck, hosts=trusted_hosts(config))
+
+    @app.exception_handler(RequestValidationError)
+    async def one_line_detail(request, error: RequestValidationError):
+        """FastAPI's list of validation errors as the one-line `detail` every other error has."""
+        return _error(422, validation_message(error.errors()))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -321,8 +425,13 @@ def create_app(captioner: Captioner, config: ServeConfig):
                 temperature=temperature,
                 seed=seed,
             )
+            decode.check_positions(captioner.model)
         except ClipcapError as e:
             return _error(422, _field_names(str(e)))
+        try:
+            config.limits(decode)  # names the server's own option, which keeps its dashes
+        except ClipcapError as e:
+            return _error(422, str(e))
         for upload in images:
             if upload.size is not None and upload.size > max_bytes:
                 return _error(413, f"{upload.filename} is over {config.max_upload_mb} MB")
@@ -337,16 +446,18 @@ def create_app(captioner: Captioner, config: ServeConfig):
         finally:
             batcher.release(len(images))
 
-    async def _caption_reserved(images: list[UploadFile], decode: DecodeConfig):
+    async def _caption_reserved(images: list[UploadFile], options: DecodeConfig):
         """Decode and caption the uploads of a request whose room in the queue is held."""
         results, good, pixels = [], [], []
+        loop = asyncio.get_running_loop()
+        decode = functools.partial(captioner.preprocess, max_pixels=config.max_image_pixels)
         batcher.incoming += 1  # the batcher waits for this request's images
         try:
             for i, upload in enumerate(images):
                 results.append({"filename": upload.filename, "captions": [], "error": None})
                 data = await upload.read()
                 try:
-                    pixels.append(await run_in_threadpool(captioner.preprocess, data))
+                    pixels.append(await loop.run_in_executor(decoders, decode, data))
                     good.append(i)
                 except ImageLoadError as e:
                     results[i]["error"] = str(e)
@@ -363,7 +474,7 @@ def create_app(captioner: Captioner, config: ServeConfig):
             )
         started = time.perf_counter()
         try:
-            captions = await batcher.submit(torch.stack(pixels), decode)
+            captions = await batcher.submit(torch.stack(pixels), options)
         except Stopped as e:
             return _error(503, str(e))
         for i, found in zip(good, captions, strict=True):
@@ -377,15 +488,17 @@ def create_app(captioner: Captioner, config: ServeConfig):
 
 
 class BodyLimit:
-    """ASGI middleware: refuse a request body over `limit` bytes while it streams in.
+    """ASGI middleware: refuse a request body over `limit` bytes, or slower than `timeout` s.
 
     A declared Content-Length over the limit is refused before anything is read. A chunked body,
     which declares none, is counted as it arrives, and refused with 413 as soon as it passes the
-    limit, without reading or buffering the rest.
+    limit, without reading or buffering the rest. A body that has not arrived in full `timeout`
+    seconds after the request began (a stalled or trickling upload) gets 408, and the connection
+    is closed, so a stalled client holds nothing for longer than that.
     """
 
-    def __init__(self, app, limit: int, message: str):
-        self.app, self.limit, self.message = app, limit, message
+    def __init__(self, app, limit: int, message: str, timeout: float | None = None):
+        self.app, self.limit, self.message, self.timeout = app, limit, message, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -393,19 +506,31 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"").decode("latin-1")
         if length.isdigit() and int(length) > self.limit:
-            return await _error(413, self.message)(scope, receive, send)
+            return await _error(413, self.message, _CLOSE)(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
         received = 0
+        body_done = False
         started = False
-        too_large = _body_too_large_type()
+        refused = _refusal_type()
 
         async def counted_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done or deadline is None:
+                message = await receive()  # after the body: only a disconnect can come
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+                except TimeoutError:
+                    # An HTTPException, so that the form parser lets it through as it is.
+                    raise refused(
+                        408, f"the request body did not arrive within {self.timeout:g} s", _CLOSE
+                    ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.limit:
-                    # An HTTPException, so that the form parser lets it through as the 413 it is.
-                    raise too_large(413, self.message)
+                    raise refused(413, self.message, _CLOSE)
             return message
 
         async def tracked_send(message):
@@ -415,17 +540,75 @@ class BodyLimit:
 
         try:
             await self.app(scope, counted_receive, tracked_send)
-        except too_large:
+        except refused as e:
             if not started:
-                await _error(413, self.message)(scope, receive, send)
+                await _error(e.status_code, e.detail, _CLOSE)(scope, receive, send)
+
+
+_CLOSE = {"Connection": "close"}  # the rest of a refused body is never read: end the connection
 
 
 @functools.cache
-def _body_too_large_type() -> type:
-    """The exception for an oversized body: an HTTPException, made once (starlette is lazy)."""
+def _refusal_type() -> type:
+    """The exception for a refused body: an HTTPException, made once (starlette is lazy)."""
     from starlette.exceptions import HTTPException
 
-    return type("BodyTooLarge", (HTTPException,), {})
+    return type("BodyRefused", (HTTPException,), {})
+
+
+class HostCheck:
+    """ASGI middleware: answer only requests whose Host and Origin name a trusted host.
+
+    `hosts` None trusts every name. A request whose Host header names another host gets 400 (a
+    DNS-rebinding page sends its own name), and one whose Origin header names another (a foreign
+    page submitting a form, or the `null` origin of a sandboxed one) gets 403. A request without
+    those headers (curl, a script) is not a browser's and passes.
+    """
+
+    def __init__(self, app, hosts: frozenset[str] | None):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.hosts is None:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if host and _host_name(host) not in self.hosts:
+            detail = f"this server does not answer to the host {host!r} (serve --allowed-hosts)"
+            return await _error(400, detail, _CLOSE)(scope, receive, send)
+        origin = headers.get(b"origin")
+        if origin is not None:
+            origin = origin.decode("latin-1")
+            name = urllib.parse.urlsplit(origin).hostname if "://" in origin else None
+            if name not in self.hosts:
+                detail = f"requests from the origin {origin!r} are refused (serve --allowed-hosts)"
+                return await _error(403, detail, _CLOSE)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header, without its port: `[::1]:8000` -> `::1`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def validation_message(errors) -> str:
+    """FastAPI's validation errors (a list of dicts) as one line naming each field and problem.
+
+    The offending input is left out: it may be a whole file sent in the wrong kind of field.
+    """
+    parts = []
+    for error in errors:
+        field = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query"))
+        if field == "images" and error.get("type") == "missing":
+            return "send at least one image file in the field 'images'"
+        if field.startswith("images"):
+            parts.append("'images' must hold files (parts with a filename)")
+            continue
+        parts.append(f"{field or 'request'}: {error.get('msg', 'invalid')}".rstrip("."))
+    return "; ".join(dict.fromkeys(parts)) or "the request is not valid"
 
 
 def _field_names(message: str) -> str:
