@@ -539,6 +539,12 @@ def one_epoch_run(tmp_path_factory, shapes_cache, gpt2_dir):
         ("wide", ["--resume"], "128-d"),
         ("shapes", ["--resume", "--epochs", "2", "--lr", "1e-2"], "restores its optimizer"),
         ("shapes", ["--resume", "--epochs", "2", "--objective", "scst"], "--objective xe"),
+        # The run was planned for 1 epoch; train_args says 2.
+        ("shapes", ["--resume"], "--epochs 2 (was 1) would change it"),
+        ("shapes", ["--resume", "--epochs", "1", "--warmup-steps", "7"], "--warmup-steps 7"),
+        ("shapes", ["--replan-schedule"], "pass it with --resume"),
+        # Finished, its learning rate decayed to zero: a longer re-plan would train at lr 0.
+        ("shapes", ["--resume", "--replan-schedule"], "start a new run from it with --init"),
     ],
     ids=[
         "no-resume-flag",
@@ -546,6 +552,10 @@ def one_epoch_run(tmp_path_factory, shapes_cache, gpt2_dir):
         "other-embedding-dim",
         "other-lr",
         "other-objective",
+        "other-epochs",
+        "other-warmup",
+        "replan-without-resume",
+        "replan-after-the-decay-ended",
     ],
 )
 def test_a_bad_resume_gets_one_line_and_leaves_the_run_alone(
@@ -669,13 +679,13 @@ def test_library_resume_in_the_middle_of_an_accumulation_group(
     mid_group = tmp_path / "mid-group"
     run(mid_group, grad_accum=1, crash_at=1)
     assert load_train_state(mid_group / "checkpoints" / "last")["batch"] == 1
-    run(mid_group, grad_accum=2, resume=True)
+    run(mid_group, grad_accum=2, resume=True, replan_schedule=True)
 
     aligned = tmp_path / "aligned"
     run(aligned, grad_accum=1, crash_at=1)
     run(aligned, grad_accum=1, resume=True, crash_at=2)
     assert load_train_state(aligned / "checkpoints" / "last")["batch"] == 2
-    run(aligned, grad_accum=2, resume=True)
+    run(aligned, grad_accum=2, resume=True, replan_schedule=True)
 
     a = load_file(str(mid_group / "checkpoints" / "last" / "model.safetensors"))
     b = load_file(str(aligned / "checkpoints" / "last" / "model.safetensors"))
@@ -694,16 +704,20 @@ def test_resume_with_another_batch_size_starts_at_the_same_caption(
 
     # Stopped after 2 batches of 8 = 16 captions; batches of 16 resume at caption 16, so the
     # epoch takes 2 + (320 - 16) / 16 = 21 steps. Counting in batches would skip to caption 32.
+    # Another batch size changes the schedule's step count, so it needs --replan-schedule.
     out = tmp_path / "divides"
     run(out, crash_at=2)
-    assert run(out, batch_size=16, resume=True)["step"] == 21
+    with pytest.raises(ClipcapError, match="--batch-size 16 \\(was 8\\)"):
+        run(out, batch_size=16, resume=True)
+    assert run(out, batch_size=16, resume=True, replan_schedule=True)["step"] == 21
+    assert load_train_state(out / "checkpoints" / "last")["schedule"]["total_steps"] == 21
 
     # Stopped after 8 captions, which batches of 16 cannot continue from exactly: refused.
     out = tmp_path / "does-not-divide"
     run(out, crash_at=1)
     before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
     with pytest.raises(ClipcapError, match="not a whole number of batches of 16"):
-        run(out, batch_size=16, resume=True)
+        run(out, batch_size=16, resume=True, replan_schedule=True)
     after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
     assert after == before
 
@@ -722,6 +736,7 @@ def test_a_train_state_with_the_old_counter_names_resumes_bit_identically(
     path = old / "checkpoints" / "last" / "train_state.pt"
     state = torch.load(path, weights_only=True)
     state["captions"], state["tokens"] = state.pop("samples_done"), state.pop("weight_sum")
+    del state["schedule"]  # nor did they save their schedule: it is planned from the options
     assert state["captions"] == 3 * 8 and state["tokens"] > state["captions"]
     torch.save(state, path)
 
@@ -733,6 +748,31 @@ def test_a_train_state_with_the_old_counter_names_resumes_bit_identically(
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_replan_schedule_decays_from_the_step_reached_to_zero_at_the_new_end(
+    tmp_path, monkeypatch, shapes_cache, gpt2_dir
+):
+    # One epoch is 40 steps of 8 captions; warmup 2. Stopped at step 10 and resumed for 2 epochs
+    # with --replan-schedule, the learning rate goes on from where it was, then falls linearly
+    # to zero at step 80 instead of 40.
+    def run(out, **kwargs):
+        return library_run(out, shapes_cache, gpt2_dir, monkeypatch, warmup_steps=2, **kwargs)
+
+    out = tmp_path / "longer"
+    run(out, crash_at=10)
+    reached = load_train_state(out / "checkpoints" / "last")["optimizer"]["param_groups"][0]["lr"]
+    assert 0 < reached < 3e-3
+    with pytest.raises(ClipcapError, match="--epochs 2 \\(was 1\\)"):
+        run(out, epochs=2, resume=True)
+    run(out, epochs=2, resume=True, replan_schedule=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [row["step"] for row in rows] == [40, 80]
+    assert rows[0]["lr"] == pytest.approx(reached * (80 - 40) / (80 - 10), rel=1e-6)
+    assert rows[1]["lr"] == 0
+    schedule = load_train_state(out / "checkpoints" / "last")["schedule"]
+    assert schedule["total_steps"] == 80 and schedule["replanned_at"] == 10
+    assert schedule["epochs"] == 2
 
 
 @pytest.mark.bad_input("data loss")

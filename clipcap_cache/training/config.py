@@ -77,6 +77,11 @@ class TrainConfig:
     cider_weight: float = option(1.0, help="scst: CIDEr-D weight in cider+clip.")
     clip_weight: float = option(1.0, help="scst: CLIP-S weight in cider+clip.")
     resume: bool = option(False, help="Continue an interrupted run.")
+    replan_schedule: bool = option(
+        False,
+        help="With --resume: re-plan the learning-rate decay from the current step for changed "
+        "--epochs, --batch-size, --grad-accum or --warmup-steps.",
+    )
     overwrite: bool = option(False, help="Replace an existing run.")
 
     def __post_init__(self):
@@ -99,10 +104,14 @@ class TrainConfig:
                 )
         if self.resume and self.overwrite:
             raise ClipcapError("--resume and --overwrite contradict each other: choose one")
+        if self.replan_schedule and not self.resume:
+            raise ClipcapError(
+                "--replan-schedule re-plans a resumed run's schedule: pass it with --resume"
+            )
 
 
 # Taken from the explicit options only: a file never resumes, overwrites or moves a run.
-_ONLY_EXPLICIT = ("out", "resume", "overwrite")
+_ONLY_EXPLICIT = ("out", "resume", "overwrite", "replan_schedule")
 # Recorded in a run's config, but measured from the cache, never an option.
 _DERIVED = ("clip_embedding_dim",)
 
@@ -117,7 +126,7 @@ def resolve_train_options(
        that checkpoint.
     3. `config_file`: flat (`{"lr": 1e-4}`) or a run's own `{"train": {...}, "model": {...}}`.
     4. `explicit`: the options the caller gave (on the command line: the flags typed), by field
-       name. `out`, `resume` and `overwrite` are taken from here alone.
+       name. `out`, `resume`, `overwrite` and `replan_schedule` are taken from here alone.
 
     An option that no config has is refused with the file it came from.
     """

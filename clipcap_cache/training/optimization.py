@@ -1,11 +1,138 @@
-"""The optimizer step: AdamW, warmup then linear decay, and the AMP grad scaler."""
+"""The optimizer step: AdamW, its learning-rate schedule, and the AMP grad scaler.
 
-from dataclasses import dataclass
+The schedule is linear warmup, then linear decay to zero at the run's last optimizer step. Its
+plan (`Schedule`) records the options it was computed from and is saved in `train_state.pt`, so a
+resume keeps the decay it started with; `plan_schedule` refuses a resume whose options would
+change it, or with `--replan-schedule` re-plans the decay from the step the run has reached.
+"""
+
+import math
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from clipcap_cache.checks import option
+from clipcap_cache.errors import ClipcapError
 from clipcap_cache.model import ClipCaptionModel
 from clipcap_cache.training.config import TrainConfig
+
+# The options a schedule is planned from, as `Schedule` fields (the sample count is the cache's).
+PLAN_INPUTS = ("epochs", "batch_size", "grad_accum", "warmup_steps", "world_size", "samples")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate plan: warmup, then a linear decay that reaches zero at `total_steps`.
+
+    `factor(step)` multiplies `--lr` for the optimizer step after `step` steps. After a
+    `--replan-schedule` past the warmup, the decay restarts at the step it was re-planned at,
+    from the factor reached there (`replanned_at`, `replanned_factor`), so the learning rate does
+    not jump.
+    """
+
+    total_steps: int  # the run's optimizer steps, over every epoch
+    warmup_steps: int
+    # What the plan was computed from: the options and the samples (captions, or images under
+    # scst) of an epoch. A resume whose values differ would change the plan.
+    epochs: int
+    batch_size: int
+    grad_accum: int
+    world_size: int
+    samples: int
+    replanned_at: int | None = None  # the step where --replan-schedule restarted the decay
+    replanned_factor: float | None = None  # the factor reached at that step
+
+    def factor(self, step: int) -> float:
+        """The learning rate's multiplier for the optimizer step after `step` steps."""
+        if self.replanned_at is not None and step >= self.replanned_at:
+            span = max(1, self.total_steps - self.replanned_at)
+            return max(0.0, self.replanned_factor * (self.total_steps - step) / span)
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
+
+    def describe(self) -> str:
+        """The plan's options, as flags: `--epochs 10 --batch-size 40 ...`."""
+        return " ".join(
+            f"{option(name)} {getattr(self, name)}"
+            for name in ("epochs", "batch_size", "grad_accum", "warmup_steps")
+        )
+
+
+def steps_per_epoch(samples: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps of a whole epoch: its batches, `grad_accum` to a step (a short group last)."""
+    return math.ceil(math.ceil(samples / batch_size) / grad_accum)
+
+
+def plan_schedule(
+    config, samples: int, world_size: int, saved: dict | None = None, progress=None
+) -> Schedule:
+    """The schedule of a run: a new plan, or a resumed run's own, refused if the options change it.
+
+    Args:
+        config: the run's `TrainConfig`.
+        samples: samples in an epoch (captions, or captioned images under scst).
+        world_size: the processes training.
+        saved: the resumed run's `train_state.pt` (None for a new run). A state saved before
+            schedules were recorded is planned from the current options, as runs then were.
+        progress: the resumed run's `TrainState`, with `batch` counted in `config.batch_size`.
+
+    Raises:
+        ClipcapError: a resume whose options would change the saved plan, without
+            `config.replan_schedule`; or a re-plan of a run whose decay has reached zero.
+
+    """
+    per_epoch = steps_per_epoch(samples, config.batch_size, config.grad_accum)
+    new = Schedule(
+        total_steps=per_epoch * config.epochs,
+        warmup_steps=config.warmup_steps,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        world_size=world_size,
+        samples=samples,
+    )
+    if saved is None or not isinstance(saved.get("schedule"), dict):
+        return new
+    old = Schedule(**saved["schedule"])
+    changed = [name for name in PLAN_INPUTS if getattr(old, name) != getattr(new, name)]
+    if not changed:
+        return old
+    if not config.replan_schedule:
+        raise ClipcapError(
+            f"--resume: the run's learning-rate schedule was planned for {old.describe()} "
+            f"({old.total_steps} steps); {_changes(old, new, changed)} would change it: resume "
+            "with the run's values, or pass --replan-schedule to re-plan the decay from step "
+            f"{progress.step}"
+        )
+    # The steps left: the rest of the current epoch (a partial accumulation group counts as
+    # one, as `train_one_epoch` weights it), then whole epochs.
+    left = 0
+    if progress.epoch < config.epochs:
+        left = per_epoch - progress.batch // config.grad_accum
+        left += per_epoch * (config.epochs - progress.epoch - 1)
+    planned = replace(new, total_steps=progress.step + left)
+    if progress.step < config.warmup_steps:
+        return planned  # still warming up: the warmup ends, then the new decay starts
+    reached = old.factor(progress.step)
+    if reached <= 0 and left > 0:
+        raise ClipcapError(
+            f"--replan-schedule: the run's learning rate has decayed to zero at step "
+            f"{progress.step}; to train it longer, start a new run from it with --init"
+        )
+    return replace(planned, replanned_at=progress.step, replanned_factor=reached)
+
+
+def _changes(old: Schedule, new: Schedule, changed: list[str]) -> str:
+    """The changed plan inputs, in words: `--epochs 20 (was 10)`."""
+    words = {
+        "world_size": "processes",
+        "samples": "the cache's training samples",
+    }
+    return ", ".join(
+        f"{words.get(name, option(name))} {getattr(new, name)} (was {getattr(old, name)})"
+        for name in changed
+    )
 
 
 @dataclass
@@ -17,6 +144,7 @@ class Optimization:
     scaler: torch.amp.GradScaler
     params: list[torch.nn.Parameter]
     max_grad_norm: float
+    schedule: Schedule
 
     def step(self) -> None:
         """Clip the (unscaled) gradients, update, clear the gradients and advance the schedule."""
@@ -32,9 +160,11 @@ class Optimization:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "schedule": asdict(self.schedule),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the optimizer, scheduler and scaler; the schedule comes from `plan_schedule`."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -44,13 +174,25 @@ def make_optimization(
     model: ClipCaptionModel,
     config: TrainConfig,
     device: torch.device,
-    total_steps: int,
+    schedule: Schedule | int,
     amp_dtype: torch.dtype | None = None,
 ) -> Optimization:
-    """AdamW over the trainable parameters, warmup then linear decay, and a grad scaler for fp16.
+    """AdamW over the trainable parameters, the schedule, and a grad scaler for fp16.
+
+    `schedule` is the plan, or just the total steps of a plan with `config`'s warmup.
 
     AdamW is fused into a few kernels per step where torch has that (CPU, CUDA, MPS).
     """
+    if isinstance(schedule, int):  # a plan of no run's options (benchmarks)
+        schedule = Schedule(
+            total_steps=schedule,
+            warmup_steps=config.warmup_steps,
+            epochs=0,
+            batch_size=0,
+            grad_accum=0,
+            world_size=0,
+            samples=0,
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -59,16 +201,9 @@ def make_optimization(
         fused=device.type in ("cpu", "cuda", "mps"),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_then_decay(config.warmup_steps, total_steps)
+        # A plain function: LambdaLR's state_dict then leaves it out, as it did before.
+        optimizer,
+        lambda step: schedule.factor(step),
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Optimization(optimizer, scheduler, scaler, params, config.max_grad_norm)
-
-
-def warmup_then_decay(warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
+    return Optimization(optimizer, scheduler, scaler, params, config.max_grad_norm, schedule)

@@ -33,7 +33,6 @@ seed it reaches the same weights as a run that was never interrupted.
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -67,7 +66,12 @@ from clipcap_cache.training.config import TrainConfig
 from clipcap_cache.training.data import caption_data
 from clipcap_cache.training.loop import preempted, train_one_epoch
 from clipcap_cache.training.objectives import CrossEntropy, Objective
-from clipcap_cache.training.optimization import Optimization, make_optimization
+from clipcap_cache.training.optimization import (
+    Optimization,
+    Schedule,
+    make_optimization,
+    plan_schedule,
+)
 from clipcap_cache.training.run_dir import (
     RunDirectory,
     check_init,
@@ -102,6 +106,7 @@ class Inputs:
     world: distributed.World
     resume_state: dict | None  # the `train_state.pt` to resume from; None for a new run
     init_dir: Path | None  # the --init checkpoint whose weights a new run starts from
+    schedule: Schedule  # the learning-rate plan: new, or the resumed run's (or re-planned)
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
         log_setup(config, inputs, models)
         objective = build_objective(config, train_cache, inputs.train_rows, models)
         validate_epoch = build_validation(config, inputs, models)
-        optimization = run_optimization(models.model, objective, config, inputs.amp_dtype)
+        optimization = run_optimization(models.model, objective, config, inputs)
         train_module = training_module(models.model, config, inputs.world)
         state = restore(run_dir, inputs.resume_state, models.model, optimization, config)
         run = run_directory(run_dir, models.tokenizer, train_cache, config)
@@ -216,6 +221,12 @@ def check_inputs(
     init_dir = None
     if config.init and resume_state is None:  # a resumed run continues from its own weights
         init_dir, model_config = check_init(config, model_config, train_cache)
+    progress = None
+    if resume_state is not None:
+        progress = TrainState.from_state_dict(resume_state)
+        progress.batch = progress.samples_done // config.batch_size
+    samples = epoch_samples(config, train_cache, train_rows)
+    schedule = plan_schedule(config, samples, world.size, resume_state, progress)
     return Inputs(
         model_config=model_config,
         train_cache=train_cache,
@@ -227,7 +238,22 @@ def check_inputs(
         world=world,
         resume_state=resume_state,
         init_dir=init_dir,
+        schedule=schedule,
     )
+
+
+def epoch_samples(
+    config: TrainConfig, train_cache: feature_cache.MappedCache, train_rows: np.ndarray
+) -> int:
+    """The samples of an epoch, as the objective will count them, before it is built.
+
+    Cross-entropy trains on every caption of the training images; self-critical training on
+    every training image with at least one caption (`_self_critical`).
+    """
+    captions = train_cache.captions_of_rows(train_rows)
+    if config.objective != "scst":
+        return len(captions)
+    return len(np.unique(train_cache.caption_image_index[captions]))
 
 
 def load_models(config: TrainConfig, inputs: Inputs) -> Models:
@@ -334,16 +360,13 @@ def build_validation(
 
 
 def run_optimization(
-    model: ClipCaptionModel,
-    objective: Objective,
-    config: TrainConfig,
-    amp_dtype: torch.dtype | None,
+    model: ClipCaptionModel, objective: Objective, config: TrainConfig, inputs: Inputs
 ) -> Optimization:
-    """AdamW and its schedule over every optimizer step of the run's epochs."""
-    batches_per_epoch = math.ceil(len(objective) / config.batch_size)
-    total_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.epochs
+    """AdamW and the run's schedule (`Inputs.schedule`), planned for the objective's samples."""
+    if len(objective) != inputs.schedule.samples:  # `epoch_samples` must count as it does
+        raise AssertionError(f"{len(objective)} samples, planned for {inputs.schedule.samples}")
     device = next(model.parameters()).device
-    return make_optimization(model, config, device, total_steps, amp_dtype)
+    return make_optimization(model, config, device, inputs.schedule, inputs.amp_dtype)
 
 
 def training_module(model: ClipCaptionModel, config: TrainConfig, world: distributed.World):
@@ -386,6 +409,14 @@ def restore(
     # it) starts at the same sample.
     state.batch = state.samples_done // config.batch_size
     log.info("resumed at epoch %d, batch %d, step %d", state.epoch + 1, state.batch, state.step)
+    schedule = optimization.schedule
+    if schedule.replanned_at == state.step:
+        log.info(
+            "--replan-schedule: the learning rate decays from %.3g at step %d to 0 at step %d",
+            config.lr * schedule.factor(state.step),
+            state.step,
+            schedule.total_steps,
+        )
     if world.is_main:
         write_metrics(run_dir, state.history)
     return state
