@@ -590,6 +590,7 @@ def test_a_run_resumes_from_another_working_directory(
         "--resume",
         "--epochs",
         "2",
+        "--replan-schedule",
         check=0,
     )
     rows = (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()

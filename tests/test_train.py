@@ -1,4 +1,5 @@
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -543,8 +544,6 @@ def one_epoch_run(tmp_path_factory, shapes_cache, gpt2_dir):
         ("shapes", ["--resume"], "--epochs 2 (was 1) would change it"),
         ("shapes", ["--resume", "--epochs", "1", "--warmup-steps", "7"], "--warmup-steps 7"),
         ("shapes", ["--replan-schedule"], "pass it with --resume"),
-        # Finished, its learning rate decayed to zero: a longer re-plan would train at lr 0.
-        ("shapes", ["--resume", "--replan-schedule"], "start a new run from it with --init"),
     ],
     ids=[
         "no-resume-flag",
@@ -555,7 +554,6 @@ def one_epoch_run(tmp_path_factory, shapes_cache, gpt2_dir):
         "other-epochs",
         "other-warmup",
         "replan-without-resume",
-        "replan-after-the-decay-ended",
     ],
 )
 def test_a_bad_resume_gets_one_line_and_leaves_the_run_alone(
@@ -582,6 +580,31 @@ def test_a_bad_resume_gets_one_line_and_leaves_the_run_alone(
         == 1
     )
     load_checkpoint(one_epoch_run / "checkpoints" / "last")
+
+
+@pytest.mark.bad_input("data loss")
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        # Each failed once after --overwrite had deleted the old run's checkpoints.
+        (["--max-caption-tokens", "200"], "has 128; pass --max-caption-tokens 123 or less"),
+        (["--seed", str(2**64 - 1)], "--seed must be less than 2**63"),
+        (["--seed", "-1"], "--seed must be at least 0"),
+        (["--objective", "scst", "--samples", str(10**20)], "--samples must be at most 1000"),
+        (["--bertscore", "--bertscore-model", "no-such-scorer"], "bert-score does not know"),
+        (["--objective", "scst", "--max-caption-tokens", "150"], "positions"),
+    ],
+    ids=["caption-tokens", "seed-2**64", "seed-negative", "samples", "bertscore", "scst-tokens"],
+)
+def test_a_failed_overwrite_leaves_the_old_run_as_it_was(
+    tmp_path, one_epoch_run, shapes_cache, gpt2_dir, extra, expected
+):
+    victim = tmp_path / "victim"
+    shutil.copytree(one_epoch_run, victim)
+    before = {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()}
+    args = train_args(shapes_cache, victim, gpt2_dir, "--overwrite", *extra)
+    assert expected in assert_one_line_error(run_cli(*args))
+    assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
 
 
 # Pinned: the per-epoch losses of a seeded two-epoch run of the tiny models on the shapes cache.
@@ -750,29 +773,33 @@ def test_a_train_state_with_the_old_counter_names_resumes_bit_identically(
         assert torch.equal(a[name], b[name]), name
 
 
-def test_replan_schedule_decays_from_the_step_reached_to_zero_at_the_new_end(
+def test_replan_schedule_plans_the_decay_for_the_new_end(
     tmp_path, monkeypatch, shapes_cache, gpt2_dir
 ):
     # One epoch is 40 steps of 8 captions; warmup 2. Stopped at step 10 and resumed for 2 epochs
-    # with --replan-schedule, the learning rate goes on from where it was, then falls linearly
-    # to zero at step 80 instead of 40.
+    # with --replan-schedule, the learning rate follows the decay that 2 epochs would have had
+    # from the start: to zero at step 80 instead of 40.
     def run(out, **kwargs):
         return library_run(out, shapes_cache, gpt2_dir, monkeypatch, warmup_steps=2, **kwargs)
 
     out = tmp_path / "longer"
     run(out, crash_at=10)
     reached = load_train_state(out / "checkpoints" / "last")["optimizer"]["param_groups"][0]["lr"]
-    assert 0 < reached < 3e-3
+    assert reached == pytest.approx(3e-3 * (40 - 10) / (40 - 2))
     with pytest.raises(ClipcapError, match="--epochs 2 \\(was 1\\)"):
         run(out, epochs=2, resume=True)
     run(out, epochs=2, resume=True, replan_schedule=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert [row["step"] for row in rows] == [40, 80]
-    assert rows[0]["lr"] == pytest.approx(reached * (80 - 40) / (80 - 10), rel=1e-6)
+    assert rows[0]["lr"] == pytest.approx(3e-3 * (80 - 40) / (80 - 2), rel=1e-6)
     assert rows[1]["lr"] == 0
     schedule = load_train_state(out / "checkpoints" / "last")["schedule"]
-    assert schedule["total_steps"] == 80 and schedule["replanned_at"] == 10
-    assert schedule["epochs"] == 2
+    assert schedule["total_steps"] == 80 and schedule["epochs"] == 2
+
+    # A finished run trains longer the same way.
+    run(out, epochs=3, resume=True, replan_schedule=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [row["step"] for row in rows] == [40, 80, 120] and rows[2]["lr"] == 0
 
 
 @pytest.mark.bad_input("data loss")

@@ -18,6 +18,8 @@ from clipcap_cache.options import build, check_choices, option
 from clipcap_cache.training import scst
 
 OBJECTIVES = ("xe", "scst")
+SEEDS = 2**63  # seeds are 0 .. SEEDS - 1, what torch's generators take as a signed 64-bit int
+MAX_SAMPLES = 1000  # scst samples per image; SCST papers use 5 to 16
 
 
 @dataclass
@@ -91,6 +93,14 @@ class TrainConfig:
         at_least(self, 0, "warmup_steps", "eval_images", "save_every_steps", "weight_decay")
         at_least(self, 0, "cider_weight", "clip_weight")
         positive(self, "lr", "max_grad_norm")
+        at_least(self, 0, "seed")
+        if self.seed >= SEEDS:
+            raise ClipcapError(f"--seed must be less than 2**63, not {self.seed}")
+        if self.samples > MAX_SAMPLES:
+            raise ClipcapError(
+                f"--samples must be at most {MAX_SAMPLES}, not {self.samples}: every training "
+                "image's captions are sampled together in one batch"
+            )
         check_choices(self)
         if self.objective == "scst":
             if self.baseline == "mean" and self.samples < 2:

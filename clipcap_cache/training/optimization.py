@@ -3,11 +3,13 @@
 The schedule is linear warmup, then linear decay to zero at the run's last optimizer step. Its
 plan (`Schedule`) records the options it was computed from and is saved in `train_state.pt`, so a
 resume keeps the decay it started with; `plan_schedule` refuses a resume whose options would
-change it, or with `--replan-schedule` re-plans the decay from the step the run has reached.
+change it, or with `--replan-schedule` plans it again for the new options: the decay then
+reaches zero at the run's new last step, and the run goes on from the step it has reached.
 """
 
+import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -15,6 +17,8 @@ from clipcap_cache.checks import option
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.model import ClipCaptionModel
 from clipcap_cache.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 # The options a schedule is planned from, as `Schedule` fields (the sample count is the cache's).
 PLAN_INPUTS = ("epochs", "batch_size", "grad_accum", "warmup_steps", "world_size", "samples")
@@ -24,10 +28,7 @@ PLAN_INPUTS = ("epochs", "batch_size", "grad_accum", "warmup_steps", "world_size
 class Schedule:
     """The learning-rate plan: warmup, then a linear decay that reaches zero at `total_steps`.
 
-    `factor(step)` multiplies `--lr` for the optimizer step after `step` steps. After a
-    `--replan-schedule` past the warmup, the decay restarts at the step it was re-planned at,
-    from the factor reached there (`replanned_at`, `replanned_factor`), so the learning rate does
-    not jump.
+    `factor(step)` multiplies `--lr` for the optimizer step after `step` steps.
     """
 
     total_steps: int  # the run's optimizer steps, over every epoch
@@ -39,14 +40,9 @@ class Schedule:
     grad_accum: int
     world_size: int
     samples: int
-    replanned_at: int | None = None  # the step where --replan-schedule restarted the decay
-    replanned_factor: float | None = None  # the factor reached at that step
 
     def factor(self, step: int) -> float:
         """The learning rate's multiplier for the optimizer step after `step` steps."""
-        if self.replanned_at is not None and step >= self.replanned_at:
-            span = max(1, self.total_steps - self.replanned_at)
-            return max(0.0, self.replanned_factor * (self.total_steps - step) / span)
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
@@ -79,7 +75,7 @@ def plan_schedule(
 
     Raises:
         ClipcapError: a resume whose options would change the saved plan, without
-            `config.replan_schedule`; or a re-plan of a run whose decay has reached zero.
+            `config.replan_schedule`.
 
     """
     per_epoch = steps_per_epoch(samples, config.batch_size, config.grad_accum)
@@ -92,9 +88,10 @@ def plan_schedule(
         world_size=world_size,
         samples=samples,
     )
-    if saved is None or not isinstance(saved.get("schedule"), dict):
-        return new
-    old = Schedule(**saved["schedule"])
+    recorded = saved.get("schedule") if saved is not None else None
+    if not isinstance(recorded, dict) or set(recorded) != {f.name for f in fields(Schedule)}:
+        return new  # a new run, or a state saved before schedules were recorded
+    old = Schedule(**recorded)
     changed = [name for name in PLAN_INPUTS if getattr(old, name) != getattr(new, name)]
     if not changed:
         return old
@@ -105,22 +102,23 @@ def plan_schedule(
             "with the run's values, or pass --replan-schedule to re-plan the decay from step "
             f"{progress.step}"
         )
-    # The steps left: the rest of the current epoch (a partial accumulation group counts as
-    # one, as `train_one_epoch` weights it), then whole epochs.
+    # The new plan ends at the run's real last step: the steps done, the rest of the current
+    # epoch (a partial accumulation group counts as one, as `train_one_epoch` weights it), then
+    # whole epochs.
     left = 0
     if progress.epoch < config.epochs:
         left = per_epoch - progress.batch // config.grad_accum
         left += per_epoch * (config.epochs - progress.epoch - 1)
     planned = replace(new, total_steps=progress.step + left)
-    if progress.step < config.warmup_steps:
-        return planned  # still warming up: the warmup ends, then the new decay starts
-    reached = old.factor(progress.step)
-    if reached <= 0 and left > 0:
-        raise ClipcapError(
-            f"--replan-schedule: the run's learning rate has decayed to zero at step "
-            f"{progress.step}; to train it longer, start a new run from it with --init"
-        )
-    return replace(planned, replanned_at=progress.step, replanned_factor=reached)
+    log.info(
+        "--replan-schedule: %s, %d steps (was %d); the learning rate is %.3g at step %d",
+        planned.describe(),
+        planned.total_steps,
+        old.total_steps,
+        config.lr * planned.factor(progress.step),
+        progress.step,
+    )
+    return planned
 
 
 def _changes(old: Schedule, new: Schedule, changed: list[str]) -> str:

@@ -5,11 +5,13 @@
 
 `train` is a short sequence of named steps, each a function of this module taking what it
 needs: `resolve_settings` (absolute paths, resolved hub names, the cache's embedding width),
-`check_inputs` (caches, device, the run directory against --resume/--overwrite, --init),
-`load_models` (tokenizer, model, the CLIP reward's text tower), `prepare_run` (the first write
-to the run directory, then logging), `build_objective` and `build_validation`, `restore` (a
-resumed run's weights, optimizer, random number generators and position) and `fit` (the epochs,
-each followed by validation and the best and last checkpoints).
+`check_inputs` (caches, device, the run directory against --resume/--overwrite, --init, the
+schedule), `load_models` (tokenizer, model, the CLIP reward's text tower), `build_objective` and
+`build_validation`, `restore` (a resumed run's weights, optimizer, random number generators and
+position), `prepare_run` (the first write to the run directory, then its log file) and `fit`
+(the epochs, each followed by validation and the best and last checkpoints). Every step that can
+fail comes before `prepare_run`, so a failed start leaves an old run as it was, even under
+--overwrite; the lines logged before the log file exists are held and written into it.
 
 The CLIP image encoder is never loaded: the cached embeddings are memory-mapped, and every
 caption is tokenized once into a file beside the cache that is memory-mapped too
@@ -51,7 +53,7 @@ from clipcap_cache.evaluation.cider import CiderD
 from clipcap_cache.evaluation.clipscore import ClipText, cache_clip_model, load_clip_text
 from clipcap_cache.files import exclusive_lock, refuse_file
 from clipcap_cache.hub import resolve_name
-from clipcap_cache.logs import log_to_file
+from clipcap_cache.logs import held_for_log_file, log_to_file
 from clipcap_cache.model import (
     ClipCaptionModel,
     ModelConfig,
@@ -131,18 +133,20 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     run_dir = Path(config.out)
     refuse_file(run_dir, f"--out {run_dir} is a file; give a directory for the run")
     with locked(run_dir), StopSignals() as stop:
-        config, model_config, train_cache = resolve_settings(config, model_config)
-        inputs = check_inputs(run_dir, config, model_config, train_cache)
-        models = load_models(config, inputs)
-        # Everything is checked: only now is the directory changed, by the main process alone.
-        prepare_run(run_dir, config, models.model_config, inputs.world)
-        log_setup(config, inputs, models)
-        objective = build_objective(config, train_cache, inputs.train_rows, models)
-        validate_epoch = build_validation(config, inputs, models)
-        optimization = run_optimization(models.model, objective, config, inputs)
-        train_module = training_module(models.model, config, inputs.world)
-        state = restore(run_dir, inputs.resume_state, models.model, optimization, config)
-        run = run_directory(run_dir, models.tokenizer, train_cache, config)
+        with held_for_log_file():  # the lines logged before train.log exists go into it
+            config, model_config, train_cache = resolve_settings(config, model_config)
+            inputs = check_inputs(run_dir, config, model_config, train_cache)
+            models = load_models(config, inputs)
+            log_setup(config, inputs, models)
+            objective = build_objective(config, train_cache, inputs.train_rows, models)
+            validate_epoch = build_validation(config, inputs, models)
+            optimization = run_optimization(models.model, objective, config, inputs)
+            train_module = training_module(models.model, config, inputs.world)
+            state = restore(run_dir, inputs.resume_state, models.model, optimization, config)
+            run = run_directory(run_dir, models.tokenizer, train_cache, config)
+            # Everything that can fail has been checked and loaded: only now is the directory
+            # changed (an --overwrite deletes the old run here), by the main process alone.
+            prepare_run(run_dir, config, models.model_config, inputs.world, state.history)
         return fit(
             models.model,
             train_module,
@@ -266,6 +270,7 @@ def load_models(config: TrainConfig, inputs: Inputs) -> Models:
     tokenizer = load_tokenizer(inputs.model_config.gpt2_model)
     device = distributed.setup(inputs.device)
     model = build_model(inputs.model_config).to(device)
+    check_positions(config, model)
     distributed.seed_rank_stream(config.seed)  # dropout masks of their own on every rank
     if inputs.init_dir is not None:
         checkpoint.load_weights(model, inputs.init_dir / checkpoint.WEIGHTS)
@@ -277,17 +282,41 @@ def load_models(config: TrainConfig, inputs: Inputs) -> Models:
     return Models(model, model.config, tokenizer, pad_token_id(tokenizer), clip_text)
 
 
+def check_positions(config: TrainConfig, model: ClipCaptionModel) -> None:
+    """Refuse a --max-caption-tokens whose sequences do not fit GPT-2's position embeddings.
+
+    A training sequence is the prefix, the caption's tokens and EOS (under scst the prefix and
+    the sampled tokens, EOS included).
+    """
+    positions = model.gpt2.config.n_positions
+    longest = model.config.prefix_length + config.max_caption_tokens + 1
+    if longest > positions:
+        raise ClipcapError(
+            f"--max-caption-tokens {config.max_caption_tokens}: with the prefix of "
+            f"{model.config.prefix_length} and EOS a caption takes {longest} positions, and "
+            f"{model.config.gpt2_model} has {positions}; pass --max-caption-tokens "
+            f"{positions - model.config.prefix_length - 1} or less"
+        )
+
+
 def prepare_run(
-    run_dir: Path, config: TrainConfig, model_config: ModelConfig, world: distributed.World
+    run_dir: Path,
+    config: TrainConfig,
+    model_config: ModelConfig,
+    world: distributed.World,
+    history: list[dict],
 ) -> None:
     """Create (or with --overwrite, clear) the run directory, start logging, write config.json.
 
-    Only the main process writes and logs to `train.log`; the others log warnings only.
+    The first write of a run. Only the main process writes and logs to `train.log`; the others
+    log warnings only. A resumed run's `metrics.jsonl` is rewritten from its `history`.
     """
     if world.is_main:
         prepare_run_dir(run_dir, config)
         log_to_file(run_dir / "train.log")
         write_run_config(run_dir, config, model_config)
+        if config.resume:
+            write_metrics(run_dir, history)
     log.info("run directory %s", run_dir)
 
 
@@ -409,16 +438,6 @@ def restore(
     # it) starts at the same sample.
     state.batch = state.samples_done // config.batch_size
     log.info("resumed at epoch %d, batch %d, step %d", state.epoch + 1, state.batch, state.step)
-    schedule = optimization.schedule
-    if schedule.replanned_at == state.step:
-        log.info(
-            "--replan-schedule: the learning rate decays from %.3g at step %d to 0 at step %d",
-            config.lr * schedule.factor(state.step),
-            state.step,
-            schedule.total_steps,
-        )
-    if world.is_main:
-        write_metrics(run_dir, state.history)
     return state
 
 
