@@ -607,6 +607,24 @@ def test_a_failed_overwrite_leaves_the_old_run_as_it_was(
     assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.bad_input("data loss")
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("folder", ["model", "checkpoint"])
+def test_out_that_is_not_a_run_is_never_taken_for_one(
+    tmp_path, one_epoch_run, shapes_cache, gpt2_dir, folder, overwrite
+):
+    # A Hugging Face model folder and a checkpoint both hold a config.json.
+    victim = tmp_path / folder
+    shutil.copytree(
+        gpt2_dir if folder == "model" else one_epoch_run / "checkpoints" / "best", victim
+    )
+    before = {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()}
+    args = train_args(shapes_cache, victim, gpt2_dir, *(["--overwrite"] if overwrite else []))
+    error = assert_one_line_error(run_cli(*args))
+    assert "holds files that are not a clipcap run (such as config.json)" in error
+    assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
+
+
 # Pinned: the per-epoch losses of a seeded two-epoch run of the tiny models on the shapes cache.
 # They catch any change to batching, padding, the loss, the optimizer or the schedule. To
 # regenerate, print the rows of the run's metrics.jsonl. Change them only with the reason in the
