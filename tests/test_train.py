@@ -625,6 +625,52 @@ def test_out_that_is_not_a_run_is_never_taken_for_one(
     assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.bad_input("silent wrong result")
+def test_a_swapped_base_gpt2_of_the_same_shape_is_refused(
+    tmp_path, one_epoch_run, shapes, shapes_cache, gpt2_dir
+):
+    from clipcap_cache.demo import all_demo_captions, build_tiny_gpt2
+
+    # The checkpoint names a GPT-2 folder; the same weights there load, another model's do not.
+    base = tmp_path / "base"
+    shutil.copytree(gpt2_dir, base)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(one_epoch_run / "checkpoints" / "best", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["gpt2_model"] = str(base)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    image = next((shapes[1] / "images").glob("*.png"))
+    load_checkpoint(ckpt)
+
+    shutil.rmtree(base)
+    build_tiny_gpt2(base, all_demo_captions(), seed=7)  # same shape, other weights
+    error = assert_one_line_error(
+        run_cli("caption", image, "--checkpoint", ckpt, "--device", "cpu")
+    )
+    assert f"the GPT-2 at {base} is not the one the checkpoint {ckpt} was trained on" in error
+    error = assert_one_line_error(
+        run_cli(
+            "train", shapes_cache, "--out", tmp_path / "init", "--init", ckpt, "--device", "cpu"
+        )
+    )
+    assert "is not the one the --init checkpoint" in error
+    assert not (tmp_path / "init").exists()
+
+
+@pytest.mark.bad_input("message")
+def test_a_vanished_local_base_model_is_named_as_a_folder_not_a_hub_name(tmp_path, one_epoch_run):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(one_epoch_run / "checkpoints" / "best", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["gpt2_model"] = str(tmp_path / "gone" / "gpt2")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ClipcapError) as error:
+        load_checkpoint(ckpt)
+    message = str(error.value)
+    assert f"the local folder {tmp_path / 'gone' / 'gpt2'} does not exist" in message
+    assert "hf download" not in message and "hub" not in message
+
+
 # Pinned: the per-epoch losses of a seeded two-epoch run of the tiny models on the shapes cache.
 # They catch any change to batching, padding, the loss, the optimizer or the schedule. To
 # regenerate, print the rows of the run's metrics.jsonl. Change them only with the reason in the

@@ -143,7 +143,7 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
             optimization = run_optimization(models.model, objective, config, inputs)
             train_module = training_module(models.model, config, inputs.world)
             state = restore(run_dir, inputs.resume_state, models.model, optimization, config)
-            run = run_directory(run_dir, models.tokenizer, train_cache, config)
+            run = run_directory(run_dir, models, train_cache, config)
             # Everything that can fail has been checked and loaded: only now is the directory
             # changed (an --overwrite deletes the old run here), by the main process alone.
             prepare_run(run_dir, config, models.model_config, inputs.world, state.history)
@@ -273,7 +273,12 @@ def load_models(config: TrainConfig, inputs: Inputs) -> Models:
     check_positions(config, model)
     distributed.seed_rank_stream(config.seed)  # dropout masks of their own on every rank
     if inputs.init_dir is not None:
+        saved = checkpoint.read_config(inputs.init_dir)
+        checkpoint.check_base(model, saved, f"the --init checkpoint {inputs.init_dir}")
         checkpoint.load_weights(model, inputs.init_dir / checkpoint.WEIGHTS)
+    if inputs.resume_state is not None:
+        saved = checkpoint.read_config(Path(config.out) / "checkpoints" / "last")
+        checkpoint.check_base(model, saved, "the run being resumed")
     reward_terms = scst.REWARD_TERMS[config.reward] if config.objective == "scst" else ()
     clip_text = None
     if "clip" in reward_terms:
@@ -442,13 +447,14 @@ def restore(
 
 
 def run_directory(
-    run_dir: Path, tokenizer, train_cache: feature_cache.MappedCache, config: TrainConfig
+    run_dir: Path, models: Models, train_cache: feature_cache.MappedCache, config: TrainConfig
 ) -> RunDirectory:
     """The run's folder, and what every checkpoint of it records beside the weights."""
     return RunDirectory(
         run_dir,
-        tokenizer,
+        models.tokenizer,
         {
+            "gpt2_fingerprint": models.model.base_fingerprint,
             "clip_model": feature_cache.recorded_clip_model(train_cache.attrs),
             "cache_source": train_cache.attrs.get("source"),
             "embedding_dim": train_cache.embedding_dim,
