@@ -809,6 +809,46 @@ def test_resume_with_another_batch_size_starts_at_the_same_caption(
     assert after == before
 
 
+@pytest.mark.bad_input("message")
+def test_a_cache_changed_in_place_during_training_stops_it_with_one_line(
+    tmp_path, monkeypatch, shapes_cache, gpt2_dir
+):
+    from clipcap_cache.training import loop
+
+    features = tmp_path / "f.h5"
+    shutil.copy(shapes_cache, features)
+    real_step = loop.train_micro_batch
+    calls = {"n": 0}
+
+    def step_then(change):
+        def step(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                change()
+            return real_step(*args, **kwargs)
+
+        return step
+
+    def append_in_place():  # what a copy over the file does, short of its bus error
+        with open(features, "ab") as f:
+            f.write(b"\0" * 4096)
+
+    monkeypatch.setattr(loop, "train_micro_batch", step_then(append_in_place))
+    out = tmp_path / "changed"
+    with pytest.raises(ClipcapError, match="f.h5 changed while training read it") as error:
+        library_run(out, features, gpt2_dir, monkeypatch)
+    assert "--resume" in str(error.value)
+    assert load_train_state(out / "checkpoints" / "last")["step"] >= 2
+
+    # A cache replaced by a rename leaves the mapped file as it was: the run goes on.
+    calls["n"] = 0
+    copy = tmp_path / "copy.h5"
+    shutil.copy(shapes_cache, features)
+    shutil.copy(shapes_cache, copy)
+    monkeypatch.setattr(loop, "train_micro_batch", step_then(lambda: copy.replace(features)))
+    assert library_run(tmp_path / "renamed", features, gpt2_dir, monkeypatch)["step"] == 40
+
+
 def test_a_train_state_with_the_old_counter_names_resumes_bit_identically(
     tmp_path, monkeypatch, shapes_cache, gpt2_dir
 ):

@@ -16,6 +16,7 @@ from clipcap_cache.logs import write_jsonl
 from clipcap_cache.model import ClipCaptionModel, ModelConfig
 from clipcap_cache.training import batches
 from clipcap_cache.training.config import TrainConfig
+from clipcap_cache.training.data import MappedFiles
 from clipcap_cache.training.optimization import Optimization
 from clipcap_cache.training.plots import plot_metrics
 from clipcap_cache.training.state import TrainState, capture_rng
@@ -33,6 +34,7 @@ class RunDirectory:
     path: Path
     tokenizer: object  # saved into every checkpoint, so captioning needs nothing else
     info: dict  # clip_model, cache_source, embedding_dim and the training settings
+    mapped: MappedFiles | None = None  # the memory-mapped inputs, checked at every read-back
 
 
 def save_training_checkpoint(

@@ -65,7 +65,7 @@ from clipcap_cache.model import (
 from clipcap_cache.preemption import StopSignals
 from clipcap_cache.training import scst
 from clipcap_cache.training.config import TrainConfig
-from clipcap_cache.training.data import caption_data
+from clipcap_cache.training.data import MappedFiles, caption_data
 from clipcap_cache.training.loop import preempted, train_one_epoch
 from clipcap_cache.training.objectives import CrossEntropy, Objective
 from clipcap_cache.training.optimization import (
@@ -143,22 +143,25 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
             optimization = run_optimization(models.model, objective, config, inputs)
             train_module = training_module(models.model, config, inputs.world)
             state = restore(run_dir, inputs.resume_state, models.model, optimization, config)
-            run = run_directory(run_dir, models, train_cache, config)
+            run = run_directory(run_dir, models, train_cache, config, objective, inputs.val_cache)
             # Everything that can fail has been checked and loaded: only now is the directory
             # changed (an --overwrite deletes the old run here), by the main process alone.
             prepare_run(run_dir, config, models.model_config, inputs.world, state.history)
-        return fit(
-            models.model,
-            train_module,
-            objective,
-            optimization,
-            state,
-            config,
-            inputs.amp_dtype,
-            run,
-            validate_epoch,
-            stop,
-        )
+        try:
+            return fit(
+                models.model,
+                train_module,
+                objective,
+                optimization,
+                state,
+                config,
+                inputs.amp_dtype,
+                run,
+                validate_epoch,
+                stop,
+            )
+        finally:
+            run.mapped.close()
 
 
 @contextlib.contextmanager
@@ -447,9 +450,19 @@ def restore(
 
 
 def run_directory(
-    run_dir: Path, models: Models, train_cache: feature_cache.MappedCache, config: TrainConfig
+    run_dir: Path,
+    models: Models,
+    train_cache: feature_cache.MappedCache,
+    config: TrainConfig,
+    objective: Objective,
+    val_cache: feature_cache.MappedCache | None,
 ) -> RunDirectory:
-    """The run's folder, and what every checkpoint of it records beside the weights."""
+    """The run's folder, what every checkpoint of it records, and the mapped files it watches."""
+    arrays = [train_cache.embeddings, train_cache.caption_image_index]
+    if isinstance(objective, CrossEntropy):
+        arrays += [objective.data.token_ids, objective.data.offsets]
+    if val_cache is not None:
+        arrays += [val_cache.embeddings, val_cache.caption_image_index]
     return RunDirectory(
         run_dir,
         models.tokenizer,
@@ -460,6 +473,7 @@ def run_directory(
             "embedding_dim": train_cache.embedding_dim,
             "train": asdict(config),
         },
+        MappedFiles.of(*arrays),
     )
 
 
