@@ -247,6 +247,21 @@ def check_clip_match(
         )
 
 
+def check_base(model: ClipCaptionModel, saved: dict, trained: str) -> None:
+    """Refuse a base GPT-2 other than the one a checkpoint was trained on.
+
+    `saved` is the checkpoint's config; one saved before base models were fingerprinted is not
+    checked. Caption, evaluate, serve, --init and --resume all call this one check.
+    """
+    recorded = saved.get("gpt2_fingerprint")
+    if recorded is not None and recorded != model.base_fingerprint:
+        raise ClipcapError(
+            f"the GPT-2 at {model.config.gpt2_model} is not the one {trained} was trained on "
+            f"(weights fingerprint {model.base_fingerprint}, not {recorded}): the checkpoint "
+            "holds only the trained tensors, so put that model back at this path"
+        )
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     """Build the model from a checkpoint's config and load its trained tensors.
 
@@ -259,6 +274,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     except TypeError as e:
         raise ClipcapError(f"{directory / CONFIG}: bad model section ({e})") from None
     model = build_model(model_config)
+    check_base(model, config, f"the checkpoint {directory}")
 
     def read(folder: Path):
         load_weights(model, folder / WEIGHTS)

@@ -204,6 +204,22 @@ def refuse_folder(path: str | Path, message: str) -> None:
         raise ClipcapError(message)
 
 
+def require_file(path: str | Path, what: str) -> None:
+    """Refuse a path that is not a regular file, saying what it is instead.
+
+    `what` names it, e.g. "feature cache": "not found" only when nothing is there; a folder, a
+    FIFO or a device (/dev/zero) is named as such.
+    """
+    path = Path(path)
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise ClipcapError(f"{what} {path} is a directory, not a file")
+    if path.exists():
+        raise ClipcapError(f"{what} {path} is not a regular file (a pipe or a device?)")
+    raise ClipcapError(f"{what} not found: {path}")
+
+
 def make_folder(path: str | Path, option: str, purpose: str) -> None:
     """Create the folder an option names (parents too), refusing a file in its place.
 

@@ -43,6 +43,12 @@ def load_pretrained(loader, name_or_dir: str, what: str, **kwargs):
     """Call `loader(name_or_dir, **kwargs)` (a `from_pretrained`), turning failures into one line."""
     path = Path(name_or_dir).expanduser()
     refuse_file(path, f"{what} '{name_or_dir}' is a file; pass a model directory or a hub name")
+    if not path.exists() and looks_local(name_or_dir):
+        # A folder that is gone (moved or deleted since a run recorded it): never a hub name.
+        raise ClipcapError(
+            f"cannot load {what}: the local folder {name_or_dir} does not exist (any more); put "
+            "the model back there, or pass the folder where it is now"
+        )
     try:
         with quiet_transformers():
             return loader(str(path) if path.is_dir() else name_or_dir, **kwargs)
@@ -58,6 +64,20 @@ def load_pretrained(loader, name_or_dir: str, what: str, **kwargs):
         ) from None
     except (ValueError, KeyError, TypeError) as e:
         raise ClipcapError(f"cannot load {what} '{name_or_dir}': {_first_line(e)}") from None
+
+
+def looks_local(name_or_dir: str) -> bool:
+    """Whether a model name is a filesystem path rather than a hub name (`org/name`).
+
+    Absolute paths (which runs record for local models), `~`, `./` and `../` paths, and names
+    with more than one `/` (a hub id has at most one) are paths.
+    """
+    name = str(name_or_dir)
+    return (
+        Path(name).expanduser().is_absolute()
+        or name.startswith(("./", "../", "~"))
+        or name.count("/") > 1
+    )
 
 
 def _first_line(error: Exception, limit: int = 200) -> str:

@@ -52,20 +52,55 @@ def log_to_file(log_file: str | Path) -> None:
 
     The file gets debug records too, such as the output of third-party scorers
     (`third_party_output_to_log`), which the console leaves out. Without a console set up yet
-    (a Python caller's first stage), `setup_logging` sets up the usual one.
+    (a Python caller's first stage), `setup_logging` sets up the usual one. Records held by
+    `held_for_log_file` are written to the file first.
     """
     logger = logging.getLogger(PACKAGE_LOGGER)
     if not any(getattr(h, "_clipcap_console", False) for h in logger.handlers):
         setup_logging()
+    held: list[logging.LogRecord] = []
     for handler in list(logger.handlers):
-        if getattr(handler, "_clipcap_log_file", False):
+        if getattr(handler, "_clipcap_log_file", False) or isinstance(handler, _Held):
+            held += getattr(handler, "records", [])
             logger.removeHandler(handler)
             handler.close()
     handler = logging.FileHandler(log_file, encoding="utf-8")
     handler._clipcap_log_file = True
     handler.setFormatter(_formatter())
+    for record in held:
+        handler.handle(record)
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)  # the console handler keeps its own level
+
+
+class _Held(logging.Handler):
+    """Keeps the records logged before the log file exists, for `log_to_file` to write."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def held_for_log_file():
+    """Hold the package's log records until `log_to_file` names the file they belong in.
+
+    A stage that checks and loads everything before it creates its output folder (and the log
+    file in it) still gets those steps' lines in the file. Records no file claimed are dropped
+    at the end; the console has shown them anyway.
+    """
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    if not any(getattr(h, "_clipcap_console", False) for h in logger.handlers):
+        setup_logging()
+    handler = _Held()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _formatter() -> logging.Formatter:

@@ -13,6 +13,7 @@ provided, both after ClipCap (Mokady et al., 2021):
 """
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -285,12 +286,38 @@ def build_model(config: ModelConfig) -> ClipCaptionModel:
 
     `config` is left as it was. The model holds the resolved copy as `model.config`
     (`resolve_model_config`): that copy, not `config`, is the one to record beside the weights.
+    `model.base_fingerprint` is the fingerprint of the base GPT-2 as loaded (`base_fingerprint`).
     """
     gpt2 = load_gpt2(resolve_name(config.gpt2_model))
+    fingerprint = base_fingerprint(gpt2)
     resolved = resolve_model_config(config, gpt2.config.n_layer)
     model = ClipCaptionModel(resolved, gpt2)
+    model.base_fingerprint = fingerprint
     freeze_gpt2(model.gpt2, resolved.freeze_layers)
     return model
+
+
+FINGERPRINT_SAMPLES = 4096  # values hashed per tensor, evenly spaced through it
+
+
+def base_fingerprint(gpt2: nn.Module) -> str:
+    """A short hash of a GPT-2's weights, recorded in every checkpoint it trains.
+
+    A checkpoint holds only the trained tensors; the embeddings and frozen blocks come from the
+    base model named in its config. The hash (of every parameter's name, shape and up to
+    FINGERPRINT_SAMPLES of its values, evenly spaced) tells another model of the same shape at
+    that name apart, in milliseconds even for large models.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in sorted(gpt2.named_parameters()):
+            flat = parameter.detach().reshape(-1)
+            if flat.numel() > FINGERPRINT_SAMPLES:
+                positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES)
+                flat = flat[positions.long().to(flat.device)]
+            digest.update(f"{name}{tuple(parameter.shape)}".encode())
+            digest.update(flat.to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def resolve_model_config(config: ModelConfig, n_layer: int) -> ModelConfig:

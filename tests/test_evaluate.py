@@ -226,3 +226,107 @@ def test_offline_bertscore_is_skipped_and_the_coco_metrics_are_written(
     assert "BERTScore skipped" in result.stderr
     written = json.loads((out / "metrics.json").read_text())
     assert "BERTScore" in written["skipped"] and "CIDEr" in written["metrics"]
+
+
+@pytest.fixture(scope="module")
+def text_id_cache(tmp_path_factory, shapes_cache):
+    """The shapes cache with img2dataset's zero-padded keys, and a Unicode digit as one id."""
+    from clipcap_cache.data.cache import write_cache
+
+    cache = read_cache(shapes_cache)
+    path = tmp_path_factory.mktemp("cache") / "text-ids.h5"
+    ids = ["²" if row == 0 else f"{row + 1:09d}" for row in range(len(cache.image_ids))]
+    write_cache(
+        path,
+        embeddings=cache.embeddings,
+        image_ids=ids,
+        image_paths=cache.image_paths,
+        splits=[str(s) for s in cache.splits],
+        captions=cache.captions,
+        caption_image_index=cache.caption_image_index,
+        failed_paths=[],
+        failed_reasons=[],
+        attrs=cache.attrs,
+    )
+    return path
+
+
+@pytest.mark.bad_input("silent wrong result")
+def test_zero_padded_ids_round_trip_through_evaluate_and_score(
+    checkpoint_run, text_id_cache, tmp_path
+):
+    out = tmp_path / "eval"
+    evaluate_test_split(checkpoint_run, text_id_cache, out, "--split", "all")
+    first = json.loads((out / "metrics.json").read_text())
+    ids = [p["image_id"] for p in json.loads((out / "predictions.json").read_text())]
+    assert "000000002" in ids and 2 not in ids
+    # Its own predictions are scored again, as they are, to the same numbers.
+    again = tmp_path / "again"
+    predictions = out / "predictions.json"
+    evaluate_test_split(
+        checkpoint_run, text_id_cache, again, "--split", "all", "--predictions", predictions
+    )
+    assert json.loads((again / "metrics.json").read_text())["metrics"] == first["metrics"]
+    scored = run_cli(
+        "score",
+        out / "predictions.json",
+        "--references",
+        text_id_cache,
+        "--no-bertscore",
+        check=0,
+    )
+    assert "CIDEr" in scored.stdout
+
+
+@pytest.mark.bad_input("traceback")
+def test_a_unicode_digit_image_id_is_text_and_the_results_are_written(
+    checkpoint_run, text_id_cache, tmp_path
+):
+    # "²".isdigit() is true, and int("²") fails: once after every metric had been computed.
+    out = tmp_path / "eval"
+    evaluate_test_split(checkpoint_run, text_id_cache, out, "--split", "all")
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert "²" in [p["image_id"] for p in predictions]
+    assert "CIDEr" in json.loads((out / "metrics.json").read_text())["metrics"]
+
+
+@pytest.mark.bad_input("data loss")
+def test_predictions_of_another_system_never_replace_the_runs_own_results(
+    checkpoint_run, shapes_cache, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint_run, run)
+    evaluate_test_split(run, shapes_cache, run / "eval-test")
+    own = {p.name: p.read_bytes() for p in (run / "eval-test").iterdir() if p.suffix == ".json"}
+    test_ids = [
+        read_cache(shapes_cache).image_ids[r]
+        for r in read_cache(shapes_cache).rows_of_split("test")
+    ]
+    other = tmp_path / "other_model.json"
+    other.write_text(json.dumps([{"image_id": int(k), "caption": "hello"} for k in test_ids]))
+
+    result = run_cli(
+        "evaluate",
+        run,
+        "--features",
+        shapes_cache,
+        "--predictions",
+        other,
+        "--no-bertscore",
+        check=0,
+    )
+    after = {p.name: p.read_bytes() for p in (run / "eval-test").iterdir() if p.suffix == ".json"}
+    assert after == own
+    written = json.loads((tmp_path / "other_model-eval-test" / "metrics.json").read_text())
+    assert written["checkpoint"] is None and written["predictions"] == str(other)
+    assert f"wrote {tmp_path / 'other_model-eval-test'}/predictions.json" in result.stdout
+
+    # Nor may --out name the folder of the predictions it reads.
+    error = assert_one_line_error(
+        score_predictions(
+            run, shapes_cache, run / "eval-test" / "predictions.json", run / "eval-test"
+        )
+    )
+    assert "holds the --predictions file" in error
+    after = {p.name: p.read_bytes() for p in (run / "eval-test").iterdir() if p.suffix == ".json"}
+    assert after == own

@@ -1,7 +1,9 @@
+import io
 import json
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import h5py
@@ -170,6 +172,112 @@ def test_rerun_is_a_no_op_and_other_inputs_are_refused(tmp_path, mixed_dataset, 
     assert "--overwrite" in error and out.stat().st_mtime_ns == before
     extract(other, root, out, clip_dir, "--overwrite", check=0)
     assert read_cache(out).captions[0] == "changed"
+
+
+def a_tar_of(root, directory):
+    """A WebDataset tar of the dataset's two first good images, each with a caption."""
+    directory.mkdir()
+    tar_path = directory / "00000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name in ("img0.png", "img1.jpg"):
+            for member, data in ((name, (root / name).read_bytes()), (f"{name[:4]}.txt", b"a")):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return tar_path
+
+
+@pytest.mark.bad_input("data loss")
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        ("annotations", "is one of the inputs"),
+        ("tar", "is one of the inputs"),
+        ("image", "is an image"),
+        ("notes", "not a clipcap feature cache"),
+        ("other-hdf5", "not a clipcap feature cache"),
+    ],
+)
+def test_out_never_replaces_an_input_or_a_file_that_is_not_a_cache(
+    tmp_path, mixed_dataset, clip_dir, target, expected, overwrite
+):
+    annotations, root = mixed_dataset
+    source, images = annotations, root
+    if target == "annotations":
+        out = annotations
+    elif target == "tar":
+        out = source = a_tar_of(root, tmp_path / "tars")
+        source, images = out.parent, None
+    elif target == "image":
+        out = root / "img0.png"
+    elif target == "notes":
+        out = tmp_path / "notes.json"
+        out.write_text('{"mine": true}')
+    else:
+        out = tmp_path / "theirs.h5"
+        with h5py.File(out, "w") as f:
+            f["data"] = np.arange(3)
+    before = out.read_bytes()
+    args = ["extract-features", source, "--out", out, "--clip-model", clip_dir]
+    args += ["--num-workers", "0", *(["--images", images] if images else [])]
+    error = assert_one_line_error(run_cli(*args, *(["--overwrite"] if overwrite else [])))
+    if overwrite or target in ("annotations", "tar", "image"):
+        assert expected in error
+    assert out.read_bytes() == before
+
+
+@pytest.mark.bad_input("silent wrong result")
+def test_a_wrong_image_root_leaves_nothing_that_poisons_the_corrected_run(
+    tmp_path, mixed_dataset, clip_dir, monkeypatch
+):
+    from clipcap_cache.extraction import features
+
+    annotations, root = mixed_dataset
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # Every image "missing": nothing is written, and no progress is kept either.
+    out = tmp_path / "f.h5"
+    assert "no image could be read" in assert_one_line_error(
+        extract(annotations, empty, out, clip_dir)
+    )
+    assert not out.with_name("f.h5.parts").exists()
+    extract(annotations, root, out, clip_dir, check=0)
+    assert len(read_cache(out).image_ids) == 6
+
+    # Progress made under a half-empty root, then a crash before the gather: the right root is
+    # another input, refused without --overwrite, and --overwrite does not reuse the progress.
+    half = tmp_path / "half"
+    half.mkdir()
+    for name in ("img3.jpg", "img4.png", "img5.jpg"):
+        (half / name).write_bytes((root / name).read_bytes())
+    crashed = tmp_path / "crashed.h5"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features, "_gather", crash)
+    config = features.FeatureConfig(
+        annotations=str(annotations),
+        images=str(half),
+        out=str(crashed),
+        clip_model=str(clip_dir),
+        num_workers=0,
+        shard_size=3,
+        device="cpu",
+    )
+    with pytest.raises(KeyboardInterrupt):
+        features.extract_features(config)
+    monkeypatch.undo()
+    assert (tmp_path / "crashed.h5.parts" / "manifest.json").exists()
+    error = assert_one_line_error(extract(annotations, root, crashed, clip_dir))
+    assert "image_root" in error and "--overwrite" in error
+    extract(annotations, root, crashed, clip_dir, "--overwrite", check=0)
+    assert len(read_cache(crashed).image_ids) == 6
+
+    # A finished cache records its root too: another root is another input.
+    error = assert_one_line_error(extract(annotations, half, crashed, clip_dir))
+    assert "image_root" in error
 
 
 @pytest.mark.bad_input("traceback")

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, run_cli
@@ -95,3 +96,22 @@ def test_caption_out_never_replaces_the_users_files(tmp_path, trained_run, shape
     )
     assert "--out" in assert_one_line_error(result)
     assert out.read_bytes() == before
+
+
+@pytest.mark.bad_input("message")
+@pytest.mark.parametrize("kind", ["fifo", "device", "missing", "folder"])
+def test_a_path_that_is_not_a_regular_file_is_named_for_what_it_is(tmp_path, kind):
+    path = {"device": Path("/dev/zero"), "folder": tmp_path}.get(kind, tmp_path / "x.h5")
+    if kind == "fifo":
+        os.mkfifo(path)
+    expected = {
+        "fifo": "is not a regular file (a pipe or a device?)",
+        "device": "is not a regular file (a pipe or a device?)",
+        "missing": "not found",
+        "folder": "is a directory, not a file",
+    }[kind]
+    assert expected in assert_one_line_error(run_cli("inspect", path))
+    references = assert_one_line_error(
+        run_cli("score", tmp_path / "none.json", "--references", path, "--no-bertscore")
+    )
+    assert expected in references

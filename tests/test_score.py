@@ -99,7 +99,7 @@ def test_clipscore_comes_from_the_cache(test_split, shapes_cache, clip_dir, tmp_
     [
         (
             '[{"image_id": "184", "caption": "x"}]',
-            "has image_id '184'; the references use integer ids",
+            "has image_id '184'; the image ids of the references are integers",
         ),
         ('[{"image_id": 5, "caption": "x"}]', "image_id 5 is not in the references"),
         (

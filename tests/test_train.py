@@ -1,4 +1,5 @@
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -542,6 +543,10 @@ def one_epoch_run(tmp_path_factory, shapes_cache, gpt2_dir):
         ("wide", ["--resume"], "128-d"),
         ("shapes", ["--resume", "--epochs", "2", "--lr", "1e-2"], "restores its optimizer"),
         ("shapes", ["--resume", "--epochs", "2", "--objective", "scst"], "--objective xe"),
+        # The run was planned for 1 epoch; train_args says 2.
+        ("shapes", ["--resume"], "--epochs 2 (was 1) would change it"),
+        ("shapes", ["--resume", "--epochs", "1", "--warmup-steps", "7"], "--warmup-steps 7"),
+        ("shapes", ["--replan-schedule"], "pass it with --resume"),
     ],
     ids=[
         "no-resume-flag",
@@ -549,6 +554,9 @@ def one_epoch_run(tmp_path_factory, shapes_cache, gpt2_dir):
         "other-embedding-dim",
         "other-lr",
         "other-objective",
+        "other-epochs",
+        "other-warmup",
+        "replan-without-resume",
     ],
 )
 def test_a_bad_resume_gets_one_line_and_leaves_the_run_alone(
@@ -575,6 +583,95 @@ def test_a_bad_resume_gets_one_line_and_leaves_the_run_alone(
         == 1
     )
     load_checkpoint(one_epoch_run / "checkpoints" / "last")
+
+
+@pytest.mark.bad_input("data loss")
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        # Each failed once after --overwrite had deleted the old run's checkpoints.
+        (["--max-caption-tokens", "200"], "has 128; pass --max-caption-tokens 123 or less"),
+        (["--seed", str(2**64 - 1)], "--seed must be less than 2**63"),
+        (["--seed", "-1"], "--seed must be at least 0"),
+        (["--objective", "scst", "--samples", str(10**20)], "--samples must be at most 1000"),
+        (["--bertscore", "--bertscore-model", "no-such-scorer"], "bert-score does not know"),
+        (["--objective", "scst", "--max-caption-tokens", "150"], "positions"),
+    ],
+    ids=["caption-tokens", "seed-2**64", "seed-negative", "samples", "bertscore", "scst-tokens"],
+)
+def test_a_failed_overwrite_leaves_the_old_run_as_it_was(
+    tmp_path, one_epoch_run, shapes_cache, gpt2_dir, extra, expected
+):
+    victim = tmp_path / "victim"
+    shutil.copytree(one_epoch_run, victim)
+    before = {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()}
+    args = train_args(shapes_cache, victim, gpt2_dir, "--overwrite", *extra)
+    assert expected in assert_one_line_error(run_cli(*args))
+    assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.bad_input("data loss")
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("folder", ["model", "checkpoint"])
+def test_out_that_is_not_a_run_is_never_taken_for_one(
+    tmp_path, one_epoch_run, shapes_cache, gpt2_dir, folder, overwrite
+):
+    # A Hugging Face model folder and a checkpoint both hold a config.json.
+    victim = tmp_path / folder
+    shutil.copytree(
+        gpt2_dir if folder == "model" else one_epoch_run / "checkpoints" / "best", victim
+    )
+    before = {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()}
+    args = train_args(shapes_cache, victim, gpt2_dir, *(["--overwrite"] if overwrite else []))
+    error = assert_one_line_error(run_cli(*args))
+    assert "holds files that are not a clipcap run (such as config.json)" in error
+    assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.bad_input("silent wrong result")
+def test_a_swapped_base_gpt2_of_the_same_shape_is_refused(
+    tmp_path, one_epoch_run, shapes, shapes_cache, gpt2_dir
+):
+    from clipcap_cache.demo import all_demo_captions, build_tiny_gpt2
+
+    # The checkpoint names a GPT-2 folder; the same weights there load, another model's do not.
+    base = tmp_path / "base"
+    shutil.copytree(gpt2_dir, base)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(one_epoch_run / "checkpoints" / "best", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["gpt2_model"] = str(base)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    image = next((shapes[1] / "images").glob("*.png"))
+    load_checkpoint(ckpt)
+
+    shutil.rmtree(base)
+    build_tiny_gpt2(base, all_demo_captions(), seed=7)  # same shape, other weights
+    error = assert_one_line_error(
+        run_cli("caption", image, "--checkpoint", ckpt, "--device", "cpu")
+    )
+    assert f"the GPT-2 at {base} is not the one the checkpoint {ckpt} was trained on" in error
+    error = assert_one_line_error(
+        run_cli(
+            "train", shapes_cache, "--out", tmp_path / "init", "--init", ckpt, "--device", "cpu"
+        )
+    )
+    assert "is not the one the --init checkpoint" in error
+    assert not (tmp_path / "init").exists()
+
+
+@pytest.mark.bad_input("message")
+def test_a_vanished_local_base_model_is_named_as_a_folder_not_a_hub_name(tmp_path, one_epoch_run):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(one_epoch_run / "checkpoints" / "best", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["gpt2_model"] = str(tmp_path / "gone" / "gpt2")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ClipcapError) as error:
+        load_checkpoint(ckpt)
+    message = str(error.value)
+    assert f"the local folder {tmp_path / 'gone' / 'gpt2'} does not exist" in message
+    assert "hf download" not in message and "hub" not in message
 
 
 # Pinned: the per-epoch losses of a seeded two-epoch run of the tiny models on the shapes cache.
@@ -685,13 +782,13 @@ def test_library_resume_in_the_middle_of_an_accumulation_group(
     mid_group = tmp_path / "mid-group"
     run(mid_group, grad_accum=1, crash_at=1)
     assert load_train_state(mid_group / "checkpoints" / "last")["batch"] == 1
-    run(mid_group, grad_accum=2, resume=True)
+    run(mid_group, grad_accum=2, resume=True, replan_schedule=True)
 
     aligned = tmp_path / "aligned"
     run(aligned, grad_accum=1, crash_at=1)
     run(aligned, grad_accum=1, resume=True, crash_at=2)
     assert load_train_state(aligned / "checkpoints" / "last")["batch"] == 2
-    run(aligned, grad_accum=2, resume=True)
+    run(aligned, grad_accum=2, resume=True, replan_schedule=True)
 
     a = load_file(str(mid_group / "checkpoints" / "last" / "model.safetensors"))
     b = load_file(str(aligned / "checkpoints" / "last" / "model.safetensors"))
@@ -713,18 +810,62 @@ def test_resume_with_another_batch_size_starts_at_the_same_caption(
 
     # Stopped after 2 batches of 8 = 16 captions; batches of 16 resume at caption 16, so the
     # epoch takes 2 + (320 - 16) / 16 = 21 steps. Counting in batches would skip to caption 32.
+    # Another batch size changes the schedule's step count, so it needs --replan-schedule.
     out = tmp_path / "divides"
     run(out, crash_at=2)
-    assert run(out, batch_size=16, resume=True)["step"] == 21
+    with pytest.raises(ClipcapError, match="--batch-size 16 \\(was 8\\)"):
+        run(out, batch_size=16, resume=True)
+    assert run(out, batch_size=16, resume=True, replan_schedule=True)["step"] == 21
+    assert load_train_state(out / "checkpoints" / "last")["schedule"]["total_steps"] == 21
 
     # Stopped after 8 captions, which batches of 16 cannot continue from exactly: refused.
     out = tmp_path / "does-not-divide"
     run(out, crash_at=1)
     before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
     with pytest.raises(ClipcapError, match="not a whole number of batches of 16"):
-        run(out, batch_size=16, resume=True)
+        run(out, batch_size=16, resume=True, replan_schedule=True)
     after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
     assert after == before
+
+
+@pytest.mark.bad_input("message")
+def test_a_cache_changed_in_place_during_training_stops_it_with_one_line(
+    tmp_path, monkeypatch, shapes_cache, gpt2_dir
+):
+    from clipcap_cache.training import loop
+
+    features = tmp_path / "f.h5"
+    shutil.copy(shapes_cache, features)
+    real_step = loop.train_micro_batch
+    calls = {"n": 0}
+
+    def step_then(change):
+        def step(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                change()
+            return real_step(*args, **kwargs)
+
+        return step
+
+    def append_in_place():  # what a copy over the file does, short of its bus error
+        with open(features, "ab") as f:
+            f.write(b"\0" * 4096)
+
+    monkeypatch.setattr(loop, "train_micro_batch", step_then(append_in_place))
+    out = tmp_path / "changed"
+    with pytest.raises(ClipcapError, match="f.h5 changed while training read it") as error:
+        library_run(out, features, gpt2_dir, monkeypatch)
+    assert "--resume" in str(error.value)
+    assert load_train_state(out / "checkpoints" / "last")["step"] >= 2
+
+    # A cache replaced by a rename leaves the mapped file as it was: the run goes on.
+    calls["n"] = 0
+    copy = tmp_path / "copy.h5"
+    shutil.copy(shapes_cache, features)
+    shutil.copy(shapes_cache, copy)
+    monkeypatch.setattr(loop, "train_micro_batch", step_then(lambda: copy.replace(features)))
+    assert library_run(tmp_path / "renamed", features, gpt2_dir, monkeypatch)["step"] == 40
 
 
 def test_a_train_state_with_the_old_counter_names_resumes_bit_identically(
@@ -741,6 +882,7 @@ def test_a_train_state_with_the_old_counter_names_resumes_bit_identically(
     path = old / "checkpoints" / "last" / "train_state.pt"
     state = torch.load(path, weights_only=True)
     state["captions"], state["tokens"] = state.pop("samples_done"), state.pop("weight_sum")
+    del state["schedule"]  # nor did they save their schedule: it is planned from the options
     assert state["captions"] == 3 * 8 and state["tokens"] > state["captions"]
     torch.save(state, path)
 
@@ -752,6 +894,35 @@ def test_a_train_state_with_the_old_counter_names_resumes_bit_identically(
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_replan_schedule_plans_the_decay_for_the_new_end(
+    tmp_path, monkeypatch, shapes_cache, gpt2_dir
+):
+    # One epoch is 40 steps of 8 captions; warmup 2. Stopped at step 10 and resumed for 2 epochs
+    # with --replan-schedule, the learning rate follows the decay that 2 epochs would have had
+    # from the start: to zero at step 80 instead of 40.
+    def run(out, **kwargs):
+        return library_run(out, shapes_cache, gpt2_dir, monkeypatch, warmup_steps=2, **kwargs)
+
+    out = tmp_path / "longer"
+    run(out, crash_at=10)
+    reached = load_train_state(out / "checkpoints" / "last")["optimizer"]["param_groups"][0]["lr"]
+    assert reached == pytest.approx(3e-3 * (40 - 10) / (40 - 2))
+    with pytest.raises(ClipcapError, match="--epochs 2 \\(was 1\\)"):
+        run(out, epochs=2, resume=True)
+    run(out, epochs=2, resume=True, replan_schedule=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [row["step"] for row in rows] == [40, 80]
+    assert rows[0]["lr"] == pytest.approx(3e-3 * (80 - 40) / (80 - 2), rel=1e-6)
+    assert rows[1]["lr"] == 0
+    schedule = load_train_state(out / "checkpoints" / "last")["schedule"]
+    assert schedule["total_steps"] == 80 and schedule["epochs"] == 2
+
+    # A finished run trains longer the same way.
+    run(out, epochs=3, resume=True, replan_schedule=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [row["step"] for row in rows] == [40, 80, 120] and rows[2]["lr"] == 0
 
 
 @pytest.mark.bad_input("data loss")

@@ -98,3 +98,53 @@ def test_open_cache_refuses_nonfinite_embeddings_by_row(tmp_path, shapes_cache):
     rewrite(shapes_cache, tmp_path / "nan.h5", embeddings=embeddings)
     with pytest.raises(ClipcapError, match=r"2 embeddings hold NaN or inf \(first: row 200,"):
         open_cache(tmp_path / "nan.h5")
+
+
+def permuted(ids, offsets):
+    ids[:] = np.random.default_rng(0).permutation(ids[:])
+
+
+def out_of_vocabulary(ids, offsets):
+    ids[5] = 60000
+
+
+def falling_offsets(ids, offsets):
+    offsets[10] = offsets[12] + 5
+
+
+def offsets_past_the_end(ids, offsets):
+    offsets[-1] = offsets[-1] + 100
+
+
+@pytest.mark.bad_input("silent wrong result")
+@pytest.mark.parametrize(
+    "corrupt, also_rehash",
+    [
+        (permuted, False),  # same attributes, shuffled tokens: trained on silently before
+        (out_of_vocabulary, True),  # an IndexError mid-epoch, even with a matching hash
+        (falling_offsets, True),  # a broadcast error mid-epoch
+        (offsets_past_the_end, True),
+    ],
+    ids=["permuted", "out-of-vocabulary", "falling-offsets", "past-the-end"],
+)
+def test_a_corrupted_token_file_is_made_again(
+    tmp_path, shapes_cache, gpt2_dir, corrupt, also_rehash
+):
+    import h5py
+
+    from clipcap_cache.data.tokens import content_hash, token_table_path
+
+    features = tmp_path / "f.h5"
+    shutil.copy(shapes_cache, features)
+    tokenizer = load_tokenizer(str(gpt2_dir))
+    cache = open_cache(features)
+    good = tokenize(tokenizer, cache, 40)
+    load_token_table(cache, tokenizer, 40)
+    path = token_table_path(cache, tokenizer, 40)
+    with h5py.File(path, "r+") as f:
+        corrupt(f["token_ids"], f["offsets"])
+        if also_rehash:  # a file whose hash agrees with its bad contents: the checks still hold
+            f.attrs["content_hash"] = content_hash(f["token_ids"][()], f["offsets"][()])
+    table = load_token_table(open_cache(features), tokenizer, 40)
+    np.testing.assert_array_equal(table.token_ids, good.token_ids)
+    np.testing.assert_array_equal(table.offsets, good.offsets)

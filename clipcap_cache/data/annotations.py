@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.files import os_errors, parse_json
+from clipcap_cache.files import os_errors, parse_json, require_file
 
 FORMATS = ("auto", "coco", "karpathy", "jsonl", "csv")
 TRAIN, VAL, TEST = "train", "val", "test"
@@ -59,8 +59,7 @@ def read_annotations(path: str | Path, format: str = "auto") -> list[ImageRecord
     path = Path(path)
     if format not in FORMATS:
         raise ClipcapError(f"unknown annotation format '{format}': choose one of {FORMATS}")
-    if not path.is_file():
-        raise ClipcapError(f"annotation file not found: {path}")
+    require_file(path, "annotation file")
     with os_errors(f"cannot read {path}"):
         try:
             # newline="" keeps line ends as they are: CSV quoting and JSON lines define their own.

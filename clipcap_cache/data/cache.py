@@ -27,7 +27,7 @@ import numpy as np
 
 from clipcap_cache.data.annotations import ALL, SPLITS
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.files import atomic_path
+from clipcap_cache.files import atomic_path, require_file
 
 FORMAT_VERSION = 1
 STRING = h5py.string_dtype("utf-8")
@@ -144,8 +144,7 @@ def write_cache(
 def read_attrs(path: str | Path) -> dict:
     """The attributes of a cache file, with a clear error if it is not one."""
     path = Path(path)
-    if not path.is_file():
-        raise ClipcapError(f"feature cache not found: {path}")
+    require_file(path, "feature cache")
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}

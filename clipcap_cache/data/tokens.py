@@ -14,8 +14,13 @@ Layout:
     /token_ids  [T]    uint16 (int32 for vocabularies over 65,536): every caption's tokens, cut
                        to the limit, each followed by EOS, all concatenated
     /offsets    [M+1]  int64: caption m is token_ids[offsets[m]:offsets[m+1]]
-    attributes: tokenizer_hash, max_tokens, eos_token_id, truncated, and the feature cache's
-                features_size, features_mtime_ns and captions
+    attributes: tokenizer_hash, max_tokens, eos_token_id, truncated, content_hash (of both
+                datasets' bytes), and the feature cache's features_size, features_mtime_ns and
+                captions
+
+A file is used only when its attributes match and its contents check out: the content hash,
+offsets that start at 0, never fall and end at the number of tokens, every caption ending in
+EOS and every id inside the vocabulary. Anything else (a corrupted or edited file) is made again.
 """
 
 import hashlib
@@ -67,8 +72,9 @@ def load_token_table(cache: MappedCache, tokenizer, max_tokens: int) -> TokenTab
     """
     path = token_table_path(cache, tokenizer, max_tokens)
     source = _source_of(cache)
+    expected = Expected(eos=int(tokenizer.eos_token_id), vocab=len(tokenizer))
     table = None
-    if distributed.is_main_process() and _read(path, source) is None:
+    if distributed.is_main_process() and _read(path, source, expected) is None:
         table = tokenize(tokenizer, cache, max_tokens)
         try:
             _write(path, table, source, tokenizer, max_tokens)
@@ -76,7 +82,7 @@ def load_token_table(cache: MappedCache, tokenizer, max_tokens: int) -> TokenTab
         except OSError as e:
             log.warning("cannot cache tokenized captions beside the features (%s)", e)
     distributed.barrier()
-    found = _read(path, source)
+    found = _read(path, source, expected)
     if found is not None:
         return found
     return table if table is not None else tokenize(tokenizer, cache, max_tokens)
@@ -125,22 +131,69 @@ def _source_of(cache: MappedCache) -> dict:
     }
 
 
-def _read(path: Path, source: dict) -> TokenTable | None:
-    """The token file mapped, or None if it is missing, unreadable or from another cache."""
+@dataclass(frozen=True)
+class Expected:
+    """What a token file's contents must agree with: the tokenizer's EOS and vocabulary size."""
+
+    eos: int
+    vocab: int
+
+
+def content_hash(token_ids: np.ndarray, offsets: np.ndarray) -> str:
+    """A hash of a token table's two arrays, recorded in the file and checked when it is read."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (token_ids, offsets):
+        for start in range(0, len(array), HASH_BLOCK):
+            digest.update(np.ascontiguousarray(array[start : start + HASH_BLOCK]).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+HASH_BLOCK = 1 << 22  # elements hashed at a time
+
+
+def _read(path: Path, source: dict, expected: Expected) -> TokenTable | None:
+    """The token file mapped, or None if it is missing, unreadable, from another cache or bad."""
     try:
         with h5py.File(path, "r") as f:
             if any(f.attrs.get(k) != v for k, v in source.items()):
                 return None
+            if f.attrs.get("eos_token_id") != expected.eos:
+                return None
             offsets = map_dataset(path, f["offsets"])
             if len(offsets) != source["captions"] + 1:
                 return None
-            return TokenTable(
+            table = TokenTable(
                 token_ids=map_dataset(path, f["token_ids"]),
                 offsets=offsets,
                 truncated=int(f.attrs["truncated"]),
             )
-    except (OSError, KeyError):
+            recorded = f.attrs.get("content_hash")
+    except (OSError, KeyError, TypeError, ValueError):
         return None
+    problem = _problem(table, expected, recorded)
+    if problem is not None:
+        log.warning("%s: %s; tokenizing the captions again", path, problem)
+        return None
+    return table
+
+
+def _problem(table: TokenTable, expected: Expected, recorded) -> str | None:
+    """What is wrong with a token table's contents, or None."""
+    ids, offsets = table.token_ids, table.offsets
+    if recorded is None:
+        return "no content hash (made by an earlier version)"
+    if content_hash(ids, offsets) != recorded:
+        return "its contents do not match their recorded hash"
+    if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(ids):
+        return "its offsets do not span its tokens"
+    if np.any(np.diff(offsets) < 1):
+        return "its offsets are not increasing"
+    if len(ids) and int(ids.max()) >= expected.vocab:
+        return f"a token id is beyond the vocabulary of {expected.vocab}"
+    if len(ids) and not np.all(ids[offsets[1:] - 1] == expected.eos):
+        return "a caption does not end with EOS"
+    return None
 
 
 def _write(path: Path, table: TokenTable, source: dict, tokenizer, max_tokens: int) -> None:
@@ -153,3 +206,4 @@ def _write(path: Path, table: TokenTable, source: dict, tokenizer, max_tokens: i
         f.attrs["max_tokens"] = max_tokens
         f.attrs["eos_token_id"] = int(tokenizer.eos_token_id)
         f.attrs["truncated"] = table.truncated
+        f.attrs["content_hash"] = content_hash(table.token_ids, table.offsets)

@@ -8,6 +8,7 @@ The scores themselves are `metrics.py`'s: BLEU-1..4, METEOR, ROUGE-L and CIDEr f
 after its PTB tokenizer, SPICE on request, and BERTScore, each candidate against all its references.
 """
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from clipcap_cache.evaluation.metrics import (
     load_metric_models,
     score_captions,
 )
-from clipcap_cache.evaluation.score import read_predictions
+from clipcap_cache.evaluation.score import coco_image_id, read_predictions
 from clipcap_cache.files import make_folder, write_json_atomic
 from clipcap_cache.hub import is_hub_id
 from clipcap_cache.inference.captioner import Captioner
@@ -50,7 +51,11 @@ class EvalConfig:
     )
     features: str = option(help="HDF5 cache with the images and references.")
     split: str = option("test", help="Which split to score.", choices=SPLIT_CHOICES)
-    out: str | None = option(None, help="Output folder.", default_text="RUN/eval-SPLIT")
+    out: str | None = option(
+        None,
+        help="Output folder.",
+        default_text="RUN/eval-SPLIT; with --predictions, PREDICTIONS-eval-SPLIT beside it",
+    )
     predictions: str | None = option(
         None, help="Score this COCO results file instead of generating captions."
     )
@@ -111,9 +116,7 @@ def evaluate(config: EvalConfig) -> dict:
         check_spice()
 
     # Everything that can be checked is checked before the captioning work: the output folder too.
-    out = (
-        Path(config.out) if config.out else default_out(directory, config.split, config.checkpoint)
-    )
+    out = results_folder(config, directory)
     make_folder(out, "--out", "the results")
     log_to_file(out / "evaluate.log")
     # A metric whose model cannot be loaded (offline, say) is skipped with a warning naming it.
@@ -148,7 +151,9 @@ def evaluate(config: EvalConfig) -> dict:
     result = {
         "split": config.split,
         "images": len(predictions),
-        "checkpoint": str(directory),
+        # The captions of a --predictions file are not the checkpoint's: it is not credited.
+        "checkpoint": None if config.predictions else str(directory),
+        **({"predictions": str(config.predictions)} if config.predictions else {}),
         "features": str(config.features),
         "metrics": metrics,
         "skipped": skipped,
@@ -161,7 +166,7 @@ def evaluate(config: EvalConfig) -> dict:
     write_json_atomic(
         out / "predictions.json",
         [
-            {"image_id": _coco_id(k), "caption": v}
+            {"image_id": coco_image_id(k), "caption": v}
             | ({"retrieved": retrieved_of[k]} if retrieved_of else {})
             for k, v in predictions.items()
         ],
@@ -169,6 +174,29 @@ def evaluate(config: EvalConfig) -> dict:
     write_json_atomic(out / "metrics.json", result)
     result["out"] = str(out)
     return result
+
+
+def results_folder(config: EvalConfig, directory: Path) -> Path:
+    """`--out`, or the default: the checkpoint's (`default_out`), or beside a --predictions file.
+
+    Another system's captions (`--predictions`) never go to the run's own results, where their
+    scores would replace the run's; nor may --out replace the predictions file it reads.
+    """
+    if config.out:
+        out = Path(config.out)
+    elif config.predictions:
+        predictions = Path(config.predictions)
+        out = predictions.with_name(f"{predictions.stem}-eval-{config.split}")
+    else:
+        return default_out(directory, config.split, config.checkpoint)
+    if config.predictions and (out / "predictions.json").exists():
+        with contextlib.suppress(OSError):
+            if (out / "predictions.json").samefile(config.predictions):
+                raise ClipcapError(
+                    f"--out {out} holds the --predictions file, which the results would replace; "
+                    "give another --out"
+                )
+    return out
 
 
 def default_out(directory: Path, split: str, given: str | Path | None = None) -> Path:
@@ -187,10 +215,6 @@ def default_out(directory: Path, split: str, given: str | Path | None = None) ->
             f"eval-{split}" if directory.name == "best" else f"eval-{split}-{directory.name}"
         )
     return directory.with_name(f"{directory.name}-eval-{split}")
-
-
-def _coco_id(image_id: str):
-    return int(image_id) if image_id.isdigit() else image_id
 
 
 def format_table(metrics: dict[str, float]) -> str:

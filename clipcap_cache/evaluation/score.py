@@ -89,21 +89,33 @@ def read_references(path: str, split: str = "all", format: str = "auto") -> dict
     return references
 
 
+def coco_image_id(key: str) -> int | str:
+    """An image id as a results file gives it: an integer where the text is one, else the text.
+
+    Only text that an integer writes back exactly is an integer (`"42"`), so zero-padded keys
+    (`"000000001"`, img2dataset's) and other digits (`"²"`) stay text and round-trip.
+    """
+    if key.isascii() and key.isdigit() and str(int(key)) == key:
+        return int(key)
+    return key
+
+
 def read_predictions(
     path: str | Path, image_ids, where: str = "the references", partial: bool = False
 ) -> dict[str, str]:
     """A COCO results file `[{"image_id", "caption"}]`, keyed by image id as text.
 
     Every prediction must name one of `image_ids` (text), once, with a text caption. Where all
-    of those are digits, as COCO's are, the file must give integers. Images without a prediction
-    are an error, or with `partial` a warning (only the predicted ones are then scored).
+    of those are integers (`coco_image_id`), as COCO's are, the file must give integers. Images
+    without a prediction are an error, or with `partial` a warning (only the predicted ones are
+    then scored).
     """
     path = Path(path)
     rows = read_json(path, "predictions file")
     if not isinstance(rows, list):
         raise ClipcapError(f'{path}: expected a list of {{"image_id", "caption"}} objects')
     image_ids = set(image_ids)
-    integer_ids = all(key.isdigit() for key in image_ids)
+    integer_ids = all(isinstance(coco_image_id(key), int) for key in image_ids)
     predictions: dict[str, str] = {}
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "image_id" not in row or "caption" not in row:
@@ -111,7 +123,8 @@ def read_predictions(
         image_id = row["image_id"]
         if integer_ids and (not isinstance(image_id, int) or isinstance(image_id, bool)):
             raise ClipcapError(
-                f"{path}: entry {i} has image_id {image_id!r}; {where} use integer ids"
+                f"{path}: entry {i} has image_id {image_id!r}; the image ids of {where} are "
+                "integers"
             )
         key = str(image_id)
         if key not in image_ids:

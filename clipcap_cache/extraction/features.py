@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+import h5py
 import numpy as np
 import torch
 from safetensors import safe_open
@@ -52,7 +53,13 @@ from clipcap_cache.data.annotations import (
     select_split,
     without_captions,
 )
-from clipcap_cache.data.images import ImageDataset, ShardBatch, collate_images, default_num_workers
+from clipcap_cache.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageDataset,
+    ShardBatch,
+    collate_images,
+    default_num_workers,
+)
 from clipcap_cache.devices import DEVICE, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.extraction.encoder import (
@@ -193,8 +200,12 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
         source = _TarShards.open(config)
     else:
         source = _AnnotatedImages.open(config)
+    _check_out(out, config, source)
     identity = {
         "source": source.identity,
+        # The images read, not only the list of them: progress made under a wrong root (every
+        # image "missing") is not progress for the right one.
+        "image_root": source.image_root_name,
         "clip_model": resolve_name(config.clip_model),
         "split": config.split,
         "limit": config.limit or 0,
@@ -212,6 +223,53 @@ def extract_features(config: FeatureConfig) -> ExtractSummary:
     finally:
         distributed.teardown()
     return summary
+
+
+def _check_out(out: Path, config: FeatureConfig, source: "Source") -> None:
+    """Refuse an --out that would replace an input, or (with --overwrite) a file not a cache.
+
+    `--overwrite` replaces a clipcap cache (or an empty file, or an HDF5 file too damaged to
+    read, such as a truncated cache), never an annotation file, a tar, an image or another
+    program's HDF5 file.
+    """
+    if not out.exists():
+        return
+    inputs = source.tars if isinstance(source, _TarShards) else [Path(config.annotations)]
+    if any(_same_file(out, path) for path in inputs):
+        raise ClipcapError(
+            f"--out {out} is one of the inputs (an annotation file or tar); give another file "
+            "for the cache"
+        )
+    if out.suffix.lower() in IMAGE_EXTENSIONS:
+        raise ClipcapError(f"--out {out} is an image; give another file for the cache")
+    if config.overwrite and not _replaceable(out):
+        raise ClipcapError(
+            f"--out {out} exists and is not a clipcap feature cache: --overwrite replaces only a "
+            "cache; give another file"
+        )
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether --overwrite may replace the file: a cache, an empty file or an unreadable HDF5."""
+    if out.stat().st_size == 0:
+        return True
+    try:
+        cache.read_attrs(out)
+        return True
+    except ClipcapError:
+        pass
+    try:
+        with h5py.File(out, "r"):
+            return False  # a readable HDF5 file without a cache's attributes: someone else's
+    except OSError:
+        return h5py.is_hdf5(out)  # an HDF5 signature, unreadable: a damaged cache
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 # Layout of the progress shards; progress of another layout is not resumed. Layout 3 keeps a
@@ -248,6 +306,11 @@ class _AnnotatedImages:
     identity: str
     format: str
     uncaptioned: int
+
+    @property
+    def image_root_name(self) -> str:
+        """The image root, resolved, as the progress records it."""
+        return str(self.image_root.resolve())
 
     @classmethod
     def open(cls, config: FeatureConfig) -> "_AnnotatedImages":
@@ -329,6 +392,7 @@ class _TarShards:
     identity: str
     format: str = "webdataset"
     uncaptioned: int = 0  # counted as the tars are read
+    image_root_name: str = ""  # the images are in the tars, which `identity` fingerprints
 
     @classmethod
     def open(cls, config: FeatureConfig) -> "_TarShards":
@@ -457,11 +521,11 @@ def _extract(
         summary.images_failed = len(done.failed_paths)
         return
     parts = out.with_name(out.name + ".parts")
-    manifest = _read_manifest(parts)
-    if manifest is not None and any(manifest.get(k) != v for k, v in identity.items()):
-        if not config.overwrite:
-            _check_same_inputs(identity, manifest, parts)
-        manifest = None  # progress of other inputs, cleared once the new model has loaded
+    # --overwrite starts afresh: the old progress is not read, and is cleared once the new model
+    # has loaded.
+    manifest = None if config.overwrite else _read_manifest(parts)
+    if manifest is not None:
+        _check_same_inputs(identity, manifest, parts)
     shard_size = manifest["shard_size"] if manifest else config.shard_size
     num_shards = len(source.shards(shard_size))
     pending = [
@@ -522,6 +586,8 @@ def _start_parts(parts: Path, manifest: dict, out: Path) -> None:
 def _check_same_inputs(identity: dict, found: dict, where: Path) -> None:
     """Refuse to mix a cache or its progress with different inputs."""
     for key, wanted in identity.items():
+        if key == "image_root" and key not in found:
+            continue  # caches and progress of earlier versions do not record their image root
         # Caches of earlier versions do not name their image processor: it was torchvision's.
         default = "torchvision" if key == "image_processor" else None
         if found.get(key, default) != wanted:
@@ -714,6 +780,8 @@ def _gather(
     summary.images_failed = len(failed)
     summary.failure_reasons = dict(Counter(reason.split(" (")[0] for _, reason in failed))
     if not kept:
+        # Nothing to resume from: the corrected command (another root, a fixed tar) starts afresh.
+        shutil.rmtree(parts, ignore_errors=True)
         first = f" (first: {failed[0][0]}: {failed[0][1]})" if failed else ""
         raise ClipcapError(f"no image could be read: {len(failed)} failed{first}")
 
@@ -726,6 +794,7 @@ def _gather(
         "embedding_dim": manifest["embedding_dim"],
         "image_size": manifest["image_size"],
         "source": manifest["source"],
+        "image_root": manifest["image_root"],
         "split": manifest["split"],
         "limit": manifest["limit"],
         "storage_dtype": manifest["storage_dtype"],

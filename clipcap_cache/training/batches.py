@@ -53,7 +53,8 @@ def epoch_order(
     """
     lengths = np.asarray(lengths)
     n = len(lengths)
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    # Modulo 2**64, the generator's range: the same seeds as ever for seeds below 2**54.
+    generator = torch.Generator().manual_seed((seed * 1000 + epoch) % 2**64)
     shuffled = torch.randperm(n, generator=generator).numpy()
     if not group_by_length or n == 0 or lengths.min() == lengths.max():
         return shuffled

@@ -19,6 +19,8 @@ from clipcap_cache.retrieval import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, check_t
 from clipcap_cache.training import scst, trackers
 
 OBJECTIVES = ("xe", "scst")
+SEEDS = 2**63  # seeds are 0 .. SEEDS - 1, what torch's generators take as a signed 64-bit int
+MAX_SAMPLES = 1000  # scst samples per image; SCST papers use 5 to 16
 
 
 @dataclass
@@ -111,6 +113,11 @@ class TrainConfig:
         "training from text alone).",
     )
     resume: bool = option(False, help="Continue an interrupted run.")
+    replan_schedule: bool = option(
+        False,
+        help="With --resume: re-plan the learning-rate decay from the current step for changed "
+        "--epochs, --batch-size, --grad-accum or --warmup-steps.",
+    )
     overwrite: bool = option(False, help="Replace an existing run.")
 
     def __post_init__(self):
@@ -120,6 +127,14 @@ class TrainConfig:
         at_least(self, 0, "warmup_steps", "eval_images", "save_every_steps", "weight_decay")
         at_least(self, 0, "cider_weight", "clip_weight", "retrieval", "noise_variance")
         positive(self, "lr", "max_grad_norm")
+        at_least(self, 0, "seed")
+        if self.seed >= SEEDS:
+            raise ClipcapError(f"--seed must be less than 2**63, not {self.seed}")
+        if self.samples > MAX_SAMPLES:
+            raise ClipcapError(
+                f"--samples must be at most {MAX_SAMPLES}, not {self.samples}: every training "
+                "image's captions are sampled together in one batch"
+            )
         check_choices(self)
         trackers.check_report_to(self.report_to)
         if self.objective == "scst":
@@ -144,10 +159,14 @@ class TrainConfig:
             raise ClipcapError("--noise-variance applies to --objective xe only")
         if self.resume and self.overwrite:
             raise ClipcapError("--resume and --overwrite contradict each other: choose one")
+        if self.replan_schedule and not self.resume:
+            raise ClipcapError(
+                "--replan-schedule re-plans a resumed run's schedule: pass it with --resume"
+            )
 
 
 # Taken from the explicit options only: a file never resumes, overwrites or moves a run.
-_ONLY_EXPLICIT = ("out", "resume", "overwrite")
+_ONLY_EXPLICIT = ("out", "resume", "overwrite", "replan_schedule")
 # Recorded in a run's config, but measured from the cache, never an option.
 _DERIVED = ("clip_embedding_dim",)
 
@@ -162,7 +181,7 @@ def resolve_train_options(
        that checkpoint.
     3. `config_file`: flat (`{"lr": 1e-4}`) or a run's own `{"train": {...}, "model": {...}}`.
     4. `explicit`: the options the caller gave (on the command line: the flags typed), by field
-       name. `out`, `resume` and `overwrite` are taken from here alone.
+       name. `out`, `resume`, `overwrite` and `replan_schedule` are taken from here alone.
 
     An option that no config has is refused with the file it came from.
     """

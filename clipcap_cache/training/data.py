@@ -3,9 +3,15 @@
 With retrieval (`--retrieval K`), each image also has a prompt, the K captions retrieved for it
 (`retrieval.Retriever`), put before each of its captions with no label: the loss is on the
 target caption alone.
+
+`MappedFiles` watches the files training maps: one changed in place while mapped (a copy over
+the cache, a truncated token file) is found at the next read-back of the loss, and stops the run
+with one line, before its pages are read as garbage or a read past the new end kills the process
+with a bus error.
 """
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -110,3 +116,42 @@ def caption_data(
         prompts=retrieval_prompts(retriever, cache, rows) if retriever is not None else None,
     )
     return data, table.truncated
+
+
+@dataclass
+class MappedFiles:
+    """The files behind some memory-mapped arrays, each held open to notice a change in place.
+
+    Each file is kept open, so its own inode is watched: a file replaced by a rename, or deleted,
+    leaves the mapping (and this watch) on the old one, which is harmless. A write or a truncation
+    of the mapped file itself changes its size or modification time.
+    """
+
+    files: dict[str, tuple[int, tuple[int, int]]] = field(default_factory=dict)  # fd, stat
+
+    @classmethod
+    def of(cls, *arrays) -> "MappedFiles":
+        """Watch the file of every `np.memmap` among `arrays` (in-memory arrays are skipped)."""
+        watched = cls()
+        for array in arrays:
+            name = getattr(array, "filename", None)
+            if isinstance(array, np.memmap) and name and name not in watched.files:
+                fd = os.open(name, os.O_RDONLY)
+                watched.files[name] = (fd, _stamp(os.fstat(fd)))
+        return watched
+
+    def changed(self) -> str | None:
+        """The first watched file that changed since it was opened, or None."""
+        for name, (fd, stamp) in self.files.items():
+            if _stamp(os.fstat(fd)) != stamp:
+                return name
+        return None
+
+    def close(self) -> None:
+        for fd, _ in self.files.values():
+            os.close(fd)
+        self.files = {}
+
+
+def _stamp(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_size, stat.st_mtime_ns

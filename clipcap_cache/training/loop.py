@@ -243,6 +243,21 @@ def read_back_due(step: int, pending: DeviceSums, world: distributed.World) -> b
     return time.perf_counter() - pending.read_at > SYNC_SECONDS
 
 
+def check_mapped_files(run: RunDirectory, device: torch.device, state: TrainState) -> None:
+    """Stop the run, on every rank together, when a memory-mapped input changed in place."""
+    changed = run.mapped.changed() if run.mapped is not None else None
+    anywhere = distributed.all_reduce_sum(torch.tensor([float(changed is not None)], device=device))
+    if anywhere.item() == 0:
+        return
+    last = run.path / "checkpoints" / "last"
+    raise ClipcapError(
+        f"{changed or 'a memory-mapped input'} changed while training read it (epoch "
+        f"{state.epoch + 1}, step {state.step}): do not write to a feature cache or its token "
+        "file during training (replace it by a rename instead); put it back as it was and add "
+        f"--resume to continue from {last}"
+    )
+
+
 def read_back(
     pending: DeviceSums, state: TrainState, objective: Objective, run: RunDirectory, batch: int
 ) -> None:
@@ -251,6 +266,7 @@ def read_back(
     Raises ClipcapError when the loss is no longer finite, saying which checkpoint is kept. Every
     save is preceded by a read-back, so a non-finite loss never reaches a checkpoint.
     """
+    check_mapped_files(run, pending.totals.device, state)
     values = distributed.all_reduce_sum(pending.totals).tolist()
     value = values[0]
     if not math.isfinite(value):

@@ -1,5 +1,6 @@
 """The run directory: its checks against --resume, --overwrite and --init, and its writes."""
 
+import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass, fields, replace
@@ -15,6 +16,7 @@ from clipcap_cache.logs import write_jsonl
 from clipcap_cache.model import ClipCaptionModel, ModelConfig
 from clipcap_cache.training import batches, trackers
 from clipcap_cache.training.config import TrainConfig
+from clipcap_cache.training.data import MappedFiles
 from clipcap_cache.training.optimization import Optimization
 from clipcap_cache.training.plots import plot_metrics
 from clipcap_cache.training.state import TrainState, capture_rng
@@ -32,6 +34,7 @@ class RunDirectory:
     path: Path
     tokenizer: object  # saved into every checkpoint, so captioning needs nothing else
     info: dict  # clip_model, cache_source, embedding_dim and the training settings
+    mapped: MappedFiles | None = None  # the memory-mapped inputs, checked at every read-back
 
 
 def save_training_checkpoint(
@@ -78,6 +81,14 @@ def check_run_dir(
     completes from the run's own.
     """
     exists = run_dir.exists() and any(p.name in RUN_ARTEFACTS for p in run_dir.iterdir())
+    if exists and not is_run(run_dir):
+        # A model folder, a checkpoint or anything else with a config.json: never a run to
+        # resume, and never deleted by --overwrite.
+        raise ClipcapError(
+            f"--out {run_dir} holds files that are not a clipcap run (such as "
+            f"{sorted(p.name for p in run_dir.iterdir() if p.name in RUN_ARTEFACTS)[0]}); "
+            "give another --out"
+        )
     if config.resume:
         last = run_dir / "checkpoints" / "last"
         train_state = checkpoint.load_train_state(last)
@@ -136,6 +147,26 @@ def check_run_dir(
             "--overwrite to replace it"
         )
     return None, model_config
+
+
+def is_run(run_dir: Path) -> bool:
+    """Whether a folder that holds run files is a clipcap run, which --overwrite may replace.
+
+    It is, with `checkpoints/` or a run's own config.json (with `train` and `model` sections),
+    or with no config.json at all (only a log, metrics or plots). A checkpoint folder (which
+    holds `model.safetensors`) or a Hugging Face model folder (its own config.json) is not.
+    """
+    if (run_dir / checkpoint.WEIGHTS).exists():
+        return False
+    if (run_dir / "checkpoints").is_dir() or not (run_dir / "config.json").exists():
+        return True
+    try:
+        saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(saved, dict) and all(
+        isinstance(saved.get(section), dict) for section in ("train", "model")
+    )
 
 
 def check_same_model(model_config: ModelConfig, saved_model: dict, what: str) -> None:

@@ -5,12 +5,14 @@
 
 `train` is a short sequence of named steps, each a function of this module taking what it
 needs: `resolve_settings` (absolute paths, resolved hub names, the cache's embedding width),
-`check_inputs` (caches, device, the run directory against --resume/--overwrite, --init),
-`load_models` (tokenizer, model, the CLIP reward's text tower), `prepare_run` (the first write
-to the run directory, the experiment trackers of `--report-to`, then logging), `build_objective`
-and `build_validation`, `restore` (a resumed run's weights, optimizer, random number generators
-and position) and `fit` (the epochs, each followed by validation and the best and last
-checkpoints).
+`check_inputs` (caches, device, the run directory against --resume/--overwrite, --init, the
+schedule), `load_models` (tokenizer, model, the CLIP reward's text tower), `build_objective` and
+`build_validation`, `restore` (a resumed run's weights, optimizer, random number generators and
+position), `prepare_run` (the first write to the run directory, the experiment trackers of
+`--report-to`, then its log file) and `fit` (the epochs, each followed by validation and the best
+and last checkpoints). Every step that can fail comes before `prepare_run`, so a failed start
+leaves an old run as it was, even under --overwrite; the lines logged before the log file exists
+are held and written into it.
 
 The CLIP image encoder is never loaded: the cached embeddings are memory-mapped, and every
 caption is tokenized once into a file beside the cache that is memory-mapped too
@@ -54,7 +56,7 @@ from clipcap_cache.evaluation.cider import CiderD
 from clipcap_cache.evaluation.clipscore import ClipText, cache_clip_model, load_clip_text
 from clipcap_cache.files import exclusive_lock, refuse_file
 from clipcap_cache.hub import resolve_name
-from clipcap_cache.logs import log_to_file
+from clipcap_cache.logs import held_for_log_file, log_to_file
 from clipcap_cache.model import (
     ClipCaptionModel,
     ModelConfig,
@@ -72,10 +74,15 @@ from clipcap_cache.retrieval import (
 )
 from clipcap_cache.training import scst, trackers
 from clipcap_cache.training.config import TrainConfig
-from clipcap_cache.training.data import Prompts, caption_data
+from clipcap_cache.training.data import MappedFiles, Prompts, caption_data
 from clipcap_cache.training.loop import preempted, train_one_epoch
 from clipcap_cache.training.objectives import CrossEntropy, Objective
-from clipcap_cache.training.optimization import Optimization, make_optimization
+from clipcap_cache.training.optimization import (
+    Optimization,
+    Schedule,
+    make_optimization,
+    plan_schedule,
+)
 from clipcap_cache.training.run_dir import (
     RunDirectory,
     check_init,
@@ -111,6 +118,7 @@ class Inputs:
     resume_state: dict | None  # the `train_state.pt` to resume from; None for a new run
     init_dir: Path | None  # the --init checkpoint whose weights a new run starts from
     datastore: Datastore | None  # the --datastore of a retrieval-augmented run, indexed
+    schedule: Schedule  # the learning-rate plan: new, or the resumed run's (or re-planned)
 
 
 @dataclass(frozen=True)
@@ -136,31 +144,37 @@ def train(config: TrainConfig, model_config: ModelConfig) -> dict:
     run_dir = Path(config.out)
     refuse_file(run_dir, f"--out {run_dir} is a file; give a directory for the run")
     with locked(run_dir), StopSignals() as stop:
-        config, model_config, train_cache = resolve_settings(config, model_config)
-        inputs = check_inputs(run_dir, config, model_config, train_cache)
-        models = load_models(config, inputs)
-        # Everything is checked: only now is the directory changed, by the main process alone.
-        with prepare_run(run_dir, config, models.model_config, inputs) as reporting:
+        with held_for_log_file():  # the lines logged before train.log exists go into it
+            config, model_config, train_cache = resolve_settings(config, model_config)
+            inputs = check_inputs(run_dir, config, model_config, train_cache)
+            models = load_models(config, inputs)
             log_setup(config, inputs, models)
             objective = build_objective(config, train_cache, inputs.train_rows, models)
             validate_epoch = build_validation(config, inputs, models)
-            optimization = run_optimization(models.model, objective, config, inputs.amp_dtype)
+            optimization = run_optimization(models.model, objective, config, inputs)
             train_module = training_module(models.model, config, inputs.world)
             state = restore(run_dir, inputs.resume_state, models.model, optimization, config)
-            run = run_directory(run_dir, models.tokenizer, train_cache, config)
-            return fit(
-                models.model,
-                train_module,
-                objective,
-                optimization,
-                state,
-                config,
-                inputs.amp_dtype,
-                run,
-                validate_epoch,
-                stop,
-                reporting,
-            )
+            run = run_directory(run_dir, models, train_cache, config, objective, inputs.val_cache)
+            # Everything that can fail has been checked and loaded: only now is the directory
+            # changed (an --overwrite deletes the old run here), by the main process alone.
+            reporting = prepare_run(run_dir, config, models.model_config, inputs, state.history)
+        try:
+            with reporting:
+                return fit(
+                    models.model,
+                    train_module,
+                    objective,
+                    optimization,
+                    state,
+                    config,
+                    inputs.amp_dtype,
+                    run,
+                    validate_epoch,
+                    stop,
+                    reporting,
+                )
+        finally:
+            run.mapped.close()
 
 
 @contextlib.contextmanager
@@ -239,6 +253,12 @@ def check_inputs(
     if config.retrieval:
         datastore = Datastore.open(config.datastore)
         check_datastore(datastore, embedding_source(train_cache), f"the features {config.features}")
+    progress = None
+    if resume_state is not None:
+        progress = TrainState.from_state_dict(resume_state)
+        progress.batch = progress.samples_done // config.batch_size
+    samples = epoch_samples(config, train_cache, train_rows)
+    schedule = plan_schedule(config, samples, world.size, resume_state, progress)
     return Inputs(
         model_config=model_config,
         train_cache=train_cache,
@@ -251,7 +271,22 @@ def check_inputs(
         resume_state=resume_state,
         init_dir=init_dir,
         datastore=datastore,
+        schedule=schedule,
     )
+
+
+def epoch_samples(
+    config: TrainConfig, train_cache: feature_cache.MappedCache, train_rows: np.ndarray
+) -> int:
+    """The samples of an epoch, as the objective will count them, before it is built.
+
+    Cross-entropy trains on every caption of the training images; self-critical training on
+    every training image with at least one caption (`_self_critical`).
+    """
+    captions = train_cache.captions_of_rows(train_rows)
+    if config.objective != "scst":
+        return len(captions)
+    return len(np.unique(train_cache.caption_image_index[captions]))
 
 
 def load_models(config: TrainConfig, inputs: Inputs) -> Models:
@@ -264,9 +299,15 @@ def load_models(config: TrainConfig, inputs: Inputs) -> Models:
     tokenizer = load_tokenizer(inputs.model_config.gpt2_model)
     device = distributed.setup(inputs.device)
     model = build_model(inputs.model_config).to(device)
+    check_positions(config, model)
     distributed.seed_rank_stream(config.seed)  # dropout masks of their own on every rank
     if inputs.init_dir is not None:
+        saved = checkpoint.read_config(inputs.init_dir)
+        checkpoint.check_base(model, saved, f"the --init checkpoint {inputs.init_dir}")
         checkpoint.load_weights(model, inputs.init_dir / checkpoint.WEIGHTS)
+    if inputs.resume_state is not None:
+        saved = checkpoint.read_config(Path(config.out) / "checkpoints" / "last")
+        checkpoint.check_base(model, saved, "the run being resumed")
     reward_terms = scst.REWARD_TERMS[config.reward] if config.objective == "scst" else ()
     clip_text = None
     if "clip" in reward_terms:
@@ -298,15 +339,38 @@ def embedding_source(cache: feature_cache.MappedCache) -> dict:
     }
 
 
-def prepare_run(
-    run_dir: Path, config: TrainConfig, model_config: ModelConfig, inputs: Inputs
-) -> trackers.Trackers:
-    """Create (or clear) the run directory, open the trackers, start logging, write config.json.
+def check_positions(config: TrainConfig, model: ClipCaptionModel) -> None:
+    """Refuse a --max-caption-tokens whose sequences do not fit GPT-2's position embeddings.
 
-    Returns the trackers (`--report-to`), to be closed after the run (a context manager). Only
-    the main process writes, reports and logs to `train.log`; the others log warnings only.
-    The trackers are opened before `train.log` and `config.json` are written: a tool that cannot
-    start (W&B without a login, say) leaves no run behind that would refuse the next command.
+    A training sequence is the prefix, the caption's tokens and EOS (under scst the prefix and
+    the sampled tokens, EOS included).
+    """
+    positions = model.gpt2.config.n_positions
+    longest = model.config.prefix_length + config.max_caption_tokens + 1
+    if longest > positions:
+        raise ClipcapError(
+            f"--max-caption-tokens {config.max_caption_tokens}: with the prefix of "
+            f"{model.config.prefix_length} and EOS a caption takes {longest} positions, and "
+            f"{model.config.gpt2_model} has {positions}; pass --max-caption-tokens "
+            f"{positions - model.config.prefix_length - 1} or less"
+        )
+
+
+def prepare_run(
+    run_dir: Path,
+    config: TrainConfig,
+    model_config: ModelConfig,
+    inputs: Inputs,
+    history: list[dict],
+) -> trackers.Trackers:
+    """Create (or with --overwrite, clear) the run directory, open the trackers, start logging.
+
+    The first write of a run, and config.json. Returns the trackers (`--report-to`), to be closed
+    after the run (a context manager). Only the main process writes, reports and logs to
+    `train.log`; the others log warnings only. A resumed run's `metrics.jsonl` is rewritten from
+    its `history`. The trackers are opened before `train.log` and `config.json` are written: a
+    tool that cannot start (W&B without a login, say) leaves no run behind that would refuse the
+    next command.
     """
     reporting = trackers.Trackers()
     if inputs.world.is_main:
@@ -317,6 +381,8 @@ def prepare_run(
         try:
             log_to_file(run_dir / "train.log")
             write_run_config(run_dir, config, model_config)
+            if config.resume:
+                write_metrics(run_dir, history)
         except BaseException:
             reporting.close("failed")
             raise
@@ -424,16 +490,13 @@ def build_validation(
 
 
 def run_optimization(
-    model: ClipCaptionModel,
-    objective: Objective,
-    config: TrainConfig,
-    amp_dtype: torch.dtype | None,
+    model: ClipCaptionModel, objective: Objective, config: TrainConfig, inputs: Inputs
 ) -> Optimization:
-    """AdamW and its schedule over every optimizer step of the run's epochs."""
-    batches_per_epoch = math.ceil(len(objective) / config.batch_size)
-    total_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.epochs
+    """AdamW and the run's schedule (`Inputs.schedule`), planned for the objective's samples."""
+    if len(objective) != inputs.schedule.samples:  # `epoch_samples` must count as it does
+        raise AssertionError(f"{len(objective)} samples, planned for {inputs.schedule.samples}")
     device = next(model.parameters()).device
-    return make_optimization(model, config, device, total_steps, amp_dtype)
+    return make_optimization(model, config, device, inputs.schedule, inputs.amp_dtype)
 
 
 def training_module(model: ClipCaptionModel, config: TrainConfig, world: distributed.World):
@@ -476,19 +539,28 @@ def restore(
     # it) starts at the same sample.
     state.batch = state.samples_done // config.batch_size
     log.info("resumed at epoch %d, batch %d, step %d", state.epoch + 1, state.batch, state.step)
-    if world.is_main:
-        write_metrics(run_dir, state.history)
     return state
 
 
 def run_directory(
-    run_dir: Path, tokenizer, train_cache: feature_cache.MappedCache, config: TrainConfig
+    run_dir: Path,
+    models: Models,
+    train_cache: feature_cache.MappedCache,
+    config: TrainConfig,
+    objective: Objective,
+    val_cache: feature_cache.MappedCache | None,
 ) -> RunDirectory:
-    """The run's folder, and what every checkpoint of it records beside the weights."""
+    """The run's folder, what every checkpoint of it records, and the mapped files it watches."""
+    arrays = [train_cache.embeddings, train_cache.caption_image_index]
+    if isinstance(objective, CrossEntropy):
+        arrays += [objective.data.token_ids, objective.data.offsets]
+    if val_cache is not None:
+        arrays += [val_cache.embeddings, val_cache.caption_image_index]
     return RunDirectory(
         run_dir,
-        tokenizer,
+        models.tokenizer,
         {
+            "gpt2_fingerprint": models.model.base_fingerprint,
             "clip_model": feature_cache.recorded_clip_model(train_cache.attrs),
             "cache_source": train_cache.attrs.get("source"),
             "embedding_dim": train_cache.embedding_dim,
@@ -496,6 +568,7 @@ def run_directory(
             "retrieval": asdict(settings) if (settings := retrieval_settings(config)) else None,
             "train": asdict(config),
         },
+        MappedFiles.of(*arrays),
     )
 
 
