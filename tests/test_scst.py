@@ -87,6 +87,32 @@ def test_padding_after_eos_carries_no_gradient(model):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7)
 
 
+def test_the_trained_log_probs_are_the_sampling_policys(gpt2_dir):
+    # The GPT-2 here has dropout 0.1 and the model is in training mode, as in a training step.
+    # Samples are drawn in eval mode; the loss must differentiate the log-probabilities of that
+    # same policy, not of a dropout-thinned one: -mean(advantage x log p) exactly, in every call.
+    torch.manual_seed(0)
+    config = ModelConfig(
+        gpt2_model=str(gpt2_dir), clip_embedding_dim=64, prefix_length=3, freeze_layers=0
+    )
+    model = build_model(config).train()
+    embeddings = torch.randn(3, 64)
+    keys = sample_keys(0, 0, torch.arange(3), 2)
+    tokens = sample_tokens(model, embeddings, keys, 2, 8, EOS, EOS)  # (6, T)
+    embeddings = embeddings.repeat_interleave(2, dim=0)
+    advantage = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    with torch.no_grad():
+        model.eval()
+        policy = sequence_log_prob(model, embeddings, tokens)  # what sampling drew from
+        model.train()
+    expected = -(advantage * policy).mean()
+    for _ in range(3):
+        loss = scst_loss(model, embeddings, tokens, advantage, EOS)
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+        assert loss.requires_grad
+    assert model.training and model.gpt2.training  # the caller's mode is back
+
+
 @pytest.mark.parametrize("baseline", ["mean", "greedy"])
 def test_identical_samples_give_zero_advantage_and_no_gradient(model, baseline):
     embeddings = torch.randn(1, 64).repeat(3, 1)
@@ -256,8 +282,8 @@ def test_scst_raises_the_val_cider_of_greedy_captions(tmp_path, large_shapes_cac
 def test_a_stopped_scst_run_resumes_to_the_same_weights(
     tmp_path, monkeypatch, shapes_cache, gpt2_dir, trained_run
 ):
-    # The tiny GPT-2 here has dropout, so the resumed run must also restore torch's RNG; the
-    # samples themselves are keyed by image and epoch. 160 images in batches of 8: 20 steps.
+    # The tiny GPT-2 here has dropout (off in the self-critical pass, which must not matter);
+    # the samples themselves are keyed by image and epoch. 160 images in batches of 8: 20 steps.
     def run(out, **kwargs):
         return library_run(
             out,
