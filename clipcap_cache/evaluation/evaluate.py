@@ -103,6 +103,11 @@ def evaluate(config: EvalConfig) -> dict:
     if config.spice:
         check_spice()
 
+    captioner = None
+    if predictions is None:
+        # Cached embeddings need no CLIP model: only the caption model is loaded.
+        captioner = Captioner.from_checkpoint(directory, device, load_encoder=False)
+        captioner.check_decode(config.decode)
     # Everything that can be checked is checked before the captioning work: the output folder too.
     out = Path(config.out) if config.out else default_out(directory, config.split)
     make_folder(out, "--out", "the results")
@@ -115,9 +120,7 @@ def evaluate(config: EvalConfig) -> dict:
         clip_model,
         device,
     )
-    if predictions is None:
-        # Cached embeddings need no CLIP model: only the caption model is loaded.
-        captioner = Captioner.from_checkpoint(directory, device, load_encoder=False)
+    if captioner is not None:
         captions = captioner.caption_embeddings(
             torch.from_numpy(cache.embeddings[rows]),
             config.decode,

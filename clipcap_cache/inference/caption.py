@@ -111,6 +111,7 @@ def caption_images(
     if batch_size < 1 or num_workers < 0:
         raise ClipcapError("--batch-size must be at least 1 and --num-workers at least 0")
     captioner = Captioner.from_checkpoint(checkpoint_path, device)
+    captioner.check_decode(decode)
     results = [ImageCaptions(image=str(p)) for p in paths]
     loader = torch.utils.data.DataLoader(
         ImageDataset(paths, captioner.encoder.processor),
