@@ -377,6 +377,7 @@ def run_demo(
             bertscore=bertscore_model is not None,
             bertscore_model=bertscore_model or "",
             bertscore_layers=6,
+            clipscore=True,  # the testbed's CLIP towers agree, so CLIPScore means something
         )
     )
     records = [r for r in read_annotations(annotations) if r.split == TEST][:6]

@@ -15,7 +15,7 @@ real ones are, on the synthetic shapes of `demo.py`:
 Both are written with `save_pretrained` beside a `testbed.json` that records their recipe, and are
 loaded through the same `from_pretrained` path a hub name takes. A folder is built only when it is
 missing or its recipe changed; it is built under a temporary name and renamed into place. Building
-is seeded and deterministic for a given thread count.
+is seeded and runs on one thread, so it gives the same weights on every run.
 """
 
 import json
@@ -106,7 +106,14 @@ def _cached(out_dir: Path, kind: str, recipe: dict, build) -> Path:
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    build(tmp, **recipe)
+    # One thread: a float sum split over more threads rounds differently, and after hundreds of
+    # steps the weights would depend on the machine; the models are too small to gain from more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build(tmp, **recipe)
+    finally:
+        torch.set_num_threads(threads)
     write_json_atomic(tmp / RECIPE_FILE, record)
     if _recorded(out_dir) == record:  # another process finished the same build first
         shutil.rmtree(tmp)

@@ -137,6 +137,22 @@ def shapes_cache(tmp_path_factory, shapes, clip_dir):
     )
 
 
+@pytest.fixture(scope="session")
+def pretrained_shapes_cache(tmp_path_factory, shapes, pretrained_clip_dir):
+    """The shapes dataset's feature cache, made with the testbed's pretrained CLIP."""
+    annotations, root = shapes
+    return extract_shapes(
+        annotations, root, tmp_path_factory.mktemp("cache") / "shapes.h5", pretrained_clip_dir
+    )
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory, pretrained_shapes_cache, pretrained_gpt2_dir):
+    """Three epochs of cross-entropy on the testbed: a captioner whose GPT-2 knows the captions."""
+    run_dir = tmp_path_factory.mktemp("runs") / "pretrained"
+    return train_shapes_run(run_dir, pretrained_shapes_cache, pretrained_gpt2_dir, epochs=3)
+
+
 def train_shapes_run(run_dir, shapes_cache, gpt2_dir, epochs: int):
     """Train the tiny model on the shapes cache (val loss only: no CIDEr-D, no BERTScore)."""
     from clipcap_cache.model import ModelConfig

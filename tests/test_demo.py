@@ -12,6 +12,7 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path):
     assert "clipcap train" in result.stdout
     metrics = json.loads((workdir / "run" / "eval-test" / "metrics.json").read_text())
     assert metrics["images"] == 40 and metrics["metrics"]["Bleu_1"] > 0.5
+    assert metrics["metrics"]["clipscore"] > 1.0  # the testbed CLIP: image and captions agree
     rows = (workdir / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 15
 

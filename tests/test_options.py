@@ -222,7 +222,8 @@ def test_the_servers_form_fields_are_the_decoding_options(commands):
     caption = {p.name: p.default for p in commands["caption"][1].params}
     assert form == {name: caption[name] for name in form}
     assert set(form) == {
-        "beams", "greedy", "sample", "num_captions", "max_tokens", "top_p", "temperature", "seed"
+        "beams", "greedy", "sample", "num_captions", "max_tokens", "top_p", "temperature", "seed",
+        "prompt",
     }  # fmt: skip
 
 
@@ -455,7 +456,7 @@ def test_the_defaults_of_a_config_are_its_fields():
 
     assert defaults(DecodeConfig) == {
         "strategy": "beam", "beams": 5, "num_captions": 1, "max_tokens": 30, "top_p": 0.9,
-        "temperature": 1.0, "seed": 0,
+        "temperature": 1.0, "seed": 0, "prompt": None,
     }  # fmt: skip
 
 

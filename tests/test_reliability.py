@@ -656,10 +656,10 @@ BAD_INPUT_FLOORS = {
     "data loss": 70,
     "parsing": 43,
     "numbers": 29,
-    "bad option": 30,
+    "bad option": 35,
     "traceback": 53,
     "lock": 2,
-    "message": 61,
+    "message": 63,
     "silent wrong result": 21,
 }
 # How the README names each marker class.

@@ -67,6 +67,22 @@ def test_captions_match_the_captioner_in_order_with_errors_per_image(
         )
 
 
+def test_a_prompt_field_starts_every_caption(captioner, trained_run, pictures):
+    names = list(pictures)[:2]
+    with client_for(captioner, trained_run) as client:
+        reply = client.post(
+            "/caption",
+            files=uploads({n: pictures[n] for n in names}),
+            data={"beams": "3", "num_captions": "2", "prompt": "a circle in"},
+        )
+    assert reply.status_code == 200, reply.text
+    direct = captioner([pictures[n] for n in names], beams=3, num_captions=2, prompt="a circle in")
+    for result, expected in zip(reply.json()["results"], direct, strict=True):
+        texts = [c["caption"] for c in result["captions"]]
+        assert texts == [c["caption"] for c in expected]
+        assert all(t.startswith("a circle in ") for t in texts), texts
+
+
 def cut_png(pictures) -> bytes:
     data = next(iter(pictures.values()))
     return data[: len(data) // 2]
@@ -93,6 +109,8 @@ def bomb_png() -> bytes:
         ("more captions than beams", 422, "num_captions 6 is more than beams 5"),
         ("beams not a number", 422, "beams: Input should be a valid integer"),
         ("too many images", 422, "at most 3 images per request"),
+        ("an empty prompt", 422, "prompt is empty"),
+        ("a prompt too long", 422, "prompt is too long"),
     ],
 )
 def test_bad_requests_get_their_status_and_reason(
@@ -113,6 +131,10 @@ def test_bad_requests_get_their_status_and_reason(
         "more captions than beams": dict(files=uploads({"a.png": png}), data={"num_captions": "6"}),
         "beams not a number": dict(files=uploads({"a.png": png}), data={"beams": "many"}),
         "too many images": dict(files=uploads({f"{i}.png": png for i in range(4)})),
+        "an empty prompt": dict(files=uploads({"a.png": png}), data={"prompt": " "}),
+        "a prompt too long": dict(
+            files=uploads({"a.png": png}), data={"prompt": "a red circle " * 60}
+        ),
     }[case]
     limits = {"max_images": 3}
     if case == "an oversized upload":
@@ -254,6 +276,12 @@ def test_the_web_page_captions_an_uploaded_image_in_a_real_browser(
         expect(page.locator(".card img")).to_have_attribute("alt", expected)
         expect(page.get_by_role("status")).to_have_text("Done.")
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        # A prompt typed on the page starts the caption.
+        prompted = captioner([path], beams=5, prompt="a circle in")[0][0]["caption"]
+        page.get_by_label("Prompt").fill("a circle in")
+        page.get_by_role("button", name="Caption").click()
+        expect(caption).to_have_text(prompted, timeout=30_000)
+        page.get_by_label("Prompt").fill("")
         # A file that is not an image is shown inline as such.
         bad = tmp_path / "notes.png"
         bad.write_bytes(b"not really a png")

@@ -115,6 +115,13 @@ def evaluate(config: EvalConfig) -> dict:
     if config.spice:
         check_spice()
 
+    captioner = None
+    if predictions is None:
+        # Cached embeddings need no CLIP model: only the caption model is loaded.
+        captioner = Captioner.from_checkpoint(
+            directory, device, load_encoder=False, datastore=config.datastore
+        )
+        captioner.check_decode(config.decode)
     # Everything that can be checked is checked before the captioning work: the output folder too.
     out = results_folder(config, directory)
     make_folder(out, "--out", "the results")
@@ -127,11 +134,7 @@ def evaluate(config: EvalConfig) -> dict:
         clip_model,
         device,
     )
-    if predictions is None:
-        # Cached embeddings need no CLIP model: only the caption model is loaded.
-        captioner = Captioner.from_checkpoint(
-            directory, device, load_encoder=False, datastore=config.datastore
-        )
+    if captioner is not None:
         embeddings = torch.from_numpy(cache.embeddings[rows])
         # An image's own captions are never retrieved: they are its references.
         retrieved = captioner.retrieve(embeddings, image_ids)

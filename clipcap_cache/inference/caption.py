@@ -127,6 +127,7 @@ def caption_images(
         raise ClipcapError("--batch-size must be at least 1 and --num-workers at least 0")
     captioner = Captioner.from_checkpoint(checkpoint_path, device, datastore=datastore)
     decode.check_positions(captioner.model)  # before any image is decoded
+    captioner.check_decode(decode)
     results = [ImageCaptions(image=str(p)) for p in paths]
     loader = torch.utils.data.DataLoader(
         ImageDataset(paths, captioner.encoder.processor),

@@ -5,14 +5,16 @@
     captioner = Captioner.from_checkpoint("runs/coco", device="auto")  # or a hub id, USER/NAME
     captioner(["a.jpg", pil_image, jpeg_bytes], beams=5, num_captions=3)
     # -> one list per image of {"caption": str, "score": float}
+    captioner(["a.jpg"], prompt="a photo of")  # captions that begin with "a photo of"
 
-A score is the caption's mean log-probability per token under the model, its EOS included
-(`generate.sequence_scores`): 0 is certain, and lower is less likely. A retrieval-augmented
-checkpoint retrieves from the datastore it was trained with, or from `datastore=OTHER.h5` (a
-datastore of another domain, with no retraining); `caption` and `caption_batch` then give each
-image's retrieved captions too (`ImageCaptions.retrieved`). `clipcap caption`,
-`clipcap serve` and `clipcap evaluate` all caption through this class, so the checkpoint, the CLIP
-model named in it, the check that the two match and the inference precision are decided here once.
+A score is the caption's mean log-probability per generated token under the model, its EOS
+included and a prompt's tokens not (`generate.sequence_scores`): 0 is certain, and lower is less
+likely. A retrieval-augmented checkpoint retrieves from the datastore it was trained with, or from
+`datastore=OTHER.h5` (a datastore of another domain, with no retraining); `caption` and
+`caption_batch` then give each image's retrieved captions too (`ImageCaptions.retrieved`).
+`clipcap caption`, `clipcap serve` and `clipcap evaluate` all caption through this class, so the
+checkpoint, the CLIP model named in it, the check that the two match and the inference precision
+are decided here once.
 """
 
 from dataclasses import dataclass, field
@@ -32,7 +34,13 @@ from clipcap_cache.data.images import (
 from clipcap_cache.devices import inference_autocast, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.extraction.encoder import ClipEncoder, load_clip
-from clipcap_cache.inference.generate import DecodeConfig, decode_config, generate_captions
+from clipcap_cache.inference.generate import (
+    DecodeConfig,
+    check_positions,
+    decode_config,
+    generate_captions,
+    prompt_token_ids,
+)
 from clipcap_cache.model import ClipCaptionModel
 from clipcap_cache.retrieval import Datastore, RetrievalSettings, Retriever, check_datastore
 
@@ -124,7 +132,8 @@ class Captioner:
         """Caption images given as paths, PIL images or encoded bytes; one list per image.
 
         `options` are named like the command line's (`beams`, `greedy`, `sample`, `num_captions`,
-        `max_tokens`, `top_p`, `temperature`, `seed`). An unreadable image raises `ClipcapError`;
+        `max_tokens`, `top_p`, `temperature`, `seed`, `prompt`): with `prompt`, every caption
+        begins with that text. An unreadable image raises `ClipcapError`;
         `caption` reports it per image instead.
         """
         results = self.caption(images, decode_config(**options))
@@ -132,6 +141,15 @@ class Captioner:
             if result.error is not None:
                 raise ClipcapError(f"image {i}: {result.error}")
         return [r.captions for r in results]
+
+    def check_decode(self, decode: DecodeConfig) -> None:
+        """Refuse decoding options the model cannot follow, before any image is read.
+
+        That is a prompt too long for the model's positions.
+        """
+        check_positions(
+            self.model, len(prompt_token_ids(self.tokenizer, decode.prompt)), decode.max_tokens
+        )
 
     def caption(self, images: list[ImageInput], decode: DecodeConfig) -> list[ImageCaptions]:
         """Caption images in one batch; an unreadable one gets an error and the others captions."""

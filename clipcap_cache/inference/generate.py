@@ -2,6 +2,16 @@
 
 Decoding is transformers' `generate()` on `inputs_embeds` (the projector's prefix), which brings
 the KV cache, beam search and nucleus sampling; there is no hand-written decoding loop here.
+
+What the language model reads, per image, is
+
+    [left padding] [visual prefix: K embeddings] [context tokens] [prompt tokens] -> caption
+
+The prompt (`DecodeConfig.prompt`, `--prompt`) is the start of every caption: generation
+continues after it, and the returned caption begins with it. Context tokens (`context_ids`, one
+list per image, such as captions retrieved for it) come between the prefix and the prompt and are
+not part of the caption. Rows of unequal length are padded on the left, with an attention mask,
+so that every row's last input is its last prompt token.
 """
 
 import unicodedata
@@ -14,7 +24,7 @@ from transformers import GenerationConfig
 from clipcap_cache import devices
 from clipcap_cache.checks import at_least, at_most, check_types
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.model import ClipCaptionModel, eval_mode, pad_token_id
+from clipcap_cache.model import ClipCaptionModel, chunked_log_probs, eval_mode, pad_token_id
 from clipcap_cache.options import check_choices, option
 
 STRATEGIES = ("beam", "greedy", "sample")
@@ -40,6 +50,9 @@ class DecodeConfig:
     top_p: float = option(0.9, help="Nucleus mass for --sample.")
     temperature: float = option(1.0, help="Softmax temperature for --sample.")
     seed: int = option(0, help="Random seed for --sample.")
+    prompt: str | None = option(
+        None, help="Start every caption with this text; decoding continues after it."
+    )
 
     def __post_init__(self):
         check_types(self)
@@ -49,6 +62,10 @@ class DecodeConfig:
         at_most(self, MAX_SEED, "seed")
         at_most(self, MAX_BEAMS, "beams")
         at_most(self, MAX_NUM_CAPTIONS, "num_captions")
+        if self.prompt is not None and not clean_caption(self.prompt):
+            raise ClipcapError(
+                "--prompt is empty: give the text the captions start with, or leave it out"
+            )
         if self.strategy == "beam" and self.num_captions > self.beams:
             raise ClipcapError(
                 f"--num-captions {self.num_captions} is more than --beams "
@@ -133,6 +150,50 @@ def clean_caption(text: str) -> str:
     return " ".join(text.split())
 
 
+def prompt_token_ids(tokenizer, prompt: str | None) -> list[int]:
+    """The tokens of a caption prompt, cleaned as captions are (`clean_caption`); [] for None."""
+    return tokenizer(clean_caption(prompt))["input_ids"] if prompt else []
+
+
+def check_positions(model: ClipCaptionModel, input_tokens: int, max_tokens: int) -> None:
+    """Refuse a prompt (and context) that leaves no room for the caption in GPT-2's positions."""
+    positions = model.gpt2.config.n_positions
+    needed = model.config.prefix_length + input_tokens + max_tokens
+    if input_tokens and needed > positions:
+        raise ClipcapError(
+            f"--prompt is too long: {input_tokens} prompt tokens after the "
+            f"{model.config.prefix_length}-token prefix, with --max-tokens {max_tokens}, need "
+            f"{needed} positions and the language model has {positions}; shorten the prompt "
+            "or lower --max-tokens"
+        )
+
+
+def prompted_inputs(
+    model: ClipCaptionModel, prefix: torch.Tensor, rows: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The visual prefix (B, K, H) followed by each row's tokens, left-padded to one length.
+
+    Returns the input embeddings (B, K + L, H) and their attention mask (B, K + L), or None for
+    the mask when no row is padded (then every position is attended, as without tokens).
+    """
+    if not any(rows):
+        return prefix, None
+    width = max(len(r) for r in rows)
+    device = prefix.device
+    embed = model.gpt2.transformer.wte
+    pad = torch.zeros(width, prefix.shape[2], dtype=prefix.dtype, device=device)
+    embeds, masks = [], []
+    for row, visual in zip(rows, prefix, strict=True):
+        ids = torch.tensor(row, dtype=torch.long, device=device)
+        missing = width - len(row)
+        embeds.append(torch.cat([pad[:missing], visual, embed(ids).to(prefix.dtype)]))
+        mask = torch.ones(len(visual) + width, dtype=torch.long, device=device)
+        mask[:missing] = 0
+        masks.append(mask)
+    mask = torch.stack(masks)
+    return torch.stack(embeds), (mask if bool((mask == 0).any()) else None)
+
+
 @torch.inference_mode()
 def generate_captions(
     model: ClipCaptionModel,
@@ -143,16 +204,26 @@ def generate_captions(
     autocast: torch.dtype | None = None,
     progress: bool = False,
     with_scores: bool = False,
+    context_ids: list[list[int]] | None = None,
     prompts: list[list[int]] | None = None,
 ) -> list[list]:
     """Caption each (D,) embedding of `clip_embeddings` (N, D); returns N lists of captions.
 
-    With `with_scores`, each caption comes as `(text, score)`: its mean log-probability per token
-    under the model, the caption's tokens and its EOS counted (see `sequence_scores`). `prompts`
-    holds the token ids each image's caption follows (a retrieval prompt): the model reads the
-    prefix, then the prompt, and the caption is what it writes next.
+    With `decode.prompt`, each caption begins with the prompt and continues it. `context_ids`
+    (N lists of token ids) go between each image's prefix and the prompt and are not part of
+    its caption. With `with_scores`, each caption comes as `(text, score)`: the mean
+    log-probability per generated token under the model, its EOS counted and the prompt not
+    (see `sequence_scores`). `prompts` is another name for `context_ids`: a retrieval prompt,
+    each image's retrieved captions.
     """
+    if context_ids is None:
+        context_ids = prompts
     decode.check_positions(model)
+    if context_ids is not None and len(context_ids) != len(clip_embeddings):
+        raise ValueError(f"{len(context_ids)} context rows for {len(clip_embeddings)} embeddings")
+    prompt = prompt_token_ids(tokenizer, decode.prompt)
+    rows = [list(c) + prompt for c in context_ids] if context_ids else None
+    check_positions(model, max(map(len, rows)) if rows else len(prompt), decode.max_tokens)
     with eval_mode(model):
         device = next(model.parameters()).device
         eos = tokenizer.eos_token_id
@@ -167,82 +238,67 @@ def generate_captions(
             starts = range(0, len(clip_embeddings), batch_size)
             for start in tqdm(starts, desc="caption", unit="batch", disable=not progress):
                 batch = clip_embeddings[start : start + batch_size].to(device)
-                batch_prompts = prompts[start : start + batch_size] if prompts else None
-                found: list = [None] * len(batch)
+                batch_rows = rows[start : start + len(batch)] if rows else [prompt] * len(batch)
                 with devices.autocast(device, autocast):
                     prefix = model.prefix_embeddings(batch)  # (B, K, H)
-                for positions, context in prompted(model, prefix, batch_prompts):
-                    texts = _decode(
-                        model, tokenizer, context, generation_config, decode, autocast, with_scores
+                    inputs, mask = prompted_inputs(model, prefix, batch_rows)  # (B, K+L, H)
+                    attention_mask = (
+                        mask
+                        if mask is not None
+                        else torch.ones(inputs.shape[:2], dtype=torch.long, device=device)
                     )
-                    for position, text in zip(positions, texts, strict=True):
-                        found[position] = text
-                captions.extend(found)
+                    tokens = model.gpt2.generate(
+                        inputs_embeds=inputs,
+                        attention_mask=attention_mask,
+                        generation_config=generation_config,
+                    )
+                # With only inputs_embeds given, generate() returns the new tokens alone; the
+                # prompt's tokens are decoded with them, so the text joins them as one caption.
+                shown = [prompt + row for row in tokens.tolist()] if prompt else tokens
+                texts = tokenizer.batch_decode(shown, skip_special_tokens=True)
+                texts = [clean_caption(t) for t in texts]
+                n = decode.num_captions
+                if with_scores:
+                    with devices.autocast(device, autocast):
+                        scores = sequence_scores(
+                            model,
+                            inputs.repeat_interleave(n, dim=0),
+                            tokens,
+                            eos,
+                            None if mask is None else mask.repeat_interleave(n, dim=0),
+                        )
+                    texts = list(zip(texts, scores.tolist(), strict=True))
+                captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
     return captions
 
 
-def prompted(
-    model: ClipCaptionModel, prefix: torch.Tensor, prompts: list[list[int]] | None
-) -> list[tuple[list[int], torch.Tensor]]:
-    """The contexts a batch is decoded from: its prefixes (B, K, H), each followed by its prompt.
-
-    Images whose prompts have the same length are decoded together, `(positions, (b, K+P, H))`,
-    so that no context is padded: the positions the model reads are those it was trained at.
-    """
-    if not prompts:
-        return [(list(range(len(prefix))), prefix)]
-    by_length: dict[int, list[int]] = {}
-    for position, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(position)
-    groups = []
-    for positions in by_length.values():
-        ids = torch.tensor([prompts[p] for p in positions], device=prefix.device)
-        words = model.gpt2.transformer.wte(ids).to(prefix.dtype)  # (b, P, H)
-        groups.append((positions, torch.cat([prefix[positions], words], dim=1)))
-    return groups
-
-
-def _decode(
-    model: ClipCaptionModel,
-    tokenizer,
-    context: torch.Tensor,
-    generation_config: GenerationConfig,
-    decode: DecodeConfig,
-    autocast: torch.dtype | None,
-    with_scores: bool,
-) -> list[list]:
-    """One `generate()` call from contexts (B, C, H): B lists of captions (with scores)."""
-    device = context.device
-    with devices.autocast(device, autocast):
-        attention_mask = torch.ones(context.shape[:2], dtype=torch.long, device=device)
-        tokens = model.gpt2.generate(
-            inputs_embeds=context,
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-        )
-    # With only inputs_embeds given, generate() returns the new tokens alone.
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    texts = [clean_caption(t) for t in texts]
-    n = decode.num_captions
-    if with_scores:
-        with devices.autocast(device, autocast):
-            scores = sequence_scores(
-                model, context.repeat_interleave(n, dim=0), tokens, tokenizer.eos_token_id
-            )
-        texts = list(zip(texts, scores.tolist(), strict=True))
-    return [texts[i : i + n] for i in range(0, len(texts), n)]
-
-
 def sequence_scores(
-    model: ClipCaptionModel, prefix: torch.Tensor, tokens: torch.Tensor, eos: int
+    model: ClipCaptionModel,
+    prefix: torch.Tensor,
+    tokens: torch.Tensor,
+    eos: int,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean log-probability per token of generated captions, EOS included: (B,) floats.
 
-    `prefix` (B, K, H) is each caption's prefix and `tokens` (B, T) its generated tokens, which
-    end at the first EOS (the rest is padding). One forward pass scores every strategy alike.
+    `prefix` (B, K, H) is each caption's input embeddings (its visual prefix, and any context and
+    prompt after it, with their `attention_mask` (B, K) when left-padded) and `tokens` (B, T) its
+    generated tokens, which end at the first EOS (the rest is padding). One forward pass scores
+    every strategy alike.
     """
     counted = counted_tokens(tokens, eos)
-    return (model.token_log_probs(prefix, tokens) * counted).sum(1) / counted.sum(1)
+    if attention_mask is None:
+        log_probs = model.token_log_probs(prefix, tokens)
+    else:
+        k = prefix.shape[1]
+        embeds = torch.cat([prefix, model.gpt2.transformer.wte(tokens).to(prefix.dtype)], dim=1)
+        mask = torch.cat([attention_mask, torch.ones_like(tokens)], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # padding takes no position
+        hidden = model.gpt2.transformer(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
+        ).last_hidden_state
+        log_probs = chunked_log_probs(model.gpt2.lm_head, hidden[:, k - 1 : -1], tokens)
+    return (log_probs * counted).sum(1) / counted.sum(1)
 
 
 def counted_tokens(tokens: torch.Tensor, eos: int) -> torch.Tensor:

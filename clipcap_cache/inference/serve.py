@@ -408,6 +408,7 @@ def create_app(captioner: Captioner, config: ServeConfig):
         top_p: Annotated[float, Form()] = _DECODE.top_p,
         temperature: Annotated[float, Form()] = _DECODE.temperature,
         seed: Annotated[int, Form()] = _DECODE.seed,
+        prompt: Annotated[str | None, Form()] = _DECODE.prompt,
     ):
         """Caption uploaded images; the results keep the order of the uploads."""
         if not images:
@@ -424,8 +425,10 @@ def create_app(captioner: Captioner, config: ServeConfig):
                 top_p=top_p,
                 temperature=temperature,
                 seed=seed,
+                prompt=prompt,
             )
             decode.check_positions(captioner.model)
+            captioner.check_decode(decode)
         except ClipcapError as e:
             return _error(422, _field_names(str(e)))
         try:
