@@ -216,6 +216,24 @@ def build_tiny_tokenizer(captions: list[str], vocab_size: int = 320):
     )
 
 
+def tiny_gpt2_config(tokenizer, n_embd: int, n_layer: int, n_head: int, dropout: float):
+    """The `GPT2Config` of a tiny GPT-2 over `tokenizer`, EOS also its BOS, one dropout rate."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
+
+
 def build_tiny_gpt2(
     directory: str | Path,
     captions: list[str],
@@ -233,22 +251,11 @@ def build_tiny_gpt2(
     larger `embedding_std`, towards a trained GPT-2's, gives a distribution sharp enough for
     sampling to mean something, as self-critical training needs.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     tokenizer = build_tiny_tokenizer(captions)
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=128,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-    )
+    config = tiny_gpt2_config(tokenizer, n_embd, n_layer, n_head, dropout)
     model = GPT2LMHeadModel(config)
     if embedding_std != config.initializer_range:
         generator = torch.Generator().manual_seed(seed + 1)

@@ -36,6 +36,7 @@ from clipcap_cache.demo import (
     build_tiny_clip_tokenizer,
     build_tiny_tokenizer,
     draw_shape,
+    tiny_gpt2_config,
 )
 from clipcap_cache.files import write_json_atomic
 from clipcap_cache.hub import quiet_transformers
@@ -253,23 +254,12 @@ def _train_gpt2(
     steps: int,
     lr: float,
 ) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     captions = all_demo_captions()
     tokenizer = build_tiny_tokenizer(captions)
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=128,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-    )
+    config = tiny_gpt2_config(tokenizer, n_embd, n_layer, n_head, dropout)
     model = GPT2LMHeadModel(config)
     # Each caption as a document: EOS (GPT-2's BOS) + caption + EOS, right-padded with EOS; the
     # padding carries no label, so the model learns to end a caption with exactly one EOS.

@@ -292,7 +292,7 @@ def read_samples(path: Path) -> Iterator[Sample]:
         # Seekable mode, not the stream mode ("r|*"): a stream skips a member by reading its
         # declared size in 10 kB blocks even past the end of the file, so a header claiming
         # terabytes took minutes; a seek takes no time, and a gzip seek stops at the end.
-        tar = tarfile.open(path, mode="r:*")
+        tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 (closed by the `with tar` below)
     except (tarfile.TarError, EOFError, zlib.error):
         # Its message lists every compression tried, on several lines.
         yield Sample("", path.name, failure="not a tar file, or an empty or damaged one")

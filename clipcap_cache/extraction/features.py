@@ -286,6 +286,7 @@ class Source(Protocol):
     identity: str  # what the cache's `source` attribute records, to recognise the same input
     format: str  # the cache's `annotation_format`
     uncaptioned: int  # images left out for having no caption, when known before reading
+    image_root_name: str  # the resolved image root ("" when the images are inside the input)
 
     def shards(self, shard_size: int) -> list:
         """The units of work, in the cache's order."""
@@ -442,6 +443,7 @@ class _DatasetParts:
     identity: str
     format: str
     uncaptioned: int = 0  # counted as the rows are read
+    image_root_name: str = ""  # the resolved --images, for rows that name image files
     _parts: dict = field(default_factory=dict)  # shard size -> parts
 
     @classmethod
@@ -467,7 +469,8 @@ class _DatasetParts:
             images=config.images,
         )
         identity = f"{opened.identity}:default {config.split_default}"
-        return cls(opened=opened, identity=identity, format=layout)
+        root = str(Path(config.images).resolve()) if config.images is not None else ""
+        return cls(opened=opened, identity=identity, format=layout, image_root_name=root)
 
     def shards(self, shard_size: int) -> list[hf_datasets.Part]:
         if shard_size not in self._parts:
