@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_serve import free_port, uploads
+from test_serve import free_port, running_server, uploads
 
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.inference.serve import ServeConfig, create_app
@@ -197,24 +197,11 @@ def test_allowed_hosts_names_the_hosts_of_a_network_server(captioner, trained_ru
 @pytest.fixture(scope="module")
 def quick_timeout_server(captioner, trained_run):
     """A real uvicorn server whose bodies must arrive within 1 s."""
-    import uvicorn
 
     port = free_port()
     app = create_app(captioner, ServeConfig(str(trained_run), port=port, body_timeout_s=1))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(app, port):
+        yield port
 
 
 def read_until_closed(sock: socket.socket, seconds: float) -> tuple[bytes, bool]:

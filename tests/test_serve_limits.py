@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_serve import free_port, uploads
+from test_serve import free_port, running_server, uploads
 
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.inference.serve import ServeConfig, create_app
@@ -30,25 +30,12 @@ def client_for(captioner, trained_run, **settings):
 @pytest.fixture(scope="module")
 def small_limit_server(captioner, trained_run):
     """A real uvicorn server that takes one image of at most 10 kB per request."""
-    import uvicorn
 
     port = free_port()
     config = ServeConfig(str(trained_run), port=port, max_upload_mb=0.01, max_images=1)
     app = create_app(captioner, config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(app, port):
+        yield port
 
 
 def _chunked_upload(port: int, chunk: bytes, most: int) -> tuple[bytes, int]:
