@@ -6,7 +6,8 @@ Everything is built deterministically on the spot, with no network: a small data
 shapes on coloured backgrounds in the Karpathy/COCO format with train, val and test splits, and
 the pretrained tiny CLIP and GPT-2 of `clipcap_cache.testbed` (trained on those shapes and their
 captions, written with `save_pretrained`). The demo then runs the same library functions as
-`extract-features`, `train`, `evaluate` and `caption`, loading the models through the same
+`extract-features`, `embed-text` (a retrieval datastore of the training captions), `train`,
+`train --objective scst`, `evaluate` and `caption`, loading the models through the same
 `from_pretrained` path a hub name takes. Tests use the builders here too: the tiny *random*
 models below where only shapes matter, the testbed where quality must mean something.
 """
@@ -278,12 +279,21 @@ def offline_bertscore_model() -> str | None:
 
 
 def run_demo(
-    workdir: str | Path = DEFAULT_WORKDIR, fresh: bool = False, epochs: int = 15, echo=print
+    workdir: str | Path = DEFAULT_WORKDIR,
+    fresh: bool = False,
+    epochs: int = 15,
+    scst_epochs: int = 2,
+    echo=print,
 ) -> dict:
-    """Build the data and models if missing, then extract, train, evaluate and caption."""
+    """Build the data and models if missing, then extract, embed, train, evaluate and caption.
+
+    Returns the test metrics of the cross-entropy run and of its self-critical continuation, as
+    `{"xe": ..., "scst": ...}` (each what `evaluate` returns).
+    """
     from clipcap_cache.data.annotations import read_annotations
-    from clipcap_cache.evaluation.evaluate import EvalConfig, evaluate, format_table
+    from clipcap_cache.evaluation.evaluate import EvalConfig, evaluate
     from clipcap_cache.extraction.features import FeatureConfig, extract_features
+    from clipcap_cache.extraction.text import TextConfig, embed_text
     from clipcap_cache.inference.caption import caption_images
     from clipcap_cache.inference.generate import DecodeConfig
     from clipcap_cache.model import ModelConfig
@@ -301,30 +311,31 @@ def run_demo(
         probe.unlink()
     annotations = workdir / "shapes" / "dataset_shapes.json"
     if not annotations.exists():
-        echo("1/5 drawing the synthetic dataset (coloured shapes, Karpathy format)")
+        echo("1/7 drawing the synthetic dataset (coloured shapes, Karpathy format)")
         make_shapes_dataset(workdir / "shapes")
     else:
-        echo("1/5 synthetic dataset found, reusing it")
+        echo("1/7 synthetic dataset found, reusing it")
     from clipcap_cache.testbed import build_testbed, recorded_recipes
 
     models = workdir / "models"
     before = recorded_recipes(models)
     if before is None:
-        echo("2/5 building the pretrained tiny CLIP (contrastive) and GPT-2 (language model)")
+        echo("2/7 building the pretrained tiny CLIP (contrastive) and GPT-2 (language model)")
     else:
-        echo("2/5 pretrained tiny models found, reusing them")
+        echo("2/7 pretrained tiny models found, reusing them")
     clip_dir, gpt2_dir = build_testbed(models)
-    features, run_dir = workdir / "features.h5", workdir / "run"
+    features, datastore = workdir / "features.h5", workdir / "datastore.h5"
+    run_dir, scst_dir = workdir / "run", workdir / "run-scst"
     if before is not None and before != recorded_recipes(models):
         # Built from another recipe: what was made with the old models is of no use now.
         echo("    the models' recipe changed: extracting and training again")
-        for stale in (features, run_dir):
+        for stale in (features, datastore, run_dir, scst_dir):
             if stale.is_dir():
                 shutil.rmtree(stale)
             elif stale.exists():
                 stale.unlink()
 
-    echo("3/5 extract-features")
+    echo("3/7 extract-features")
     summary = extract_features(
         FeatureConfig(
             annotations=str(annotations),
@@ -341,15 +352,29 @@ def run_demo(
         else f"    {summary.images_written} images written, {summary.images_failed} skipped, "
         f"{summary.images_per_second:.0f} images/s"
     )
+    echo("4/7 embed-text: the training captions' CLIP text embeddings, a retrieval datastore")
+    embedded = embed_text(
+        TextConfig(source=str(features), out=str(datastore), split=TRAIN, device="cpu")
+    )
+    echo(
+        "    text file already complete, nothing to do"
+        if embedded.get("already_complete")
+        else f"    {embedded['captions']} captions embedded"
+    )
 
     bertscore_model = offline_bertscore_model()
-    last = run_dir / "checkpoints" / "last" / "config.json"
-    done_epochs = read_json(last, "checkpoint config")["epoch"] if last.exists() else 0
-    echo("4/5 train")
-    if done_epochs >= epochs:
-        echo(f"    run already trained for {done_epochs} epochs, reusing it")
-    else:
-        train(
+    scores = dict(
+        bertscore=bertscore_model is not None,
+        bertscore_model=bertscore_model or "",
+        bertscore_layers=6,
+    )
+    model = ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4, freeze_layers=0)
+    echo("5/7 train (cross-entropy)")
+    _train_once(
+        run_dir,
+        epochs,
+        echo,
+        lambda resume: train(
             TrainConfig(
                 features=str(features),
                 out=str(run_dir),
@@ -360,56 +385,95 @@ def run_demo(
                 eval_images=40,
                 seed=0,
                 device="cpu",
-                bertscore=bertscore_model is not None,
-                bertscore_model=bertscore_model or "",
-                bertscore_layers=6,
                 save_every_steps=0,
-                resume=last.exists(),
+                resume=resume,
                 # The two caption templates differ in length: grouped batches would each hold
                 # one template, and the tiny model learns the task less well in its few steps.
                 group_by_length=False,
+                **scores,
             ),
-            ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4, freeze_layers=0),
-        )
-
-    echo("5/5 evaluate on the test split, then caption a few test images")
-    result = evaluate(
-        EvalConfig(
-            checkpoint=str(run_dir),
-            features=str(features),
-            split=TEST,
-            decode=DecodeConfig(strategy="beam", beams=3, max_tokens=16),
-            batch_size=64,
-            device="cpu",
-            bertscore=bertscore_model is not None,
-            bertscore_model=bertscore_model or "",
-            bertscore_layers=6,
-            clipscore=True,  # the testbed's CLIP towers agree, so CLIPScore means something
-        )
+            model,
+        ),
     )
+    echo("6/7 train --objective scst: self-critical training on CIDEr-D, from the best epoch")
+    _train_once(
+        scst_dir,
+        scst_epochs,
+        echo,
+        lambda resume: train(
+            TrainConfig(
+                features=str(features),
+                out=str(scst_dir),
+                init=str(run_dir),
+                objective="scst",
+                epochs=scst_epochs,
+                batch_size=16,
+                lr=3e-4,
+                warmup_steps=0,
+                eval_images=40,
+                max_caption_tokens=16,
+                seed=0,
+                device="cpu",
+                save_every_steps=0,
+                resume=resume,
+                bertscore=False,  # SCST keeps the epoch with the best val CIDEr-D
+            ),
+            model,  # the --init run's
+        ),
+    )
+
+    echo("7/7 evaluate both runs on the test split, then caption a few test images")
+    decode = DecodeConfig(strategy="beam", beams=3, max_tokens=16)
+    results = {
+        name: evaluate(
+            EvalConfig(
+                checkpoint=str(directory),
+                features=str(features),
+                split=TEST,
+                decode=decode,
+                batch_size=64,
+                device="cpu",
+                clipscore=True,  # the testbed's CLIP towers agree, so CLIPScore means something
+                **scores,
+            )
+        )
+        for name, directory in (("xe", run_dir), ("scst", scst_dir))
+    }
     records = [r for r in read_annotations(annotations) if r.split == TEST][:6]
     samples = caption_images(
         [workdir / "shapes" / r.path for r in records],
-        str(run_dir),
-        DecodeConfig(strategy="beam", beams=3, max_tokens=16),
+        str(scst_dir),
+        decode,
         batch_size=6,
         device="cpu",
         progress=False,
     )
+    nearest = _nearest_captions(features, datastore, [r.image_id for r in records], echo)
 
-    echo("\nSample captions (test split):")
-    width = max(len(s.texts()[0]) if s.captions else 5 for s in samples)
-    echo(f"  {'generated':<{width}}  reference")
-    for sample, record in zip(samples, records, strict=True):
-        generated = sample.texts()[0] if sample.captions else f"ERROR {sample.error}"
-        echo(f"  {generated:<{width}}  {record.captions[0]}")
-    echo(f"\nMetrics on {result['images']} test images:")
-    echo(format_table(result["metrics"]))
-    if result["skipped"]:
-        echo(f"skipped: {', '.join(result['skipped'])}")
+    header = ["generated", "retrieved", "reference"]
+    rows = [
+        [s.texts()[0] if s.captions else f"ERROR {s.error}", near, r.captions[0]]
+        for s, near, r in zip(samples, nearest or [""] * len(records), records, strict=True)
+    ]
+    if nearest is None:
+        header.pop(1)
+        rows = [[row[0], row[2]] for row in rows]
+        echo("\nSample captions (test split):")
+    else:
+        echo("\nSample captions (test split), with the nearest training caption by CLIP:")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        padded = [f"{cell:<{width}}" for cell, width in zip(row[:-1], widths, strict=True)]
+        echo("  " + "  ".join([*padded, row[-1]]))
+    images = results["xe"]["images"]
+    echo(f"\nMetrics on {images} test images, cross-entropy then SCST:")
+    echo(_side_by_side(results["xe"]["metrics"], results["scst"]["metrics"]))
+    skipped = results["xe"]["skipped"]
+    if skipped:
+        echo(f"skipped: {', '.join(skipped)}")
     echo(
-        f"\nEverything is in {workdir}: features.h5, run/ (checkpoints, metrics.jsonl, plots/, "
-        "train.log) and run/eval-test/."
+        f"\nEverything is in {workdir}: features.h5, datastore.h5, run/ and run-scst/ "
+        "(checkpoints, metrics.jsonl, plots/, train.log, eval-test/)."
     )
     echo(
         "\nNext, on COCO with the real models (see data/README.md):\n"
@@ -419,4 +483,45 @@ def run_demo(
         "  clipcap evaluate runs/coco --features data/coco_vitb32.h5 --split test\n"
         "  clipcap caption my_photo.jpg --checkpoint runs/coco"
     )
-    return result
+    return results
+
+
+def _train_once(run_dir: Path, epochs: int, echo, run) -> None:
+    """Train `run_dir` to `epochs` epochs: reuse a finished run, resume a stopped one."""
+    last = run_dir / "checkpoints" / "last" / "config.json"
+    done_epochs = read_json(last, "checkpoint config")["epoch"] if last.exists() else 0
+    if done_epochs >= epochs:
+        echo(f"    run already trained for {done_epochs} epochs, reusing it")
+        return
+    run(last.exists())
+
+
+def _nearest_captions(features: Path, datastore: Path, image_ids: list[str], echo):
+    """The datastore caption nearest each image (by id in `features`), other images' only.
+
+    None, with a line saying so, when FAISS (the `retrieval` extra) is not installed.
+    """
+    from clipcap_cache.data.cache import read_cache
+    from clipcap_cache.errors import ClipcapError
+    from clipcap_cache.retrieval import Datastore, import_faiss
+
+    try:
+        import_faiss()
+    except ClipcapError as missing:
+        echo(f"    no retrieved captions: {missing}")
+        return None
+
+    cache = read_cache(features)
+    rows = [cache.image_ids.index(image_id) for image_id in image_ids]
+    store = Datastore.open(datastore)
+    found = store.search(cache.embeddings[rows], 1, image_ids)
+    return [captions[0] for captions in store.captions(found)]
+
+
+def _side_by_side(xe: dict, scst: dict) -> str:
+    """The two runs' metrics as an aligned three-column text table."""
+    names = [name for name in xe if name in scst]
+    width = max(len(name) for name in names + ["metric"])
+    lines = [f"{'metric':<{width}}  {'xe':>8}  {'scst':>8}"]
+    lines += [f"{name:<{width}}  {xe[name]:>8.4f}  {scst[name]:>8.4f}" for name in names]
+    return "\n".join(lines)
