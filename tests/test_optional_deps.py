@@ -72,6 +72,10 @@ except ClipcapError as error:
     assert "clipcap-cache[retrieval]" in str(error), error
 else:
     raise AssertionError("a datastore without faiss was not refused")
+from clipcap_cache import demo
+said = []
+assert demo._nearest_captions("features.h5", "datastore.h5", ["0"], said.append) is None
+assert len(said) == 1 and "clipcap-cache[retrieval]" in said[0], said
 # huggingface_hub cannot be blocked from the start (transformers imports it), so it is blocked
 # once the core is loaded: what needs it says which extra installs it, in one line.
 sys.modules["huggingface_hub"] = None
