@@ -33,7 +33,6 @@ from clipcap_cache.demo import (
     BACKGROUNDS,
     COLORS,
     SHAPES,
-    TEMPLATES,
     ShapeImage,
     all_demo_captions,
     build_tiny_clip_tokenizer,
@@ -51,16 +50,15 @@ RECIPE_FILE = "testbed.json"  # beside the weights: the recipe a folder was buil
 class ClipRecipe:
     """How the tiny CLIP is built; a change rebuilds a cached folder."""
 
-    version: int = 2  # raise when the code below changes what it builds
+    version: int = 1  # raise when the code below changes what it builds
     seed: int = 0
-    image_size: int = 30
-    patch_size: int = 6  # 25 patches: as fine as shape needs, and cheaper than 4-pixel ones
+    image_size: int = 24
+    patch_size: int = 4
     projection_dim: int = 64
     vision_layers: int = 2
-    text_layers: int = 1  # 72 short captions need no more
-    images_per_combination: int = 100  # drawn training images per (colour, shape, background)
+    images_per_combination: int = 30  # drawn training images per (colour, shape, background)
     images_per_step: int = 1  # of each combination, in every step
-    steps: int = 500
+    steps: int = 400
     lr: float = 5e-3
     prompt_share: float = 0.5  # captions trained with CLIPScore's "A photo depicts" before them
 
@@ -69,41 +67,14 @@ class ClipRecipe:
 class Gpt2Recipe:
     """How the tiny GPT-2 is built; a change rebuilds a cached folder."""
 
-    version: int = 2
+    version: int = 1
     seed: int = 0
     n_embd: int = 64
     n_layer: int = 2
     n_head: int = 2
-    dropout: float = 0.1  # in the saved config, as GPT-2's own: fine-tuning runs with dropout on
-    vocab_size: int = 400
-    max_captions_per_document: int = 5  # a document holds 1 to this many captions of one scene
-    rows_per_step: int = 16  # documents in a step, one to a row
-    steps: int = 800  # copying forms after about 400 steps
-    lr: float = 1e-2
-
-
-# Colour names the language model knows besides the shapes' own, as a real GPT-2 knows far more
-# words than any one captioning dataset holds: a captioner trained on the shapes never sees them,
-# but a datastore of another domain can bring them into its prompt.
-EXTRA_COLORS = (
-    "crimson", "emerald", "azure", "golden", "orange", "purple",
-    "pink", "brown", "violet", "silver", "teal", "ivory",
-)  # fmt: skip
-
-
-def lm_captions() -> list[str]:
-    """Every caption of the language model's corpus: the demo's templates over all colour names."""
-    return [
-        c
-        for color in (*COLORS, *EXTRA_COLORS)
-        for shape in SHAPES
-        for background in BACKGROUNDS
-        for c in _scene_captions(color, shape, background)
-    ]
-
-
-def _scene_captions(color: str, shape: str, background: str) -> list[str]:
-    return [t.format(color=color, shape=shape, background=background) for t in TEMPLATES]
+    dropout: float = 0.1  # as GPT-2's own config: fine-tuning then runs with dropout on
+    steps: int = 400
+    lr: float = 3e-3
 
 
 def build_testbed(cache_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
@@ -116,7 +87,7 @@ def build_testbed(cache_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     cache_dir = Path(cache_dir)
     clip_recipe, gpt2_recipe = ClipRecipe(seed=seed), Gpt2Recipe(seed=seed)
     concurrent = (
-        len(os.sched_getaffinity(0)) > 1
+        _usable_cores() > 1
         and not _is_current(cache_dir / "clip", "clip", clip_recipe)
         and not _is_current(cache_dir / "gpt2", "gpt2", gpt2_recipe)
     )
@@ -146,6 +117,12 @@ def build_pretrained_clip(out_dir: str | Path, recipe: ClipRecipe | None = None)
 def build_pretrained_gpt2(out_dir: str | Path, recipe: Gpt2Recipe | None = None) -> Path:
     """A tiny GPT-2 pretrained on the caption text, saved in `out_dir` (reused if current)."""
     return _cached(Path(out_dir), "gpt2", asdict(recipe or Gpt2Recipe()), _train_gpt2)
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _is_current(out_dir: Path, kind: str, recipe) -> bool:
@@ -201,7 +178,6 @@ def _train_clip(
     patch_size: int,
     projection_dim: int,
     vision_layers: int,
-    text_layers: int,
     images_per_combination: int,
     images_per_step: int,
     steps: int,
@@ -218,7 +194,7 @@ def _train_clip(
         text_config=dict(
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=text_layers,
+            num_hidden_layers=2,
             num_attention_heads=2,
             vocab_size=len(tokenizer),
             max_position_embeddings=32,
@@ -304,63 +280,36 @@ def _train_gpt2(
     n_layer: int,
     n_head: int,
     dropout: float,
-    vocab_size: int,
-    max_captions_per_document: int,
-    rows_per_step: int,
     steps: int,
     lr: float,
 ) -> None:
     from transformers import GPT2LMHeadModel
 
-    from clipcap_cache.retrieval import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE
-
-    # The tokenizer also learns the words of the default retrieval prompt, as a real GPT-2's
-    # knows them, so a prompt of four captions stays within the positions trained here.
-    prompt_words = DEFAULT_TEMPLATE.replace("{captions}", DEFAULT_SEPARATOR.strip())
-    tokenizer = build_tiny_tokenizer(lm_captions() + [prompt_words], vocab_size)
+    captions = all_demo_captions()
+    tokenizer = build_tiny_tokenizer(captions)
     torch.manual_seed(seed)
-    # Pretrained without dropout, which slows the forming of the copying skill below; the saved
-    # config carries `dropout` for fine-tuning.
-    model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer, n_embd, n_layer, n_head, 0.0))
+    config = tiny_gpt2_config(tokenizer, n_embd, n_layer, n_head, dropout)
+    model = GPT2LMHeadModel(config)
+    # Each caption as a document: EOS (GPT-2's BOS) + caption + EOS, right-padded with EOS; the
+    # padding carries no label, so the model learns to end a caption with exactly one EOS.
     eos = tokenizer.eos_token_id
-    # The training text is made of documents, as GPT-2's web text is: a document holds 1 to
-    # `max_captions_per_document` captions of one scene (as COCO holds five captions of an
-    # image), each ending in EOS, and starts with EOS (GPT-2's BOS). A caption after the first
-    # of its document repeats what the text before it said, so the model learns to use its
-    # context, the skill a retrieval prompt asks for; single captions teach a caption from
-    # nothing. Every scene's captions are tokenized once.
-    scenes = [
-        [tokenizer(c)["input_ids"] + [eos] for c in _scene_captions(color, shape, background)]
-        for color in (*COLORS, *EXTRA_COLORS)
-        for shape in SHAPES
-        for background in BACKGROUNDS
-    ]
-    width = 1 + max_captions_per_document * max(len(c) for scene in scenes for c in scene)
-    rng = random.Random(seed + 2000)
-
-    def document() -> list[int]:
-        scene = rng.choice(scenes)
-        captions = [rng.choice(scene) for _ in range(rng.randint(1, max_captions_per_document))]
-        return [eos] + [token for caption in captions for token in caption]
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
+    rows = [[eos, *tokenizer(c)["input_ids"], eos] for c in captions]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+    labels[:, 0] = -100  # nothing predicts the first token
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=steps, pct_start=0.1
     )
     model.train()
     for _ in range(steps):
-        rows = [document() for _ in range(rows_per_step)]
-        input_ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows])  # (R, W)
-        labels = torch.tensor([r[1:] + [-100] * (width - len(r) + 1) for r in rows])
-        logits = model(input_ids=input_ids).logits  # the padding carries no label
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        loss = model(input_ids=input_ids, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
     model.eval()
-    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        setattr(model.config, name, dropout)
     with quiet_transformers():
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
