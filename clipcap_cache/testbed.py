@@ -19,9 +19,11 @@ is seeded and runs on one thread, so it gives the same weights on every run.
 """
 
 import json
+import multiprocessing
 import os
 import random
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,11 +78,28 @@ class Gpt2Recipe:
 
 
 def build_testbed(cache_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """The pretrained tiny CLIP and GPT-2 under `cache_dir` (`clip/`, `gpt2/`), built if needed."""
+    """The pretrained tiny CLIP and GPT-2 under `cache_dir` (`clip/`, `gpt2/`), built if needed.
+
+    When both are to be built and the machine has a second core, the GPT-2 is built in a second
+    process while this one builds the CLIP: each build runs on one thread of its own, so the
+    weights are the same as when they are built one after the other.
+    """
     cache_dir = Path(cache_dir)
-    clip_dir = build_pretrained_clip(cache_dir / "clip", ClipRecipe(seed=seed))
-    gpt2_dir = build_pretrained_gpt2(cache_dir / "gpt2", Gpt2Recipe(seed=seed))
-    return clip_dir, gpt2_dir
+    clip_recipe, gpt2_recipe = ClipRecipe(seed=seed), Gpt2Recipe(seed=seed)
+    concurrent = (
+        _usable_cores() > 1
+        and not _is_current(cache_dir / "clip", "clip", clip_recipe)
+        and not _is_current(cache_dir / "gpt2", "gpt2", gpt2_recipe)
+    )
+    if not concurrent:
+        clip_dir = build_pretrained_clip(cache_dir / "clip", clip_recipe)
+        return clip_dir, build_pretrained_gpt2(cache_dir / "gpt2", gpt2_recipe)
+    # "spawn": a forked child would inherit this process's torch thread pools and state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        gpt2_build = pool.submit(build_pretrained_gpt2, cache_dir / "gpt2", gpt2_recipe)
+        clip_dir = build_pretrained_clip(cache_dir / "clip", clip_recipe)
+        return clip_dir, gpt2_build.result()
 
 
 def recorded_recipes(cache_dir: str | Path) -> tuple[dict | None, dict | None] | None:
@@ -98,6 +117,16 @@ def build_pretrained_clip(out_dir: str | Path, recipe: ClipRecipe | None = None)
 def build_pretrained_gpt2(out_dir: str | Path, recipe: Gpt2Recipe | None = None) -> Path:
     """A tiny GPT-2 pretrained on the caption text, saved in `out_dir` (reused if current)."""
     return _cached(Path(out_dir), "gpt2", asdict(recipe or Gpt2Recipe()), _train_gpt2)
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _is_current(out_dir: Path, kind: str, recipe) -> bool:
+    return _recorded(out_dir) == {"kind": kind, "recipe": asdict(recipe)}
 
 
 def _cached(out_dir: Path, kind: str, recipe: dict, build) -> Path:
