@@ -147,10 +147,11 @@ def test_embed_text_refuses_a_missing_source_and_an_existing_text_file(shapes_te
 # ------------------------------------------------------------------ the datastore and search
 
 
-def _copied_as_datastore(source_cache, out, captions_per_image=2):
+def _copied_as_datastore(source_cache, out, captions_per_image=2, tail=""):
     """A text file whose entries are copies of a cache's image embeddings, each caption unique.
 
-    Every image's nearest entries are then its own (cosine 1): the worst case for leakage.
+    Every image's nearest entries are then its own (cosine 1): the worst case for leakage. `tail`
+    is appended to every caption.
     """
     images = feature_cache.read_cache(source_cache)
     rows = np.repeat(np.arange(len(images.image_ids)), captions_per_image)
@@ -160,7 +161,7 @@ def _copied_as_datastore(source_cache, out, captions_per_image=2):
         image_ids=[images.image_ids[r] for r in rows],
         image_paths=[images.image_paths[r] for r in rows],
         splits=images.splits[rows].tolist(),
-        captions=[f"caption {j} of image {images.image_ids[r]}" for j, r in enumerate(rows)],
+        captions=[f"caption {j} of image {images.image_ids[r]}{tail}" for j, r in enumerate(rows)],
         caption_image_index=np.arange(len(rows)),
         failed_paths=[],
         failed_reasons=[],
@@ -268,6 +269,21 @@ def test_a_swapped_datastore_is_the_one_retrieved_from(retrieval_run, shapes_cac
     for entry in json.loads((evaluated / "predictions.json").read_text()):
         assert all(c.startswith("caption ") for c in entry["retrieved"])
         assert not any(c.endswith(f"of image {entry['image_id']}") for c in entry["retrieved"])
+
+
+@pytest.mark.bad_input("message")
+def test_a_datastore_of_captions_too_long_for_the_prompt_is_named(
+    retrieval_run, shapes_cache, tmp_path
+):
+    # Swapped in at inference, a datastore of long captions makes a retrieval prompt longer than
+    # the GPT-2's positions: one line that names the retrieval prompt, not --prompt.
+    long = _copied_as_datastore(shapes_cache, tmp_path / "long.h5", tail=" and more" * 80)
+    evaluated = tmp_path / "eval"
+    result = run_cli("evaluate", retrieval_run, "--features", shapes_cache, "--out", evaluated,
+                     "--no-bertscore", "--greedy", "--datastore", long)  # fmt: skip
+    message = assert_one_line_error(result)
+    assert "retrieval prompt" in message and "datastore of shorter captions" in message, message
+    assert not (evaluated / "predictions.json").exists()
 
 
 @pytest.mark.bad_input("bad option")

@@ -155,15 +155,27 @@ def prompt_token_ids(tokenizer, prompt: str | None) -> list[int]:
     return tokenizer(clean_caption(prompt))["input_ids"] if prompt else []
 
 
-def check_positions(model: ClipCaptionModel, input_tokens: int, max_tokens: int) -> None:
-    """Refuse a prompt (and context) that leaves no room for the caption in GPT-2's positions."""
+def check_positions(
+    model: ClipCaptionModel, input_tokens: int, max_tokens: int, retrieved: bool = False
+) -> None:
+    """Refuse a prompt (and context) that leaves no room for the caption in GPT-2's positions.
+
+    `retrieved`: the input tokens hold a retrieval prompt (the retrieved captions), so the
+    message names the datastore rather than --prompt alone.
+    """
     positions = model.gpt2.config.n_positions
     needed = model.config.prefix_length + input_tokens + max_tokens
     if input_tokens and needed > positions:
+        what, fix = (
+            ("the retrieval prompt (with --prompt, if given) is", "use a datastore of shorter "
+             "captions, shorten --prompt")
+            if retrieved
+            else ("--prompt is too long:", "shorten the prompt")
+        )  # fmt: skip
         raise ClipcapError(
-            f"--prompt is too long: {input_tokens} prompt tokens after the "
+            f"{what} {input_tokens} tokens after the "
             f"{model.config.prefix_length}-token prefix, with --max-tokens {max_tokens}, need "
-            f"{needed} positions and the language model has {positions}; shorten the prompt "
+            f"{needed} positions and the language model has {positions}; {fix} "
             "or lower --max-tokens"
         )
 
@@ -223,7 +235,9 @@ def generate_captions(
         raise ValueError(f"{len(context_ids)} context rows for {len(clip_embeddings)} embeddings")
     prompt = prompt_token_ids(tokenizer, decode.prompt)
     rows = [list(c) + prompt for c in context_ids] if context_ids else None
-    check_positions(model, max(map(len, rows)) if rows else len(prompt), decode.max_tokens)
+    check_positions(
+        model, max(map(len, rows)) if rows else len(prompt), decode.max_tokens, bool(rows)
+    )
     with eval_mode(model):
         device = next(model.parameters()).device
         eos = tokenizer.eos_token_id
