@@ -10,9 +10,9 @@ Layout (format version 1; documented in the README):
     /caption_image_index  [M]     int64, the row of /embeddings each caption belongs to
     /failed_paths         [F]     UTF-8
     /failed_reasons       [F]     UTF-8
-    attributes: format_version, clip_model, embedding_dim, image_size, source, complete,
-                package_version, plus split, limit, annotation_format, image_processor and
-                storage_dtype
+    attributes: format_version, clip_model, clip_fingerprint, embedding_dim, image_size,
+                source, complete, package_version, plus split, limit, annotation_format,
+                image_processor and storage_dtype
 
 A cache file only ever appears complete: it is written under a temporary name and renamed.
 """
@@ -81,6 +81,20 @@ def is_text(attrs: dict) -> bool:
 def recorded_clip_model(attrs: dict) -> str | None:
     """The CLIP model a cache's attributes record, or None where a cache records none."""
     return attrs.get("clip_model")
+
+
+def recorded_clip_fingerprint(attrs: dict) -> str | None:
+    """The fingerprint of the CLIP weights a cache records, or None (caches of earlier versions)."""
+    return attrs.get("clip_fingerprint")
+
+
+def clip_source(attrs: dict, embedding_dim: int) -> dict:
+    """A cache's CLIP model, fingerprint and width, as `check_clip_match` takes them."""
+    return {
+        "clip_model": recorded_clip_model(attrs),
+        "clip_fingerprint": recorded_clip_fingerprint(attrs),
+        "embedding_dim": embedding_dim,
+    }
 
 
 @dataclass
@@ -365,6 +379,7 @@ def describe(path: str | Path) -> dict:
         "complete": bool(cache.attrs.get("complete", False)),
         "kind": "text" if is_text(cache.attrs) else "images",  # a row per caption, or per image
         "clip_model": recorded_clip_model(cache.attrs),
+        "clip_fingerprint": recorded_clip_fingerprint(cache.attrs),
         "embedding_dim": cache.embedding_dim,
         "image_size": cache.attrs.get("image_size"),
         "dtype": str(cache.embeddings.dtype),

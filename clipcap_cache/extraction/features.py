@@ -41,6 +41,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from clipcap_cache import __version__, distributed
+from clipcap_cache.checkpoint import check_clip_match
 from clipcap_cache.checks import at_least, check_types
 from clipcap_cache.data import cache, hf_datasets, webdataset
 from clipcap_cache.data.annotations import (
@@ -557,9 +558,20 @@ def _extract(
                 "annotations": Path(config.annotations).name,
                 "embedding_dim": encoder.embedding_dim,
                 "image_size": encoder.image_size,
+                "clip_fingerprint": encoder.fingerprint,
             }
             if world.is_main:
                 _start_parts(parts, manifest, out)
+        else:
+            # The same name may hold other weights now: their embeddings must not join these.
+            check_clip_match(
+                manifest,
+                encoder.name,
+                encoder.embedding_dim,
+                f"CLIP model {encoder.name}",
+                f"the progress in {parts}",
+                encoder.fingerprint,
+            )
         distributed.barrier()  # the progress folder exists before any rank writes a shard
         # Under torchrun each rank encodes every N-th pending shard; the shards are files, so a
         # rerun with any number of processes, or none, finds what is left.
@@ -805,6 +817,8 @@ def _gather(
         "image_processor": manifest["image_processor"],
         "package_version": __version__,
     }
+    if manifest.get("clip_fingerprint") is not None:  # progress of earlier versions has none
+        attrs["clip_fingerprint"] = manifest["clip_fingerprint"]
     with os_errors(f"cannot write {out}"):
         embeddings = cache.EmbeddingStream(
             rows=len(kept),
