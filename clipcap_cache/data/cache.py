@@ -129,6 +129,15 @@ def write_cache(
             len(embeddings), embeddings.shape[1], embeddings.dtype, [embeddings]
         )
     path = Path(path)
+    strings = {
+        "image_ids": list(image_ids),
+        "image_paths": list(image_paths),
+        "splits": list(splits),
+        "captions": list(captions),
+        "failed_paths": list(failed_paths),
+        "failed_reasons": list(failed_reasons),
+    }
+    _refuse_nul(path, strings)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         table = f.create_dataset(
             "embeddings", shape=(embeddings.rows, embeddings.dim), dtype=embeddings.dtype
@@ -139,20 +148,24 @@ def write_cache(
             written += len(chunk)
         if written != embeddings.rows:
             raise ValueError(f"expected {embeddings.rows} embedding rows, got {written}")
-        for name, values in (
-            ("image_ids", image_ids),
-            ("image_paths", image_paths),
-            ("splits", splits),
-            ("captions", captions),
-            ("failed_paths", failed_paths),
-            ("failed_reasons", failed_reasons),
-        ):
-            f.create_dataset(name, data=np.array(list(values), dtype=object), dtype=STRING)
+        for name, values in strings.items():
+            f.create_dataset(name, data=np.array(values, dtype=object), dtype=STRING)
         f.create_dataset("caption_image_index", data=np.asarray(caption_image_index, np.int64))
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["complete"] = True
+
+
+def _refuse_nul(path: Path, strings: dict[str, list[str]]) -> None:
+    """Refuse, before anything is written, a text that HDF5 cannot store: one holding NUL."""
+    for name, values in strings.items():
+        for row, value in enumerate(values):
+            if "\x00" in value:
+                raise ClipcapError(
+                    f"cannot write {path}: /{name} row {row} ({value[:60]!r}) holds a NUL "
+                    "character, which an HDF5 string cannot store; remove it from the input"
+                )
 
 
 def read_attrs(path: str | Path) -> dict:
