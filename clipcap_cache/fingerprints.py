@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipcap_cache.errors import ClipcapError
 from clipcap_cache.hub import looks_local
 
 FINGERPRINT_SAMPLES = 4096  # values hashed per tensor, evenly spaced through it
@@ -69,7 +70,13 @@ def pretrained_fingerprint(name_or_dir: str) -> str | None:
     files = weight_files(name_or_dir)
     if not files:
         return None
-    return weights_fingerprint(tensor for path in files for tensor in _tensors_of(path))
+    try:
+        return weights_fingerprint(tensor for path in files for tensor in _tensors_of(path))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
+        raise ClipcapError(
+            f"cannot read the weights of {name_or_dir} to fingerprint them "
+            f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})"
+        ) from None
 
 
 def weight_files(name_or_dir: str) -> list[Path]:
@@ -101,7 +108,10 @@ def weight_files(name_or_dir: str) -> list[Path]:
 def _tensors_of(path: Path) -> list[tuple[str, torch.Tensor]]:
     """The tensors of a weights file, memory-mapped: only the values that are hashed are read."""
     if path.suffix != ".safetensors":
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped: read it
+            state = torch.load(path, map_location="cpu", weights_only=True)
         return list(state.items())
     with path.open("rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))

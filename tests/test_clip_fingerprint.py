@@ -262,3 +262,22 @@ def test_files_without_a_fingerprint_are_read_unchecked(swapped, tmp_path):
     run_cli("embed-text", cache, "--out", out, "--device", "cpu", check=0)
     # What is written now records the model it was made with.
     assert read_attrs(out)["clip_fingerprint"] == swapped.second
+
+
+def test_the_fingerprint_is_of_the_weights_whatever_file_holds_them(tmp_path, clip_dir):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPModel
+
+    from clipcap_cache.fingerprints import weights_fingerprint
+
+    tensors = load_file(str(clip_dir / "model.safetensors"))
+    for name, options in (("zip", {}), ("legacy", {"_use_new_zipfile_serialization": False})):
+        (tmp_path / name).mkdir()
+        torch.save(tensors, tmp_path / name / "pytorch_model.bin", **options)
+    found = {pretrained_fingerprint(str(tmp_path / name)) for name in ("zip", "legacy")}
+    loaded = CLIPModel.from_pretrained(clip_dir).state_dict().items()
+    assert found == {pretrained_fingerprint(str(clip_dir)), weights_fingerprint(loaded)}
+    other = build_tiny_clip(tmp_path / "other", seed=1)
+    assert pretrained_fingerprint(str(other)) != pretrained_fingerprint(str(clip_dir))
+    assert pretrained_fingerprint(str(tmp_path / "no-such-folder")) is None
