@@ -302,7 +302,7 @@ def base_fingerprint(gpt2: nn.Module) -> str:
 
     A checkpoint holds only the trained tensors; the embeddings and frozen blocks come from the
     base model named in its config. The hash (`fingerprints.weights_fingerprint` of every
-    parameter) tells another model of the same shape at that name apart, in milliseconds even for
+    parameter) tells another model of the same shape at that name apart, in well under a second for
     large models.
     """
     return weights_fingerprint(gpt2.named_parameters())

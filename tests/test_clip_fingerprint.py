@@ -281,3 +281,14 @@ def test_the_fingerprint_is_of_the_weights_whatever_file_holds_them(tmp_path, cl
     other = build_tiny_clip(tmp_path / "other", seed=1)
     assert pretrained_fingerprint(str(other)) != pretrained_fingerprint(str(clip_dir))
     assert pretrained_fingerprint(str(tmp_path / "no-such-folder")) is None
+
+
+def test_a_tensor_of_gpt2s_size_is_fingerprinted():
+    import torch
+
+    from clipcap_cache.fingerprints import weights_fingerprint
+
+    # GPT-2's token table: in float32 its last sampled position rounded up past its end.
+    table = torch.zeros(50257 * 768, dtype=torch.int8)
+    table[-1] = 1
+    assert weights_fingerprint([("wte", table)]) != weights_fingerprint([("wte", table * 0)])
