@@ -226,14 +226,22 @@ def locate_base_models(config: dict, directory: Path) -> dict:
 
 
 def check_clip_match(
-    expected: dict, clip_model: str | None, embedding_dim: int, what: str, trained: str
+    expected: dict,
+    clip_model: str | None,
+    embedding_dim: int,
+    what: str,
+    trained: str,
+    clip_fingerprint: str | None = None,
 ) -> None:
     """Refuse image embeddings of another CLIP model, or another size, than a model was trained on.
 
-    `expected` holds the `clip_model` and `embedding_dim` recorded with the model (a checkpoint's
-    config.json, or a training cache's). `what` names the embeddings' source (a cache file, a CLIP
-    model) and `trained` what they are checked against. Training, evaluation, captioning and
-    serving all call this one check.
+    `expected` holds the `clip_model`, `embedding_dim` and `clip_fingerprint` recorded with the
+    model (a checkpoint's config.json, or a training cache's). `what` names the embeddings' source
+    (a cache file, a CLIP model) and `trained` what they are checked against. `clip_fingerprint`
+    is the source's fingerprint of the CLIP weights (`fingerprints.pretrained_fingerprint`): two
+    models of one name and shape are told apart by it. A side that records none (a file written
+    before fingerprints were) is not checked for it. Training, evaluation, captioning, serving,
+    extraction and `embed-text` all call this one check.
     """
     if embedding_dim != expected.get("embedding_dim"):
         raise ClipcapError(
@@ -244,6 +252,15 @@ def check_clip_match(
         raise ClipcapError(
             f"{what} comes from CLIP model {clip_model}, but {trained} was trained on "
             f"{expected.get('clip_model')} features; use features of that CLIP model"
+        )
+    recorded = expected.get("clip_fingerprint")
+    if recorded is not None and clip_fingerprint is not None and recorded != clip_fingerprint:
+        raise ClipcapError(
+            f"{what} comes from other CLIP weights than {trained} (weights fingerprint "
+            f"{clip_fingerprint}, not {recorded}): the model at {clip_model} was replaced by "
+            "another of the same shape, and embeddings of two CLIP models do not mix; put the "
+            "original model back at that name, or make the embeddings again with this one "
+            "(extract-features, embed-text) and train on them"
         )
 
 

@@ -13,7 +13,6 @@ provided, both after ClipCap (Mokady et al., 2021):
 """
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -26,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LM
 
 from clipcap_cache.checks import at_least, check_types
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.fingerprints import weights_fingerprint
 from clipcap_cache.hub import load_pretrained, resolve_name
 from clipcap_cache.options import check_choices, option
 
@@ -297,27 +297,15 @@ def build_model(config: ModelConfig) -> ClipCaptionModel:
     return model
 
 
-FINGERPRINT_SAMPLES = 4096  # values hashed per tensor, evenly spaced through it
-
-
 def base_fingerprint(gpt2: nn.Module) -> str:
     """A short hash of a GPT-2's weights, recorded in every checkpoint it trains.
 
     A checkpoint holds only the trained tensors; the embeddings and frozen blocks come from the
-    base model named in its config. The hash (of every parameter's name, shape and up to
-    FINGERPRINT_SAMPLES of its values, evenly spaced) tells another model of the same shape at
-    that name apart, in milliseconds even for large models.
+    base model named in its config. The hash (`fingerprints.weights_fingerprint` of every
+    parameter) tells another model of the same shape at that name apart, in well under a second for
+    large models.
     """
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, parameter in sorted(gpt2.named_parameters()):
-            flat = parameter.detach().reshape(-1)
-            if flat.numel() > FINGERPRINT_SAMPLES:
-                positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES)
-                flat = flat[positions.long().to(flat.device)]
-            digest.update(f"{name}{tuple(parameter.shape)}".encode())
-            digest.update(flat.to("cpu", torch.float32).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return weights_fingerprint(gpt2.named_parameters())
 
 
 def resolve_model_config(config: ModelConfig, n_layer: int) -> ModelConfig:

@@ -192,7 +192,7 @@ class Retriever:
 
 
 def check_datastore(datastore: Datastore, expected: dict, trained: str) -> None:
-    """Refuse a datastore of another CLIP model, or width, than `expected` records.
+    """Refuse a datastore of another CLIP model, width or CLIP weights than `expected` records.
 
     The one compatibility check of embeddings (`checkpoint.check_clip_match`), applied to text.
     """
@@ -204,4 +204,5 @@ def check_datastore(datastore: Datastore, expected: dict, trained: str) -> None:
         datastore.embedding_dim,
         f"the datastore {datastore.path}",
         trained,
+        feature_cache.recorded_clip_fingerprint(datastore.attrs),
     )

@@ -388,3 +388,17 @@ def test_pinned_embedding_row(shapes_cache):
     assert cache.image_ids[0] == "0"
     # float16 holds about 3 significant digits; one unit in the last place is allowed.
     np.testing.assert_allclose(cache.embeddings[0, :6], PINNED_FIRST_ROW, rtol=0, atol=2e-3)
+
+
+@pytest.mark.bad_input("traceback")
+def test_a_nul_character_in_a_caption_is_one_line_and_nothing_is_written(
+    tmp_path, shapes, clip_dir
+):
+    _, root = shapes
+    image = sorted((root / "images").iterdir())[0].relative_to(root)
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text(json.dumps({"image": str(image), "caption": "a red\u0000 circle"}))
+    result = extract(annotations, root, tmp_path / "f.h5", clip_dir)
+    line = assert_one_line_error(result)
+    assert "/captions row 0 ('a red\\x00 circle') holds a NUL character" in line
+    assert not (tmp_path / "f.h5").exists()

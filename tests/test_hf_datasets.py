@@ -447,3 +447,76 @@ def test_two_processes_divide_the_parts_and_write_the_same_cache(
     result = torchrun(*args, "--clip-model", clip_dir, "--batch-size", "3", "--num-workers", "0")
     assert result.stdout.count("wrote ") == 1
     assert_same_cache(tmp_path / "one.h5", tmp_path / "two.h5")
+
+
+def _parquet(path, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.mark.bad_input("silent wrong result")
+def test_two_rows_of_one_image_id_are_refused_naming_both(tmp_path, images, clip_dir):
+    records, root, _ = images
+    png = [(root / r.path).read_bytes() for r in records[:3]]
+    # Without an id column the ids are the paths: one image listed twice, one row per caption.
+    source = _parquet(
+        tmp_path / "rows.parquet",
+        image=[{"bytes": png[0], "path": "a.png"}, {"bytes": png[1], "path": "b.png"},
+               {"bytes": png[0], "path": "a.png"}],
+        caption=["a red circle", "a blue square", "a circle in red"],
+    )  # fmt: skip
+    line = assert_one_line_error(extract(source, tmp_path / "d.h5", clip_dir))
+    assert "the image id 'a.png' is that of a.png and again of a.png" in line
+    assert "--id-column" in line
+    assert not (tmp_path / "d.h5").exists()
+    # Ids of their own that repeat: the same.
+    source = _parquet(
+        tmp_path / "ids.parquet", image=png, caption=["x", "y", "z"], image_id=[7, 8, 7]
+    )
+    line = assert_one_line_error(extract(source, tmp_path / "i.h5", clip_dir))
+    assert "the image id '7' is that of ids.parquet/0 and again of ids.parquet/2" in line
+
+
+@pytest.mark.bad_input("silent wrong result")
+@pytest.mark.parametrize("ids", [[1.0, 2.0], [b"1", b"2"], [True, False]])
+def test_an_id_column_of_floats_bytes_or_booleans_is_refused(tmp_path, images, clip_dir, ids):
+    records, root, _ = images
+    png = [(root / r.path).read_bytes() for r in records[:2]]
+    source = _parquet(tmp_path / "rows.parquet", image=png, caption=["x", "y"], image_id=ids)
+    line = assert_one_line_error(extract(source, tmp_path / "d.h5", clip_dir))
+    assert "column 'image_id' holds" in line and "not text or integers" in line
+    assert not (tmp_path / "d.h5").exists()
+
+
+@pytest.mark.bad_input("parsing")
+def test_a_caption_column_of_nested_lists_is_refused_at_once(tmp_path, images, clip_dir):
+    records, root, _ = images
+    png = [(root / r.path).read_bytes() for r in records[:2]]
+    source = _parquet(tmp_path / "rows.parquet", image=png, caption=[[["a"], ["b"]], [["c"]]])
+    line = assert_one_line_error(extract(source, tmp_path / "d.h5", clip_dir))
+    assert "column 'caption' holds" in line and "not text or a list of texts" in line
+
+
+@pytest.mark.bad_input("traceback")
+def test_nul_characters_in_rows_are_recorded_failures(tmp_path, images, clip_dir):
+    records, root, _ = images
+    png = [(root / r.path).read_bytes() for r in records[:4]]
+    source = _parquet(
+        tmp_path / "rows.parquet",
+        image=[{"bytes": png[0], "path": "a\x00.png"}, {"bytes": png[1], "path": "b.png"},
+               {"bytes": png[2], "path": "c.png"}, {"bytes": png[3], "path": "d.png"}],
+        caption=[["one"], ["two\x00"], ["three", None], ["four"]],
+        image_id=["1", "2", "3", "4\x00"],
+    )  # fmt: skip
+    result = extract(source, tmp_path / "d.h5", clip_dir)
+    assert result.returncode == 0, result.stderr
+    cache = read_cache(tmp_path / "d.h5")
+    assert cache.image_ids == ["3"] and cache.captions == ["three"]  # a null caption is none
+    assert dict(zip(cache.failed_paths, cache.failed_reasons, strict=True)) == {
+        "rows.parquet/0": "the image path in column 'image' holds a NUL character",
+        "rows.parquet/1": "column 'caption' holds a caption with a NUL character",
+        "rows.parquet/3": "the image id in column 'image_id' holds a NUL character",
+    }

@@ -2,8 +2,8 @@
 
 Hypothesis generates the inputs: arbitrary text and bytes for each annotation format, captions of
 any text written the way each format defines, arbitrary JSON values for every config field, tar
-shards of arbitrary members (names, contents, truncation), brace patterns, and arbitrary text in
-every form field of the server.
+shards of arbitrary members (names, contents, truncation), brace patterns, arbitrary text in
+every form field of the server, and Parquet files of hostile rows for the datasets input.
 """
 
 import contextlib
@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from clipcap_cache.data.annotations import FORMATS, read_annotations
@@ -270,3 +270,294 @@ def test_any_form_fields_get_captions_or_one_line_422(form_client, form_png, fie
         assert isinstance(detail, str) and detail and "\n" not in detail
     else:
         assert reply.json()["results"][0]["captions"]
+
+
+# ------------------------------------------------------------------ Parquet rows
+
+# Valid kinds come up more often than hostile ones, so that about half the tables give a cache.
+PARQUET_IMAGE_KINDS = (*["struct"] * 3, *["binary"] * 2, *["path"] * 2, "odd struct", "int")
+PARQUET_CAPTION_KINDS = (
+    *["string"] * 3,
+    *["list"] * 3,
+    *["raw"] * 2,
+    *("large_string", "nested", "int", "null"),
+)
+PARQUET_ID_KINDS = (
+    *[None] * 3,
+    *["string"] * 3,
+    *["int64"] * 2,
+    *("uint64", "float64", "binary", "bool"),
+)
+
+
+def _png(colour) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+PNGS = (_png((255, 0, 0)), _png((0, 0, 255)))
+INT64 = st.integers(-(2**63), 2**63 - 1)
+good_texts = st.sampled_from(["a dog", "a red square", " a cat "]) | st.text(min_size=1, max_size=8)
+any_texts = good_texts | st.none() | st.sampled_from(["", "  ", "nul\x00"])
+good_paths = st.sampled_from(["img0.png", "img1.png", "d/../img1.png"])
+any_paths = (
+    good_paths
+    | st.none()
+    | st.sampled_from(["", "missing.png", "junk.png", "../img0.png", "nul\x00.png", "d"])
+    | st.sampled_from(["/etc/passwd", "\\back\\slash.png"])
+    | st.text(max_size=6)
+)
+any_bytes = (
+    st.sampled_from(PNGS) | st.none() | st.sampled_from([b"", b"not an image"]) | st.binary()
+)
+good_splits = st.sampled_from(["train", "val", "test", "validation", " TRAIN ", ""]) | st.none()
+# Per column and kind: (values of a row that is valid, any values at all). A table mixes rows of
+# both, so that valid rows sit among hostile ones, where a wrong result would show.
+PARQUET_VALUES = {
+    "image": {
+        "struct": (
+            st.fixed_dictionaries({"bytes": st.sampled_from(PNGS), "path": st.none() | any_paths})
+            | st.fixed_dictionaries({"bytes": st.none(), "path": good_paths}),
+            st.none() | st.fixed_dictionaries({"bytes": any_bytes, "path": any_paths}),
+        ),
+        "odd struct": (
+            st.nothing(),
+            st.none()
+            | st.fixed_dictionaries({"bytes": st.none() | st.text(max_size=4), "path": INT64}),
+        ),
+        "binary": (st.sampled_from(PNGS), any_bytes),
+        "path": (good_paths, any_paths),
+        "int": (st.nothing(), st.none() | INT64),
+    },
+    "caption": {
+        "string": (good_texts, any_texts),
+        "large_string": (good_texts, any_texts),
+        "list": (
+            st.lists(good_texts, min_size=1, max_size=3),
+            st.none() | st.lists(any_texts, max_size=3),
+        ),
+        "raw": (
+            st.lists(st.fixed_dictionaries({"raw": good_texts}), min_size=1, max_size=3),
+            st.none() | st.lists(st.none() | st.fixed_dictionaries({"raw": any_texts}), max_size=3),
+        ),
+        "nested": (st.nothing(), st.none() | st.lists(st.none() | st.lists(any_texts), max_size=2)),
+        "int": (st.nothing(), st.none() | INT64),
+        "null": (st.nothing(), st.none()),
+    },
+    "image_id": {
+        "string": (
+            st.text(min_size=1, max_size=8),
+            st.none() | st.sampled_from(["1", "²", "", "\x00"]) | st.text(max_size=8),
+        ),
+        "int64": (INT64, st.none() | st.sampled_from([0, 1]) | INT64),
+        "uint64": (st.nothing(), st.none() | st.integers(0, 2**64 - 1)),
+        "float64": (st.nothing(), st.none() | st.floats()),
+        "binary": (st.nothing(), st.none() | st.binary(max_size=4)),
+        "bool": (st.nothing(), st.none() | st.booleans()),
+    },
+    "split": (good_splits, good_splits | st.sampled_from(["bogus"]) | st.text(max_size=3)),
+}
+
+
+def _arrow_type(column: str, kind: str):
+    import pyarrow as pa
+
+    return {
+        ("image", "struct"): pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+        ("image", "odd struct"): pa.struct([("bytes", pa.string()), ("path", pa.int64())]),
+        ("image", "binary"): pa.binary(),
+        ("image", "path"): pa.string(),
+        ("image", "int"): pa.int64(),
+        ("caption", "string"): pa.string(),
+        ("caption", "large_string"): pa.large_string(),
+        ("caption", "list"): pa.list_(pa.string()),
+        ("caption", "raw"): pa.list_(pa.struct([("raw", pa.string())])),
+        ("caption", "nested"): pa.list_(pa.list_(pa.string())),
+        ("caption", "int"): pa.int64(),
+        ("caption", "null"): pa.null(),
+        ("image_id", "string"): pa.string(),
+        ("image_id", "int64"): pa.int64(),
+        ("image_id", "uint64"): pa.uint64(),
+        ("image_id", "float64"): pa.float64(),
+        ("image_id", "binary"): pa.binary(),
+        ("image_id", "bool"): pa.bool_(),
+        ("split", "string"): pa.string(),
+    }[column, kind]
+
+
+@st.composite
+def parquet_tables(draw):
+    """Column kinds, and 1 to 6 rows of values of those kinds: valid ones among hostile ones."""
+    kinds = {
+        "image": draw(st.sampled_from(PARQUET_IMAGE_KINDS)),
+        "caption": draw(st.sampled_from(PARQUET_CAPTION_KINDS)),
+        "image_id": draw(st.sampled_from(PARQUET_ID_KINDS)),
+        "split": draw(st.sampled_from((None, "string"))),
+    }
+    kinds = {column: kind for column, kind in kinds.items() if kind is not None}
+    choices = {
+        column: PARQUET_VALUES[column] if column == "split" else PARQUET_VALUES[column][kind]
+        for column, kind in kinds.items()
+    }
+    # A valid value where every column of the kind has one, else any value.
+    good = {column: valid | hostile if valid.is_empty else valid for column, (valid, hostile)
+            in choices.items()}  # fmt: skip
+    hostile = {column: values for column, (_, values) in choices.items()}
+    rows = draw(st.lists(st.fixed_dictionaries(good), min_size=1, max_size=3))
+    rows += draw(st.lists(st.fixed_dictionaries(hostile), max_size=3))
+    return kinds, draw(st.permutations(rows))
+
+
+def _expected_captions(value, kind):
+    """A row's captions as the README defines them, or None where the value is not text."""
+    if value is None:
+        return []
+    texts = [value] if isinstance(value, str) else value
+    if kind == "raw":
+        texts = [None if entry is None else entry["raw"] for entry in texts]
+    if any(text is not None and (not isinstance(text, str) or "\x00" in text) for text in texts):
+        return None  # not text, or a text HDF5 cannot store
+    return [text.strip() for text in texts if text is not None and text.strip()]
+
+
+def _expected_image(value, kind, root):
+    """(the image's index in PNGS or None where it does not decode, its path) or None: no image."""
+    data = path = None
+    if kind == "odd struct" and value is not None:
+        if value["bytes"] is None and value["path"] is None:
+            return None
+        return "wrong type"
+    if kind == "struct" and value is not None:
+        data, path = value["bytes"], value["path"]
+    elif kind == "binary":
+        data = value
+    elif kind == "path":
+        path = value
+    elif value is not None:
+        return "wrong type"
+    if data is None and not path:
+        return None
+    if path and "\x00" in path:
+        return "wrong type"  # a text HDF5 cannot store
+    if data is not None:
+        return (PNGS.index(data) if data in PNGS else None), path
+    try:
+        file = (root / path).resolve()
+    except (ValueError, OSError):
+        return None, path
+    names = {(root / f"img{i}.png").resolve(): i for i in range(len(PNGS))}
+    return names.get(file), path
+
+
+def _expected_rows(kinds, rows, root):
+    """The cache rows the table must give: (image id, split, captions, PNG index); or None: one
+    error line. Follows the README's definition of each column."""
+    import posixpath
+
+    from clipcap_cache.data.annotations import SPLIT_ALIASES, SPLITS
+
+    if kinds["caption"] in ("nested", "int", "null"):
+        return None  # the column is not text, nor a list of texts
+    if kinds.get("image_id") in ("float64", "binary", "bool"):
+        return None  # image ids are text or integers
+    kept = []
+    for position, row in enumerate(rows):
+        image = _expected_image(row["image"], kinds["image"], root)
+        captions = _expected_captions(row["caption"], kinds["caption"])
+        if image is None or image == "wrong type" or captions is None:
+            continue  # a recorded failure
+        split_value = row.get("split")
+        split = "train"
+        if split_value is not None and split_value.strip():
+            split = SPLIT_ALIASES.get(split_value.strip().lower(), split_value.strip().lower())
+            if split not in SPLITS:
+                continue
+        index, path = image
+        shown = posixpath.normpath(path.replace("\\", "/")) if path else f"rows.parquet/{position}"
+        if path and Path(path).is_absolute():
+            with contextlib.suppress(ValueError):
+                shown = Path(path).resolve().relative_to(root.resolve()).as_posix()
+        image_id = row.get("image_id")
+        image_id = shown if image_id is None or str(image_id) == "" else str(image_id)
+        if "\x00" in image_id:
+            continue
+        if captions and index is not None:
+            kept.append((image_id, split, captions, index))
+    ids = [row[0] for row in kept]
+    if not kept or len(set(ids)) < len(ids):
+        return None  # nothing to write, or one image id twice
+    return kept
+
+
+@pytest.fixture(scope="module")
+def png_embeddings(clip_dir, tmp_path_factory):
+    """The tiny CLIP's embedding of each of PNGS (and a datasets cache of this module's own)."""
+    datasets = pytest.importorskip("datasets")
+    saved = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = str(tmp_path_factory.mktemp("hf-cache"))
+    from clipcap_cache.data.images import decode_image
+    from clipcap_cache.extraction.encoder import load_clip
+
+    encoder = load_clip(str(clip_dir), "cpu")
+    pixels = encoder.processor(images=[decode_image(p) for p in PNGS], return_tensors="pt")
+    yield encoder.encode(pixels["pixel_values"]).numpy()
+    datasets.config.HF_DATASETS_CACHE = saved
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(table=parquet_tables())
+def test_any_parquet_rows_give_their_valid_rows_or_one_error(clip_dir, png_embeddings, table):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipcap_cache.data.cache import read_cache
+    from clipcap_cache.extraction.features import extract_features
+
+    kinds, rows = table
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = tmp / "images"
+        (root / "d").mkdir(parents=True)
+        for i, png in enumerate(PNGS):
+            (root / f"img{i}.png").write_bytes(png)
+        (root / "junk.png").write_bytes(b"junk")
+        columns = {
+            column: pa.array([row[column] for row in rows], type=_arrow_type(column, kind))
+            for column, kind in kinds.items()
+        }
+        pq.write_table(pa.table(columns), tmp / "rows.parquet")
+        expected = _expected_rows(kinds, rows, root)
+        config = FeatureConfig(
+            annotations=str(tmp / "rows.parquet"),
+            images=str(root),
+            out=str(tmp / "out.h5"),
+            clip_model=str(clip_dir),
+            num_workers=0,
+            device="cpu",
+            dtype="float32",
+        )
+        try:
+            extract_features(config)
+        except ClipcapError as e:
+            event(f"error: {str(e).split(':')[-1][:30]}")
+            assert "\n" not in str(e) and str(e)
+            assert expected is None, (kinds, rows, str(e))
+            assert not (tmp / "out.h5").exists()
+            return
+        assert expected is not None, (kinds, rows)
+        event(f"a cache of {len(expected)} rows")
+        cache = read_cache(tmp / "out.h5")
+        assert cache.image_ids == [row[0] for row in expected]
+        assert cache.splits.tolist() == [row[1] for row in expected]
+        assert cache.references() == [row[2] for row in expected]
+        np.testing.assert_allclose(
+            cache.embeddings, png_embeddings[[row[3] for row in expected]], atol=1e-4
+        )

@@ -10,9 +10,9 @@ Layout (format version 1; documented in the README):
     /caption_image_index  [M]     int64, the row of /embeddings each caption belongs to
     /failed_paths         [F]     UTF-8
     /failed_reasons       [F]     UTF-8
-    attributes: format_version, clip_model, embedding_dim, image_size, source, complete,
-                package_version, plus split, limit, annotation_format, image_processor and
-                storage_dtype
+    attributes: format_version, clip_model, clip_fingerprint, embedding_dim, image_size,
+                source, complete, package_version, plus split, limit, annotation_format,
+                image_processor and storage_dtype
 
 A cache file only ever appears complete: it is written under a temporary name and renamed.
 """
@@ -83,6 +83,20 @@ def recorded_clip_model(attrs: dict) -> str | None:
     return attrs.get("clip_model")
 
 
+def recorded_clip_fingerprint(attrs: dict) -> str | None:
+    """The fingerprint of the CLIP weights a cache records, or None (caches of earlier versions)."""
+    return attrs.get("clip_fingerprint")
+
+
+def clip_source(attrs: dict, embedding_dim: int) -> dict:
+    """A cache's CLIP model, fingerprint and width, as `check_clip_match` takes them."""
+    return {
+        "clip_model": recorded_clip_model(attrs),
+        "clip_fingerprint": recorded_clip_fingerprint(attrs),
+        "embedding_dim": embedding_dim,
+    }
+
+
 @dataclass
 class EmbeddingStream:
     """The rows of /embeddings, arriving in order a chunk at a time: never whole in memory."""
@@ -115,6 +129,15 @@ def write_cache(
             len(embeddings), embeddings.shape[1], embeddings.dtype, [embeddings]
         )
     path = Path(path)
+    strings = {
+        "image_ids": list(image_ids),
+        "image_paths": list(image_paths),
+        "splits": list(splits),
+        "captions": list(captions),
+        "failed_paths": list(failed_paths),
+        "failed_reasons": list(failed_reasons),
+    }
+    _refuse_nul(path, strings)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         table = f.create_dataset(
             "embeddings", shape=(embeddings.rows, embeddings.dim), dtype=embeddings.dtype
@@ -125,20 +148,24 @@ def write_cache(
             written += len(chunk)
         if written != embeddings.rows:
             raise ValueError(f"expected {embeddings.rows} embedding rows, got {written}")
-        for name, values in (
-            ("image_ids", image_ids),
-            ("image_paths", image_paths),
-            ("splits", splits),
-            ("captions", captions),
-            ("failed_paths", failed_paths),
-            ("failed_reasons", failed_reasons),
-        ):
-            f.create_dataset(name, data=np.array(list(values), dtype=object), dtype=STRING)
+        for name, values in strings.items():
+            f.create_dataset(name, data=np.array(values, dtype=object), dtype=STRING)
         f.create_dataset("caption_image_index", data=np.asarray(caption_image_index, np.int64))
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["complete"] = True
+
+
+def _refuse_nul(path: Path, strings: dict[str, list[str]]) -> None:
+    """Refuse, before anything is written, a text that HDF5 cannot store: one holding NUL."""
+    for name, values in strings.items():
+        for row, value in enumerate(values):
+            if "\x00" in value:
+                raise ClipcapError(
+                    f"cannot write {path}: /{name} row {row} ({value[:60]!r}) holds a NUL "
+                    "character, which an HDF5 string cannot store; remove it from the input"
+                )
 
 
 def read_attrs(path: str | Path) -> dict:
@@ -365,6 +392,7 @@ def describe(path: str | Path) -> dict:
         "complete": bool(cache.attrs.get("complete", False)),
         "kind": "text" if is_text(cache.attrs) else "images",  # a row per caption, or per image
         "clip_model": recorded_clip_model(cache.attrs),
+        "clip_fingerprint": recorded_clip_fingerprint(cache.attrs),
         "embedding_dim": cache.embedding_dim,
         "image_size": cache.attrs.get("image_size"),
         "dtype": str(cache.embeddings.dtype),

@@ -27,8 +27,10 @@ else the image's own path.
 The unit of work is a part: `shard_size` rows of a memory-mapped dataset, or one shard (file) of a
 streamed one. Each part is read by one DataLoader worker of one rank, which decodes the image bytes
 in memory, and becomes one crash-safe progress shard of the extraction. A row whose image does not
-decode, or whose columns hold the wrong kind of value, is a recorded failure; a part that cannot be
-read to its end keeps the rows before the damage and records the rest as one failure.
+decode, or whose columns hold the wrong kind of value (or a text with a NUL character, which HDF5
+cannot store), is a recorded failure; a part that cannot be read to its end keeps the rows before
+the damage and records the rest as one failure. An id column must hold text or integers, and two
+rows of one image id are refused when the cache is gathered (`features._refuse_repeated_ids`).
 
 `datasets` is an optional extra, imported only when such an input is given.
 """
@@ -65,6 +67,7 @@ UNSPLIT = "rows"  # the name of rows that no split name places (a Dataset, a Par
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tar", ".tgz", ".gz", ".parquet", ".txt", ".h5")
 _READ_ERRORS = (OSError, ValueError, EOFError)  # pyarrow's errors subclass these
+NUL = "\x00"  # a text of a row holding one is a failure: HDF5 strings cannot store it
 
 
 def require_datasets():
@@ -430,20 +433,38 @@ def _columns(features: dict, given: dict, source: str) -> Columns:
         )
     split = given.get("split") or next((n for n in SPLIT_NAMES if n in features), None)
     image_id = given.get("image_id") or next((n for n in ID_NAMES if n in features), None)
+    if image_id is not None and not _is_value(features[image_id], ID_DTYPES):
+        # A float id is 1.0 for the 1 of the references (pandas makes an integer column with a
+        # gap float), bytes print as b'..': every id would silently differ from its image's.
+        raise ClipcapError(
+            f"{source}: column '{image_id}' holds {features[image_id]!r}, not text or integers, "
+            "so it cannot give image ids; pass --id-column with another column"
+        )
     return Columns(image=image, caption=caption, split=split, image_id=image_id)
 
 
+TEXT_DTYPES = ("string", "large_string")
+ID_DTYPES = (*TEXT_DTYPES, *(f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64)))
+
+
+def _is_value(feature, dtypes: tuple[str, ...]) -> bool:
+    """Whether a feature is a plain `Value` of one of some dtypes."""
+    return type(feature).__name__ == "Value" and getattr(feature, "dtype", None) in dtypes
+
+
 def _holds_text(feature) -> bool:
-    """Whether a feature is a string, or a list of strings (or of `{"raw": str}` sentences)."""
-    dtype = getattr(feature, "dtype", None)
-    if type(feature).__name__ == "Value":
-        return dtype in ("string", "large_string")
+    """Whether a feature is a string, or a list of strings (or of `{"raw": str}` sentences).
+
+    Only one level of list: a list of lists of strings is not a caption column.
+    """
+    if _is_value(feature, TEXT_DTYPES):
+        return True
     inner = getattr(feature, "feature", None)
     if inner is None:
         return False
     if isinstance(inner, dict):
-        return "raw" in inner and _holds_text(inner["raw"])
-    return _holds_text(inner)
+        return "raw" in inner and _is_value(inner["raw"], TEXT_DTYPES)
+    return _is_value(inner, TEXT_DTYPES)
 
 
 def _without_decoding(datasets, data, image_column: str):
@@ -467,6 +488,11 @@ def parse_row(
     data, path = None, None
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
+        if not isinstance(data, bytes | bytearray | None) or not isinstance(path, str | None):
+            raise ImageLoadError(
+                f"column '{columns.image}' holds {{bytes: {type(data).__name__}, path: "
+                f"{type(path).__name__}}}, not image bytes and a path"
+            )
     elif isinstance(value, bytes | bytearray):
         data = bytes(value)
     elif isinstance(value, str):
@@ -475,6 +501,8 @@ def parse_row(
         raise ImageLoadError(f"column '{columns.image}' holds {type(value).__name__}, not an image")
     if data is None and not path:
         raise ImageLoadError("no image in the row")
+    if path and NUL in path:
+        raise ImageLoadError(f"the image path in column '{columns.image}' holds a NUL character")
     shown = _shown_path(path, root) if path else where
     captions = _captions(row[columns.caption], columns.caption)
     split_value = row[columns.split] if columns.split else None
@@ -488,6 +516,8 @@ def parse_row(
             raise ImageLoadError(f"unknown split {split_value!r} in column '{columns.split}'")
     image_id = row[columns.image_id] if columns.image_id else None
     image_id = shown if image_id is None or str(image_id) == "" else str(image_id)
+    if NUL in image_id:
+        raise ImageLoadError(f"the image id in column '{columns.image_id}' holds a NUL character")
     record = ImageRecord(image_id=image_id, path=shown, split=split, captions=captions)
     if data is not None:
         return record, bytes(data)
@@ -522,8 +552,12 @@ def _captions(value, column: str) -> list[str]:
     for caption in value:
         if isinstance(caption, dict):  # Karpathy's sentences: {"raw": ..., "tokens": ...}
             caption = caption.get("raw")
+        if caption is None:  # a null in the list: no caption, as a null instead of the list is
+            continue
         if not isinstance(caption, str):
             raise ImageLoadError(f"column '{column}' holds a caption that is not text")
+        if NUL in caption:
+            raise ImageLoadError(f"column '{column}' holds a caption with a NUL character")
         if caption.strip():
             captions.append(caption.strip())
     return captions

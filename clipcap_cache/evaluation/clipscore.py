@@ -17,9 +17,10 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection
 
 from clipcap_cache import devices
-from clipcap_cache.data.cache import recorded_clip_model
+from clipcap_cache.data.cache import clip_source, recorded_clip_model
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.hub import load_pretrained
+from clipcap_cache.fingerprints import pretrained_fingerprint
+from clipcap_cache.hub import load_pretrained, resolve_name
 
 WEIGHT = 2.5  # Hessel et al.'s rescaling of the cosine
 PROMPT = "A photo depicts"  # put before every caption and reference, as Hessel et al. do
@@ -32,6 +33,8 @@ class ClipText:
     model: CLIPTextModelWithProjection
     tokenizer: object
     device: torch.device
+    name: str = ""  # the CLIP model's hub name or absolute folder
+    fingerprint: str | None = None  # of the CLIP weight files (`pretrained_fingerprint`)
 
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -57,10 +60,26 @@ class ClipText:
 
 
 def cache_clip_model(attrs: dict, path: str, needed_by: str) -> str:
-    """The CLIP model a feature cache was made with, or a one-line error naming what needs it."""
+    """The CLIP model a feature cache was made with, or a one-line error naming what needs it.
+
+    The weights now at that name are checked against the cache's fingerprint of them (before any
+    model loads or file is written), so CLIPScore never scores one model's image embeddings with
+    another's text tower.
+    """
+    from clipcap_cache.checkpoint import check_clip_match
+
     name = recorded_clip_model(attrs)
     if not name:
         raise ClipcapError(f"{path} does not record its CLIP model, which {needed_by} needs")
+    dim = attrs.get("embedding_dim")
+    check_clip_match(
+        clip_source(attrs, dim),
+        name,
+        dim,
+        f"CLIP model {name}",
+        f"the cache {path}",
+        pretrained_fingerprint(name),
+    )
     return name
 
 
@@ -83,7 +102,13 @@ def load_clip_text(name_or_dir: str, device: torch.device | str = "cpu") -> Clip
         dtype=devices.inference_dtype(device),
     )
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_dir, "CLIP tokenizer")
-    return ClipText(model.to(device).eval(), tokenizer, device)
+    return ClipText(
+        model.to(device).eval(),
+        tokenizer,
+        device,
+        resolve_name(name_or_dir),
+        pretrained_fingerprint(name_or_dir),
+    )
 
 
 def clipscore(

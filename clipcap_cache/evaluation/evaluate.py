@@ -92,6 +92,7 @@ def evaluate(config: EvalConfig) -> dict:
         cache.embedding_dim,
         config.features,
         f"the checkpoint {directory}",
+        feature_cache.recorded_clip_fingerprint(cache.attrs),
     )
     rows = cache.rows_of_split(config.split)
     all_refs = cache.references()

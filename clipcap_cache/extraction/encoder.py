@@ -2,7 +2,8 @@
 
 `load_clip` loads only the vision tower and its projection from any CLIP checkpoint (a hub name or
 a local directory), with the model's own image processor. `ClipEncoder.encode` turns preprocessed
-pixels into `image_embeds`, the vectors the feature cache stores and the caption model reads.
+pixels into `image_embeds`, the vectors the feature cache stores and the caption model reads. `fingerprint`
+is that of the CLIP weight files, which every file of embeddings records and every reader checks.
 """
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModelWithProj
 
 from clipcap_cache import devices
 from clipcap_cache.errors import ClipcapError
+from clipcap_cache.fingerprints import pretrained_fingerprint
 from clipcap_cache.hub import load_pretrained, resolve_name
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -27,6 +29,7 @@ class ClipEncoder:
     processor: object
     device: torch.device
     dtype: torch.dtype
+    fingerprint: str | None = None  # of the CLIP weight files (`pretrained_fingerprint`)
 
     @property
     def embedding_dim(self) -> int:
@@ -77,4 +80,5 @@ def load_clip(
         backend=image_processor,
     )
     model.to(device).eval().requires_grad_(False)
-    return ClipEncoder(resolve_name(name_or_dir), model, processor, device, dtype)
+    fingerprint = pretrained_fingerprint(name_or_dir)
+    return ClipEncoder(resolve_name(name_or_dir), model, processor, device, dtype, fingerprint)

@@ -41,6 +41,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from clipcap_cache import __version__, distributed
+from clipcap_cache.checkpoint import check_clip_match
 from clipcap_cache.checks import at_least, check_types
 from clipcap_cache.data import cache, hf_datasets, webdataset
 from clipcap_cache.data.annotations import (
@@ -557,9 +558,20 @@ def _extract(
                 "annotations": Path(config.annotations).name,
                 "embedding_dim": encoder.embedding_dim,
                 "image_size": encoder.image_size,
+                "clip_fingerprint": encoder.fingerprint,
             }
             if world.is_main:
                 _start_parts(parts, manifest, out)
+        else:
+            # The same name may hold other weights now: their embeddings must not join these.
+            check_clip_match(
+                manifest,
+                encoder.name,
+                encoder.embedding_dim,
+                f"CLIP model {encoder.name}",
+                f"the progress in {parts}",
+                encoder.fingerprint,
+            )
         distributed.barrier()  # the progress folder exists before any rank writes a shard
         # Under torchrun each rank encodes every N-th pending shard; the shards are files, so a
         # rerun with any number of processes, or none, finds what is left.
@@ -574,7 +586,9 @@ def _extract(
     summary.seconds = time.perf_counter() - started
     if world.is_main:
         names = [str(t) for t in source.tars] if isinstance(source, _TarShards) else None
-        _gather(parts, out, num_shards, manifest, summary, names)
+        # Annotation files group captions by image themselves; tars and datasets are rows.
+        unique = not isinstance(source, _AnnotatedImages)
+        _gather(parts, out, num_shards, manifest, summary, names, unique_ids=unique)
         shutil.rmtree(parts, ignore_errors=True)
 
 
@@ -735,17 +749,27 @@ def _images_in_shard(path: Path) -> int:
     return len(records) + len(failures)
 
 
-def _refuse_repeated_ids(kept_by_shard: list[list[ImageRecord]], shard_names: list[str]) -> None:
-    """Refuse two samples of one key: they would be two rows of one image id.
+def _refuse_repeated_ids(
+    kept_by_shard: list[list[ImageRecord]], shard_names: list[str] | None
+) -> None:
+    """Refuse two samples or rows of one image id: they would be two rows of the cache.
 
-    WebDataset keys are the image ids, and evaluation matches predictions and references by id,
-    so a key that appears twice (in one tar, or in two) would silently score one of them only.
+    Evaluation matches predictions and references by id, so an id that appears twice would
+    silently score one of them only. WebDataset keys are the image ids (`shard_names` names the
+    tars); a dataset's rows take theirs from the id column, else from the image's path.
     """
     seen: dict[str, tuple[int, str]] = {}
     for shard, records in enumerate(kept_by_shard):
         for record in records:
             if record.image_id in seen:
                 first_shard, first_path = seen[record.image_id]
+                if shard_names is None:
+                    raise ClipcapError(
+                        f"the image id {record.image_id!r} is that of {first_path} and again of "
+                        f"{record.path}: a cache holds each image once, with all its captions; "
+                        "put one image's captions in one row (a list), or name a column of "
+                        "unique ids with --id-column, and run again with --overwrite"
+                    )
                 raise ClipcapError(
                     f"the key {record.image_id!r} is in {shard_names[first_shard]} "
                     f"({first_path}) and again in {shard_names[shard]} ({record.path}): "
@@ -762,12 +786,13 @@ def _gather(
     manifest: dict,
     summary: ExtractSummary,
     shard_names: list[str] | None = None,
+    unique_ids: bool = False,
 ):
     """Gather the finished shards into the final HDF5 cache, streaming their embeddings.
 
     Only the records are read up front; the embeddings go into the file a shard at a time, so the
-    gather never holds more than one shard of them. With `shard_names` (the tars of WebDataset
-    input) an image id that two samples share is refused, naming both.
+    gather never holds more than one shard of them. With `unique_ids` (tars and datasets) an
+    image id that two samples share is refused, naming both (and their tars: `shard_names`).
     """
     shard_paths = [_shard_path(parts, shard) for shard in range(num_shards)]
     kept, failed, kept_by_shard = [], [], []
@@ -777,7 +802,7 @@ def _gather(
         kept_by_shard.append(records)
         failed.extend(failures)
         summary.images_without_captions += uncaptioned
-    if shard_names is not None:
+    if unique_ids:
         _refuse_repeated_ids(kept_by_shard, shard_names)
     summary.images_written = len(kept)
     summary.images_failed = len(failed)
@@ -805,6 +830,8 @@ def _gather(
         "image_processor": manifest["image_processor"],
         "package_version": __version__,
     }
+    if manifest.get("clip_fingerprint") is not None:  # progress of earlier versions has none
+        attrs["clip_fingerprint"] = manifest["clip_fingerprint"]
     with os_errors(f"cannot write {out}"):
         embeddings = cache.EmbeddingStream(
             rows=len(kept),

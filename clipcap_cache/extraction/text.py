@@ -27,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from clipcap_cache import __version__
+from clipcap_cache.checkpoint import check_clip_match
 from clipcap_cache.checks import at_least, check_types
 from clipcap_cache.data import cache
 from clipcap_cache.data.annotations import (
@@ -94,6 +95,9 @@ class Captions:
     clip_model: str
     identity: str  # the source file's name and content hash
     source_format: str  # "feature cache", or the annotation format
+    # A source cache's CLIP model, fingerprint and width (`cache.clip_source`), which the text
+    # tower is checked against; None for an annotation file.
+    source_clip: dict | None = None
 
 
 def embed_text(config: TextConfig) -> dict:
@@ -168,6 +172,7 @@ def _captions_of_cache(path: Path, config: TextConfig, identity: str) -> Caption
         clip_model=clip_model,
         identity=identity,
         source_format="feature cache",
+        source_clip=cache.clip_source(found.attrs, found.embedding_dim),
     )
 
 
@@ -194,13 +199,26 @@ def _embed(config: TextConfig, captions: Captions, identity: dict, device) -> di
         log.info("resuming: %d of %d shards already done", len(bounds) - len(pending), len(bounds))
     if pending:
         text = load_clip_text(captions.clip_model, device)
+        dim = int(text.model.config.projection_dim)
+        # The weights at the CLIP model's name must be those the source cache, and the progress
+        # so far, were made with: text and image embeddings of two CLIP models do not mix.
+        checked = (
+            (captions.source_clip, f"the cache {config.source}"),
+            (manifest, f"the progress in {parts}"),
+        )
+        for expected, made in checked:
+            if expected is not None:
+                check_clip_match(
+                    expected, text.name, dim, f"CLIP model {text.name}", made, text.fingerprint
+                )
         if manifest is None:
             manifest = {
                 **identity,
                 "parts_format": PARTS_FORMAT,
                 "shard_size": shard_size,
                 "num_shards": len(bounds),
-                "embedding_dim": int(text.model.config.projection_dim),
+                "embedding_dim": dim,
+                "clip_fingerprint": text.fingerprint,
             }
             _start_parts(parts, manifest, out)
         left = sum(bounds[s][1] - bounds[s][0] for s in pending)
@@ -229,6 +247,8 @@ def _gather(parts: Path, out: Path, shards: int, manifest: dict, captions: Capti
         "storage_dtype": config.dtype,
         "package_version": __version__,
     }
+    if manifest.get("clip_fingerprint") is not None:  # progress of earlier versions has none
+        attrs["clip_fingerprint"] = manifest["clip_fingerprint"]
     with os_errors(f"cannot write {out}"):
         cache.write_cache(
             out,

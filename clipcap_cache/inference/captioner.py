@@ -78,7 +78,12 @@ class Captioner:
     ):
         if encoder is not None:
             checkpoint.check_clip_match(
-                config, encoder.name, encoder.embedding_dim, f"CLIP model {encoder.name}", name
+                config,
+                encoder.name,
+                encoder.embedding_dim,
+                f"CLIP model {encoder.name}",
+                name,
+                encoder.fingerprint,
             )
         settings = RetrievalSettings.from_checkpoint(config)
         if datastore is not None and settings is None:

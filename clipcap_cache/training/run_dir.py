@@ -100,6 +100,7 @@ def check_run_dir(
             train_cache.embedding_dim,
             config.features,
             "the run being resumed",
+            feature_cache.recorded_clip_fingerprint(train_cache.attrs),
         )
         check_same_model(model_config, saved_model, "--resume: the run")
         for name in ("lr", "weight_decay"):
@@ -193,6 +194,7 @@ def check_init(
         train_cache.embedding_dim,
         config.features,
         f"the --init checkpoint {directory}",
+        feature_cache.recorded_clip_fingerprint(train_cache.attrs),
     )
     check_same_model(model_config, saved["model"], f"--init: the checkpoint {directory}")
     return directory, replace(model_config, freeze_layers=saved["model"]["freeze_layers"])

@@ -332,11 +332,8 @@ def retrieval_settings(config: TrainConfig) -> RetrievalSettings | None:
 
 
 def embedding_source(cache: feature_cache.MappedCache) -> dict:
-    """The CLIP model and width of a cache's embeddings, as `check_clip_match` takes them."""
-    return {
-        "clip_model": feature_cache.recorded_clip_model(cache.attrs),
-        "embedding_dim": cache.embedding_dim,
-    }
+    """The CLIP model, fingerprint and width of a cache's embeddings (`check_clip_match`)."""
+    return feature_cache.clip_source(cache.attrs, cache.embedding_dim)
 
 
 def check_positions(config: TrainConfig, model: ClipCaptionModel) -> None:
@@ -562,6 +559,8 @@ def run_directory(
         {
             "gpt2_fingerprint": models.model.base_fingerprint,
             "clip_model": feature_cache.recorded_clip_model(train_cache.attrs),
+            # None for a cache made before fingerprints: its checkpoints are then not checked.
+            "clip_fingerprint": feature_cache.recorded_clip_fingerprint(train_cache.attrs),
             "cache_source": train_cache.attrs.get("source"),
             "embedding_dim": train_cache.embedding_dim,
             "trained_on": "text" if feature_cache.is_text(train_cache.attrs) else "images",

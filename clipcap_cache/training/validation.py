@@ -59,14 +59,12 @@ def validation_source(config: TrainConfig, train_cache):
     if config.val_features:
         val_cache = feature_cache.open_cache(config.val_features)
         checkpoint.check_clip_match(
-            {
-                "clip_model": feature_cache.recorded_clip_model(train_cache.attrs),
-                "embedding_dim": train_cache.embedding_dim,
-            },
+            feature_cache.clip_source(train_cache.attrs, train_cache.embedding_dim),
             feature_cache.recorded_clip_model(val_cache.attrs),
             val_cache.embedding_dim,
             config.val_features,
             f"the model trained on {config.features}",
+            feature_cache.recorded_clip_fingerprint(val_cache.attrs),
         )
         val_cache, rows = val_cache, val_cache.rows_of_split(ALL)
     else:
