@@ -214,8 +214,12 @@ def test_caption_evaluate_serve_and_train_init_take_a_hub_id(
     import uvicorn
     from fastapi.testclient import TestClient
 
+    from clipcap_cache.inference import serve as serve_module
+
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **settings: apps.append(app))
+    # Not in the test process: it would change the C allocator of every later test.
+    monkeypatch.setattr(serve_module, "keep_large_buffers_out_of_the_heap", lambda: False)
     with socket.socket() as probe:  # a port no one else on the machine is using
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
