@@ -56,11 +56,12 @@ def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> st
         for name, tensor in sorted(named_tensors, key=lambda named: named[0]):
             flat = tensor.detach().reshape(-1)
             if flat.numel() > FINGERPRINT_SAMPLES:
-                positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES).long()
-                # In float32 the last position of a tensor over 2**24 values can round up to its
-                # length (GPT-2's 38.6M-value token table): clamped, the positions of smaller
-                # tensors, and so the fingerprints checkpoints already record, stay as they were.
-                positions = positions.clamp_(max=flat.numel() - 1)
+                # Integer arithmetic: exact on every machine, where float positions could round
+                # differently from one CPU to another (and past the end of a 38.6M-value table).
+                count = flat.numel()
+                positions = (
+                    torch.arange(FINGERPRINT_SAMPLES) * (count - 1) // (FINGERPRINT_SAMPLES - 1)
+                )
                 flat = flat[positions.to(flat.device)]
             digest.update(f"{name}{tuple(tensor.shape)}".encode())
             digest.update(flat.to("cpu", torch.float32).numpy().tobytes())

@@ -659,7 +659,7 @@ BAD_INPUT_FLOORS = {
     "bad option": 35,
     "traceback": 55,
     "lock": 2,
-    "message": 63,
+    "message": 64,
     "silent wrong result": 36,
 }
 # How the README names each marker class.
