@@ -19,11 +19,11 @@ is seeded and runs on one thread, so it gives the same weights on every run.
 """
 
 import json
-import multiprocessing
 import os
 import random
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,12 +94,32 @@ def build_testbed(cache_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     if not concurrent:
         clip_dir = build_pretrained_clip(cache_dir / "clip", clip_recipe)
         return clip_dir, build_pretrained_gpt2(cache_dir / "gpt2", gpt2_recipe)
-    # "spawn": a forked child would inherit this process's torch thread pools and state.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        gpt2_build = pool.submit(build_pretrained_gpt2, cache_dir / "gpt2", gpt2_recipe)
+    # A fresh interpreter, not multiprocessing: a forked child would inherit this process's torch
+    # thread pools, and a spawned one re-imports the caller's main module (a script without a
+    # `__main__` guard would run again). If it fails, the GPT-2 is built here, which reports why.
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _GPT2_CHILD,
+            str(cache_dir / "gpt2"),
+            json.dumps(asdict(gpt2_recipe)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
         clip_dir = build_pretrained_clip(cache_dir / "clip", clip_recipe)
-        return clip_dir, gpt2_build.result()
+    finally:
+        child.wait()
+    return clip_dir, build_pretrained_gpt2(cache_dir / "gpt2", gpt2_recipe)  # reused when built
+
+
+_GPT2_CHILD = """
+import json, sys
+from clipcap_cache.testbed import Gpt2Recipe, build_pretrained_gpt2
+build_pretrained_gpt2(sys.argv[1], Gpt2Recipe(**json.loads(sys.argv[2])))
+"""
 
 
 def recorded_recipes(cache_dir: str | Path) -> tuple[dict | None, dict | None] | None:

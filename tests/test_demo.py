@@ -12,9 +12,16 @@ def named(caption: str) -> tuple[set, set]:
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path):
+def test_demo_runs_end_to_end_and_reuses_its_work(
+    tmp_path, pretrained_clip_dir, pretrained_gpt2_dir
+):
     workdir = tmp_path / "demo"
     result = run_cli("demo", "--workdir", workdir, check=0)
+    # The demo built its two models at once, in two processes: byte-identical to the fixtures,
+    # which built them one at a time.
+    for built, fixture in (("clip", pretrained_clip_dir), ("gpt2", pretrained_gpt2_dir)):
+        weights = (workdir / "models" / built / "model.safetensors").read_bytes()
+        assert weights == (fixture / "model.safetensors").read_bytes(), built
     assert "Sample captions" in result.stdout and "CIDEr" in result.stdout
     assert "clipcap train" in result.stdout
     metrics = json.loads((workdir / "run" / "eval-test" / "metrics.json").read_text())
