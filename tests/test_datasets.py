@@ -111,3 +111,34 @@ def test_explicit_format_is_respected(tmp_path):
     assert read_annotations(path, "csv")[0].captions == ["hello"]
     with pytest.raises(ClipcapError, match="not valid JSON"):
         read_annotations(path, "coco")
+
+
+@pytest.mark.bad_input("silent wrong result")
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        # A second COCO image of one id replaced the first, whose captions went to the second.
+        (
+            "x.json",
+            '{"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], '
+            '"annotations": [{"image_id": 1, "caption": "c"}]}',
+            r"images\[1\] repeats image id 1",
+        ),
+        # Two Karpathy images of one cocoid became two cache rows that evaluation merged.
+        (
+            "k.json",
+            '{"images": [{"filename": "a.jpg", "cocoid": 7, "split": "test", "sentences": []},'
+            ' {"filename": "b.jpg", "cocoid": 7, "split": "test", "sentences": []}]}',
+            r"image id '7' is given twice \(a.jpg and b.jpg\)",
+        ),
+        # A NUL was refused only when the cache was written, after every image was encoded.
+        (
+            "n.jsonl",
+            '{"image": "a.jpg", "caption": "a red\\u0000 circle"}\n',
+            "has a NUL character in its id, path or captions",
+        ),
+    ],
+)
+def test_what_the_cache_would_get_wrong_is_refused_on_reading(tmp_path, name, text, message):
+    with pytest.raises(ClipcapError, match=message):
+        read_annotations(write(tmp_path / name, text))

@@ -400,5 +400,6 @@ def test_a_nul_character_in_a_caption_is_one_line_and_nothing_is_written(
     annotations.write_text(json.dumps({"image": str(image), "caption": "a red\u0000 circle"}))
     result = extract(annotations, root, tmp_path / "f.h5", clip_dir)
     line = assert_one_line_error(result)
-    assert "/captions row 0 ('a red\\x00 circle') holds a NUL character" in line
+    assert "has a NUL character in its id, path or captions" in line, line
     assert not (tmp_path / "f.h5").exists()
+    assert not list(tmp_path.glob("f.h5*")), "refused on reading, before any image is encoded"

@@ -70,10 +70,13 @@ def test_any_bytes_give_records_or_our_error(data, format):
 
 
 image_names = st.from_regex(r"[a-z0-9_]{1,8}(/[a-z0-9_]{1,8})?\.(png|jpg)", fullmatch=True)
-# Any text, with the characters that line-based parsing gets wrong made common.
+# Any text but NUL (refused on reading: the cache cannot hold it), with the characters that
+# line-based parsing gets wrong made common.
 TRICKY = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e\r\n\t,\"'"
 captions = st.text(
-    alphabet=st.characters(codec="utf-8") | st.sampled_from(TRICKY), min_size=1, max_size=40
+    alphabet=st.characters(codec="utf-8", exclude_characters="\x00") | st.sampled_from(TRICKY),
+    min_size=1,
+    max_size=40,
 ).filter(lambda c: c.strip())
 rows = st.lists(st.tuples(image_names, captions), min_size=1, max_size=8)
 

@@ -78,7 +78,29 @@ def read_annotations(path: str | Path, format: str = "auto") -> list[ImageRecord
     records = readers[format](path, text)
     if not records:
         raise ClipcapError(f"{path}: no images found in the annotation file")
+    _check_records(path, records)
     return records
+
+
+def _check_records(path: Path, records: list[ImageRecord]) -> None:
+    """Refuse, before any image is read, what the cache could not hold or would get wrong.
+
+    Two records of one id would become two cache rows that evaluation merges into one image, and
+    HDF5 text cannot hold a NUL character.
+    """
+    first_path: dict[str, str] = {}
+    for record in records:
+        if record.image_id in first_path:
+            raise ClipcapError(
+                f"{path}: image id {record.image_id!r} is given twice ({first_path[record.image_id]}"
+                f" and {record.path}); every image needs an id of its own, with all its captions"
+            )
+        first_path[record.image_id] = record.path
+        if any("\x00" in text for text in (record.image_id, record.path, *record.captions)):
+            raise ClipcapError(
+                f"{path}: image {record.image_id!r} ({record.path}) has a NUL character in its id, "
+                "path or captions, which the feature cache cannot store"
+            )
 
 
 def detect_format(path: Path, text: str) -> str:
@@ -186,6 +208,10 @@ def _read_coco(path: Path, text: str) -> list[ImageRecord]:
         where = f"images[{i}]"
         image_id = str(_get(image, "id", where, path))
         split = image.get("split")
+        if image_id in records:
+            raise ClipcapError(
+                f"{path}: {where} repeats image id {image_id}; every image needs an id of its own"
+            )
         records[image_id] = ImageRecord(
             image_id=image_id,
             path=_relative_path(_get(image, "file_name", where, path), where, path),
