@@ -663,9 +663,10 @@ def keep_large_buffers_out_of_the_heap(threshold: int = MMAP_THRESHOLD) -> bool:
     were free, and the resident memory by 37%. A fixed threshold stops the adjustment, so every
     buffer whose size a client chooses goes back to the system when its request is done. The
     cost is a fresh mapping (and its page faults) for each large tensor of a model run on the
-    CPU: beam search of GPT-2 124M over 16 images took 24-32 s instead of 21-22 s on one shared
-    core. On a GPU the model's tensors are not the C heap's (not measured there).
-    An operator who prefers the CPU speed sets `MALLOC_MMAP_THRESHOLD_=33554432` (32 MiB).
+    CPU: beam search of GPT-2 124M over 16 images took about 1.35 times as long (21.5 and 23.4 s
+    against 15.2 and 17.9 s, one thread, an idle machine). On a GPU the model's tensors are not
+    the C heap's (not measured there). An operator who prefers the CPU speed sets
+    `MALLOC_MMAP_THRESHOLD_=33554432` (32 MiB).
     """
     import os
 
