@@ -297,8 +297,6 @@ def run_demo(
     from clipcap_cache.inference.caption import caption_images
     from clipcap_cache.inference.generate import DecodeConfig
     from clipcap_cache.model import ModelConfig
-    from clipcap_cache.training.config import TrainConfig
-    from clipcap_cache.training.train import train
 
     workdir = Path(workdir)
     refuse_file(workdir, f"--workdir {workdir} is a file; give a folder for the demo")
@@ -371,55 +369,33 @@ def run_demo(
     model = ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4, freeze_layers=0)
     echo("5/7 train (cross-entropy)")
     _train_once(
+        features,
         run_dir,
-        epochs,
+        model,
         echo,
-        lambda resume: train(
-            TrainConfig(
-                features=str(features),
-                out=str(run_dir),
-                epochs=epochs,
-                batch_size=32,
-                lr=3e-3,
-                warmup_steps=20,
-                eval_images=40,
-                seed=0,
-                device="cpu",
-                save_every_steps=0,
-                resume=resume,
-                # The two caption templates differ in length: grouped batches would each hold
-                # one template, and the tiny model learns the task less well in its few steps.
-                group_by_length=False,
-                **scores,
-            ),
-            model,
-        ),
+        epochs=epochs,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=20,
+        # The two caption templates differ in length: grouped batches would each hold one
+        # template, and the tiny model learns the task less well in its few steps.
+        group_by_length=False,
+        **scores,
     )
     echo("6/7 train --objective scst: self-critical training on CIDEr-D, from the best epoch")
     _train_once(
+        features,
         scst_dir,
-        scst_epochs,
+        model,  # the --init run's
         echo,
-        lambda resume: train(
-            TrainConfig(
-                features=str(features),
-                out=str(scst_dir),
-                init=str(run_dir),
-                objective="scst",
-                epochs=scst_epochs,
-                batch_size=16,
-                lr=3e-4,
-                warmup_steps=0,
-                eval_images=40,
-                max_caption_tokens=16,
-                seed=0,
-                device="cpu",
-                save_every_steps=0,
-                resume=resume,
-                bertscore=False,  # SCST keeps the epoch with the best val CIDEr-D
-            ),
-            model,  # the --init run's
-        ),
+        init=str(run_dir),
+        objective="scst",
+        epochs=scst_epochs,
+        batch_size=16,
+        lr=3e-4,
+        warmup_steps=0,
+        max_caption_tokens=16,
+        bertscore=False,  # SCST keeps the epoch with the best val CIDEr-D
     )
 
     echo("7/7 evaluate both runs on the test split, then caption a few test images")
@@ -486,14 +462,22 @@ def run_demo(
     return results
 
 
-def _train_once(run_dir: Path, epochs: int, echo, run) -> None:
-    """Train `run_dir` to `epochs` epochs: reuse a finished run, resume a stopped one."""
+def _train_once(features: Path, run_dir: Path, model, echo, **settings) -> None:
+    """Train `run_dir` to `settings["epochs"]`: reuse a finished run, resume a stopped one.
+
+    `settings` are `TrainConfig` fields; the demo's common ones (CPU, seed 0, 40 val images
+    scored, a save at each epoch's end) are added here.
+    """
+    from clipcap_cache.training.config import TrainConfig
+    from clipcap_cache.training.train import train
+
     last = run_dir / "checkpoints" / "last" / "config.json"
     done_epochs = read_json(last, "checkpoint config")["epoch"] if last.exists() else 0
-    if done_epochs >= epochs:
+    if done_epochs >= settings["epochs"]:
         echo(f"    run already trained for {done_epochs} epochs, reusing it")
         return
-    run(last.exists())
+    common = dict(eval_images=40, seed=0, device="cpu", save_every_steps=0, resume=last.exists())
+    train(TrainConfig(features=str(features), out=str(run_dir), **common, **settings), model)
 
 
 def _nearest_captions(features: Path, datastore: Path, image_ids: list[str], echo):
