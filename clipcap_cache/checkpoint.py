@@ -271,7 +271,8 @@ def check_base(model: ClipCaptionModel, saved: dict, trained: str) -> None:
     checked. Caption, evaluate, serve, --init and --resume all call this one check.
     """
     recorded = saved.get("gpt2_fingerprint")
-    if recorded is not None and recorded != model.base_fingerprint:
+    known = {model.base_fingerprint, getattr(model, "legacy_base_fingerprint", None)}
+    if recorded is not None and recorded not in known:
         raise ClipcapError(
             f"the GPT-2 at {model.config.gpt2_model} is not the one {trained} was trained on "
             f"(weights fingerprint {model.base_fingerprint}, not {recorded}): the checkpoint "

@@ -368,7 +368,7 @@ def run_demo(
     )
     model = ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=4, freeze_layers=0)
     echo("5/7 train (cross-entropy)")
-    _train_once(
+    trained = _train_once(
         features,
         run_dir,
         model,
@@ -383,6 +383,9 @@ def run_demo(
         **scores,
     )
     echo("6/7 train --objective scst: self-critical training on CIDEr-D, from the best epoch")
+    if trained and scst_dir.exists():
+        echo("    the cross-entropy run trained further: self-critical training starts over")
+        shutil.rmtree(scst_dir)
     _train_once(
         features,
         scst_dir,
@@ -462,8 +465,10 @@ def run_demo(
     return results
 
 
-def _train_once(features: Path, run_dir: Path, model, echo, **settings) -> None:
+def _train_once(features: Path, run_dir: Path, model, echo, **settings) -> bool:
     """Train `run_dir` to `settings["epochs"]`: reuse a finished run, resume a stopped one.
+
+    Returns whether it trained (False: the run was reused as it was).
 
     `settings` are `TrainConfig` fields; the demo's common ones (CPU, seed 0, 40 val images
     scored, a save at each epoch's end) are added here.
@@ -475,9 +480,10 @@ def _train_once(features: Path, run_dir: Path, model, echo, **settings) -> None:
     done_epochs = read_json(last, "checkpoint config")["epoch"] if last.exists() else 0
     if done_epochs >= settings["epochs"]:
         echo(f"    run already trained for {done_epochs} epochs, reusing it")
-        return
+        return False
     common = dict(eval_images=40, seed=0, device="cpu", save_every_steps=0, resume=last.exists())
     train(TrainConfig(features=str(features), out=str(run_dir), **common, **settings), model)
+    return True
 
 
 def _nearest_captions(features: Path, datastore: Path, image_ids: list[str], echo):

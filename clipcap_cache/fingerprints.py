@@ -8,9 +8,10 @@ fingerprint of the base weights it used and the next stage compares it with the 
     weights_fingerprint(gpt2.named_parameters())   # a loaded module (the base GPT-2)
     pretrained_fingerprint("openai/clip-vit-base-patch32")   # a model's weight files (CLIP)
 
-Both hash, in name order, every tensor's name, shape and up to FINGERPRINT_SAMPLES of its values,
-evenly spaced, as float32: well under a second even for large models (0.3 to 0.6 s for a
-ViT-B/32 CLIP of 151M parameters on 2 busy CPU cores). CLIP is fingerprinted from its
+Both hash, in name order, every floating-point tensor's name, shape and up to FINGERPRINT_SAMPLES
+of its values, evenly spaced, rounded to float16 (so a copy in another precision, or a file with
+integer buffers more or fewer, is the same model): well under a second even for large models
+(0.3 to 0.6 s for a ViT-B/32 CLIP of 151M parameters on 2 busy CPU cores). CLIP is fingerprinted from its
 weight files, not from a loaded tower, because extraction loads only the image tower and
 `embed-text` or CLIPScore only the text tower: one fingerprint of the files covers both, so a
 text file can be checked against a cache. The files are memory-mapped, and only the sampled
@@ -50,10 +51,17 @@ _DTYPES = {
 
 
 def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """A 16-hex-digit hash of some named tensors: their names, shapes and sampled values."""
+    """A 16-hex-digit hash of some named tensors: their names, shapes and sampled values.
+
+    Only floating-point tensors count, with their values rounded to float16: integer buffers
+    (`position_ids`, which some saved files hold and others do not) and the storage precision of
+    one set of weights (a float16 copy of float32 files) do not make two fingerprints differ.
+    """
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in sorted(named_tensors, key=lambda named: named[0]):
+            if not tensor.is_floating_point():
+                continue
             flat = tensor.detach().reshape(-1)
             if flat.numel() > FINGERPRINT_SAMPLES:
                 # Integer arithmetic: exact on every machine, where float positions could round
@@ -64,6 +72,24 @@ def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> st
                 )
                 flat = flat[positions.to(flat.device)]
             digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(flat.to("cpu", torch.float16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def legacy_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The first scheme's hash (float32 positions and values, every tensor), to read old records.
+
+    Checkpoints saved before `weights_fingerprint` took its present form recorded this one for
+    their base GPT-2; it is compared only when the present one differs.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(named_tensors, key=lambda named: named[0]):
+            flat = tensor.detach().reshape(-1)
+            if flat.numel() > FINGERPRINT_SAMPLES:
+                positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES).long()
+                flat = flat[positions.clamp_(max=flat.numel() - 1).to(flat.device)]
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
             digest.update(flat.to("cpu", torch.float32).numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -73,12 +99,14 @@ def pretrained_fingerprint(name_or_dir: str) -> str | None:
 
     None where no weight file is found (a hub model not in the local cache): nothing to compare.
     """
-    files = weight_files(name_or_dir)
-    if not files:
-        return None
     try:
+        files = weight_files(name_or_dir)
+        if not files:
+            return None
         return weights_fingerprint(tensor for path in files for tensor in _tensors_of(path))
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
+    except ClipcapError:
+        raise
+    except Exception as e:  # noqa: BLE001 (a damaged file can fail in any of its readers' ways)
         raise ClipcapError(
             f"cannot read the weights of {name_or_dir} to fingerprint them "
             f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})"

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LM
 
 from clipcap_cache.checks import at_least, check_types
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.fingerprints import weights_fingerprint
+from clipcap_cache.fingerprints import legacy_fingerprint, weights_fingerprint
 from clipcap_cache.hub import load_pretrained, resolve_name
 from clipcap_cache.options import check_choices, option
 
@@ -290,9 +290,11 @@ def build_model(config: ModelConfig) -> ClipCaptionModel:
     """
     gpt2 = load_gpt2(resolve_name(config.gpt2_model))
     fingerprint = base_fingerprint(gpt2)
+    legacy = legacy_fingerprint(gpt2.named_parameters())  # what older checkpoints recorded
     resolved = resolve_model_config(config, gpt2.config.n_layer)
     model = ClipCaptionModel(resolved, gpt2)
     model.base_fingerprint = fingerprint
+    model.legacy_base_fingerprint = legacy
     freeze_gpt2(model.gpt2, resolved.freeze_layers)
     return model
 

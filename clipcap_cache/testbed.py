@@ -19,6 +19,7 @@ is seeded and runs on one thread, so it gives the same weights on every run.
 """
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -43,6 +44,7 @@ from clipcap_cache.demo import (
 from clipcap_cache.files import write_json_atomic
 from clipcap_cache.hub import quiet_transformers
 
+log = logging.getLogger(__name__)
 RECIPE_FILE = "testbed.json"  # beside the weights: the recipe a folder was built from
 
 
@@ -97,6 +99,8 @@ def build_testbed(cache_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     # A fresh interpreter, not multiprocessing: a forked child would inherit this process's torch
     # thread pools, and a spawned one re-imports the caller's main module (a script without a
     # `__main__` guard would run again). If it fails, the GPT-2 is built here, which reports why.
+    package_root = str(Path(__file__).resolve().parents[1])  # importable in the child too
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     child = subprocess.Popen(
         [
             sys.executable,
@@ -105,13 +109,22 @@ def build_testbed(cache_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
             str(cache_dir / "gpt2"),
             json.dumps(asdict(gpt2_recipe)),
         ],
+        env={**os.environ, "PYTHONPATH": path},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         clip_dir = build_pretrained_clip(cache_dir / "clip", clip_recipe)
-    finally:
-        child.wait()
+    except BaseException:
+        child.kill()
+        child.communicate()
+        shutil.rmtree(cache_dir / f"gpt2.tmp-{child.pid}", ignore_errors=True)
+        raise
+    _, errors = child.communicate()
+    if child.returncode != 0:
+        last = (errors.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+        log.warning("building the GPT-2 in a second process failed (%s): building it here", last)
     return clip_dir, build_pretrained_gpt2(cache_dir / "gpt2", gpt2_recipe)  # reused when built
 
 

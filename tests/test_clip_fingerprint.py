@@ -289,6 +289,91 @@ def test_a_tensor_of_gpt2s_size_is_fingerprinted():
     from clipcap_cache.fingerprints import weights_fingerprint
 
     # GPT-2's token table: in float32 its last sampled position rounded up past its end.
-    table = torch.zeros(50257 * 768, dtype=torch.int8)
+    table = torch.zeros(50257 * 768, dtype=torch.float16)
     table[-1] = 1
     assert weights_fingerprint([("wte", table)]) != weights_fingerprint([("wte", table * 0)])
+
+
+@pytest.mark.bad_input("silent wrong result")
+def test_one_set_of_weights_in_another_precision_or_with_integer_buffers_is_the_same(
+    tmp_path, clip_dir
+):
+    # A float16 copy of the weights, or a file that also holds `position_ids` (older saves do),
+    # is the same model: refusing it would refuse a user's own copy of the hub's CLIP.
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(clip_dir / "model.safetensors"))
+    (tmp_path / "half").mkdir()
+    save_file({k: v.half() for k, v in tensors.items()}, tmp_path / "half" / "model.safetensors")
+    (tmp_path / "buffers").mkdir()
+    extra = {"text_model.embeddings.position_ids": torch.arange(16)[None]}
+    save_file({**tensors, **extra}, tmp_path / "buffers" / "model.safetensors")
+    expected = pretrained_fingerprint(str(clip_dir))
+    assert pretrained_fingerprint(str(tmp_path / "half")) == expected
+    assert pretrained_fingerprint(str(tmp_path / "buffers")) == expected
+    # One value changed beyond float16's rounding is another model.
+    changed = dict(tensors)
+    name = sorted(k for k in tensors if k.endswith("weight"))[0]
+    changed[name] = tensors[name].clone().reshape(-1)
+    changed[name][0] += 1.0
+    changed[name] = changed[name].reshape(tensors[name].shape)
+    (tmp_path / "changed").mkdir()
+    save_file(changed, tmp_path / "changed" / "model.safetensors")
+    assert pretrained_fingerprint(str(tmp_path / "changed")) != expected
+
+
+@pytest.mark.bad_input("traceback")
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"model.safetensors.index.json": "{not json"}, "cannot read the weights"),
+        ({"model.safetensors.index.json": '{"other": 1}'}, "cannot read the weights"),
+        ({"model.safetensors": b"\xff" * 8 + b"{}"}, "cannot read the weights"),
+        ({"pytorch_model.bin": b"not a zip nor a pickle"}, "cannot read the weights"),
+    ],
+)
+def test_damaged_weight_files_are_one_line(tmp_path, files, message):
+    from clipcap_cache.errors import ClipcapError
+
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    with pytest.raises(ClipcapError, match=message):
+        pretrained_fingerprint(str(tmp_path))
+
+
+@pytest.mark.bad_input("silent wrong result")
+def test_a_checkpoint_recording_the_first_gpt2_fingerprint_scheme_is_still_checked(gpt2_dir):
+    # Checkpoints saved before the present scheme recorded the legacy hash of the same weights:
+    # accepted for the GPT-2 they were trained on, refused for another.
+    from clipcap_cache.checkpoint import check_base
+    from clipcap_cache.errors import ClipcapError
+    from clipcap_cache.fingerprints import legacy_fingerprint
+    from clipcap_cache.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(gpt2_model=str(gpt2_dir), prefix_length=2))
+    legacy = legacy_fingerprint(model.gpt2.named_parameters())
+    assert legacy != model.base_fingerprint
+    check_base(model, {"gpt2_fingerprint": legacy}, "the old run")
+    check_base(model, {"gpt2_fingerprint": model.base_fingerprint}, "a new run")
+    with pytest.raises(ClipcapError, match="is not the one the old run was trained on"):
+        check_base(model, {"gpt2_fingerprint": "0" * 16}, "the old run")
+
+
+@pytest.mark.bad_input("silent wrong result")
+def test_a_text_tower_is_checked_again_once_loaded(tmp_path, clip_dir):
+    # A hub model not yet in the local cache has no files to fingerprint before it loads:
+    # CLIPScore and the CLIP-S reward compare the tower as loaded with the cache's record.
+    from clipcap_cache.errors import ClipcapError
+    from clipcap_cache.evaluation.clipscore import check_loaded_clip, load_clip_text
+
+    attrs = {
+        "clip_model": str(clip_dir),
+        "embedding_dim": load_clip_text(clip_dir).model.config.projection_dim,
+        "clip_fingerprint": pretrained_fingerprint(str(clip_dir)),
+    }
+    check_loaded_clip(attrs, "c.h5", load_clip_text(clip_dir))
+    other = build_tiny_clip(tmp_path / "other", seed=1)
+    with pytest.raises(ClipcapError, match=SWAPPED):
+        check_loaded_clip(attrs, "c.h5", load_clip_text(other))

@@ -657,10 +657,10 @@ BAD_INPUT_FLOORS = {
     "parsing": 44,
     "numbers": 29,
     "bad option": 35,
-    "traceback": 55,
+    "traceback": 59,
     "lock": 2,
     "message": 64,
-    "silent wrong result": 39,
+    "silent wrong result": 42,
 }
 # How the README names each marker class.
 README_CLASS_NAMES = {

@@ -83,6 +83,20 @@ def cache_clip_model(attrs: dict, path: str, needed_by: str) -> str:
     return name
 
 
+def check_loaded_clip(attrs: dict, path: str, text: "ClipText") -> None:
+    """`cache_clip_model`'s check again, on the text tower as loaded.
+
+    A hub model that was not in the local cache had no weight files to fingerprint before it
+    loaded (it was downloaded by the load): its files are compared now.
+    """
+    from clipcap_cache.checkpoint import check_clip_match
+
+    dim = attrs.get("embedding_dim")
+    name = recorded_clip_model(attrs)
+    source = clip_source(attrs, dim)
+    check_clip_match(source, name, dim, f"CLIP model {name}", f"the cache {path}", text.fingerprint)
+
+
 def load_clip_text(name_or_dir: str, device: torch.device | str = "cpu") -> ClipText:
     """Load only the text tower and projection of a CLIP checkpoint, with its tokenizer.
 

@@ -22,7 +22,7 @@ from clipcap_cache.data import cache as feature_cache
 from clipcap_cache.data.annotations import SPLIT_CHOICES
 from clipcap_cache.devices import DEVICE, resolve_device
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.evaluation.clipscore import cache_clip_model
+from clipcap_cache.evaluation.clipscore import cache_clip_model, check_loaded_clip
 from clipcap_cache.evaluation.metrics import (
     BERTSCORE,
     BERTSCORE_LAYERS,
@@ -135,6 +135,8 @@ def evaluate(config: EvalConfig) -> dict:
         clip_model,
         device,
     )
+    if models.clip_text is not None:
+        check_loaded_clip(cache.attrs, config.features, models.clip_text)
     if captioner is not None:
         embeddings = torch.from_numpy(cache.embeddings[rows])
         # An image's own captions are never retrieved: they are its references.

@@ -31,7 +31,7 @@ from clipcap_cache.data.annotations import (
 )
 from clipcap_cache.devices import DEVICE, resolve_device
 from clipcap_cache.errors import ClipcapError
-from clipcap_cache.evaluation.clipscore import cache_clip_model
+from clipcap_cache.evaluation.clipscore import cache_clip_model, check_loaded_clip
 from clipcap_cache.evaluation.metrics import (
     BERTSCORE,
     BERTSCORE_LAYERS,
@@ -176,6 +176,8 @@ def score(config: ScoreConfig) -> dict:
     models = load_metric_models(
         config.bertscore, config.bertscore_model, config.bertscore_layers, clip_model, device
     )
+    if models.clip_text is not None:
+        check_loaded_clip(cache.attrs, config.features, models.clip_text)
     metrics, skipped = score_captions(
         predictions, references, models, spice=config.spice, image_embeddings=embeddings
     )

@@ -53,7 +53,12 @@ from clipcap_cache.data.annotations import TRAIN
 from clipcap_cache.devices import autocast_dtype, resolve_device
 from clipcap_cache.errors import ClipcapError
 from clipcap_cache.evaluation.cider import CiderD
-from clipcap_cache.evaluation.clipscore import ClipText, cache_clip_model, load_clip_text
+from clipcap_cache.evaluation.clipscore import (
+    ClipText,
+    cache_clip_model,
+    check_loaded_clip,
+    load_clip_text,
+)
 from clipcap_cache.files import exclusive_lock, refuse_file
 from clipcap_cache.hub import resolve_name
 from clipcap_cache.logs import held_for_log_file, log_to_file
@@ -313,6 +318,7 @@ def load_models(config: TrainConfig, inputs: Inputs) -> Models:
     if "clip" in reward_terms:
         clip_model = cache_clip_model(inputs.train_cache.attrs, config.features, "--reward clip")
         clip_text = load_clip_text(clip_model, device)
+        check_loaded_clip(inputs.train_cache.attrs, config.features, clip_text)
     retriever = None
     if inputs.datastore is not None:
         retriever = Retriever(inputs.datastore, retrieval_settings(config), tokenizer)
