@@ -426,14 +426,7 @@ class _TarShards:
             split_default=config.split_default,
             decoder=WorkerDecoder(encoder.processor) if config.decode == "gpu" else None,
         )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=min(config.num_workers, len(shards)),
-            collate_fn=_as_is,
-            worker_init_fn=ignore_stop_signals,
-        )
-        yield from loader
+        yield from _shard_loader(dataset, len(shards), config)
 
 
 @dataclass
@@ -494,14 +487,18 @@ class _DatasetParts:
             split_default=config.split_default,
             root=self.opened.root,
         )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=min(config.num_workers, len(shards)),
-            collate_fn=_as_is,
-            worker_init_fn=ignore_stop_signals,
-        )
-        yield from loader
+        yield from _shard_loader(dataset, len(shards), config)
+
+
+def _shard_loader(dataset, shards: int, config) -> torch.utils.data.DataLoader:
+    """Read a dataset of whole shards' batches in up to `config.num_workers` workers."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,  # the dataset yields whole batches
+        num_workers=min(config.num_workers, shards),
+        collate_fn=_as_is,
+        worker_init_fn=ignore_stop_signals,
+    )
 
 
 def _as_is(batch):
